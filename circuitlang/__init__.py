@@ -1,0 +1,1 @@
+"""circuitlang: a declarative language and runner for Singular Vector Tracing of attention circuits."""
