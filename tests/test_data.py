@@ -53,9 +53,10 @@ def test_roles_point_at_the_right_tokens(mixed, gpt2_tokenizer):
         assert decode(ids[p.role("IO")]) == io
         assert decode(ids[p.role("S1")]) == s and decode(ids[p.role("S2")]) == s
         assert p.role("S1") < p.role("S2") and p.role("IO") < p.role("S2")
-        # The text ends with the IO name; 'end' is the token just before it.
-        assert p.text.endswith(io) and ids[-1] == p.target and p.role("end") == len(ids) - 2
-        assert ids.count(p.target) == 2 and ids.count(p.distractor) == 2
+        # The text ends with the IO name; 'end' is the token just before it and the last one fed.
+        assert p.text.endswith(io) and p.role("end") == len(ids) - 1
+        assert gpt2_tokenizer(p.text)["input_ids"] == [*ids, p.target]
+        assert ids.count(p.target) == 1 and ids.count(p.distractor) == 2
         assert decode(ids[p.role("verb")]) in {" gave", " give", " said"}
         assert decode(ids[p.role("punct")]) in {",", "."}
         assert max(p.role("IO"), p.role("S1")) < p.role("punct") < p.role("S2")
@@ -91,10 +92,10 @@ def test_mixed_uses_both_forms_and_only_the_first_seven_templates(mixed, gpt2_to
 
 def test_prompt_lengths_match_the_paper_up_to_end(mixed):
     # The paper gives lengths 14-20 tokens: that is the prompt up to 'end' (where IO is predicted).
-    # With the final IO name included, as fed to the model, the faithful set has 15-21 tokens.
+    # The model is fed exactly that: the final IO name is the answer, not an input.
     through_end = [p.role("end") + 1 for p in mixed]
     assert (min(through_end), max(through_end)) == (14, 20)
-    assert {len(p.token_ids) for p in mixed} == {n + 1 for n in through_end}
+    assert [len(p.token_ids) for p in mixed] == through_end
 
 
 def test_labels(mixed, gpt2_tokenizer):
@@ -102,7 +103,7 @@ def test_labels(mixed, gpt2_tokenizer):
         assert len(p.labels) == len(p.token_ids)
         for name in ("IO", "S1", "S2", "end"):
             assert p.labels[p.role(name)] == name
-        assert p.labels[-1] == f"'{gpt2_tokenizer.decode([p.target]).strip()}'"
+        assert p.labels[-1] == "end"
     p = mixed[0]
     unroled = set(range(len(p.token_ids))) - {pos for _, pos in p.roles}
     assert unroled and all(re.fullmatch(r"'\S+'", p.labels[i]) for i in unroled)

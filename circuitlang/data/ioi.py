@@ -69,7 +69,8 @@ def ioi_prompts(
     not use them, so the sequence does not depend on the template).
 
     Each text ends with the IO name; role ``end`` is the token before it, where the model's prediction of
-    IO is read. IO and S1 are the first occurrences of the names, S2 the last of S. Every name (with a
+    IO is read. The model is fed the tokens through ``end`` (the final IO name is the answer, ``target``),
+    so every position a trace sees lies inside the prompt the paper traces (dest <= end). IO and S1 are the first occurrences of the names, S2 the last of S. Every name (with a
     leading space) must be a single token: DataError lists those that are not, unless
     ``drop_multitoken_names`` drops them (the count is reported in ``description``). Positions count the
     BOS token when ``prepend_bos``. ``target`` is the IO token id, ``distractor`` the S token id.
@@ -142,7 +143,8 @@ def _ioi_prompt(
     }
     offset = 1 if prepend_bos else 0
     roles = tuple((name, positions[name] + offset) for name in IOI_ROLES)
-    token_ids = tuple(([bos_id(tokenizer)] if prepend_bos else []) + ids)
+    # The answer is not fed: positions after `end` would only add firings the paper does not trace.
+    token_ids = tuple(([bos_id(tokenizer)] if prepend_bos else []) + ids[:-1])
     return Prompt(
         text=text,
         token_ids=token_ids,
