@@ -1,0 +1,115 @@
+"""Sparse attention decomposition (sections 4.1-4.2): pure functions on tensors batched over events.
+
+An event e is one firing (prompt p, head a of layer l, dest i, src j). Shapes name E events, r slices,
+d the model width, P prompts, H heads, n positions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from circuitlang.lang.plan import SliceRule
+
+
+def firing_mask(pattern: Tensor, scores: Tensor, lengths: Tensor, threshold: float) -> Tensor:
+    """Bool [..., P, H, n, n]: the head fires from dest i to src j (section 4.3).
+
+    Attention weight above `threshold`, src != 0 (the first token is the "no-op" sink), raw score > 0
+    (Algorithm 1 skips firings whose scores are all negative), both positions inside the prompt.
+    """
+    n = pattern.shape[-1]
+    inside = torch.arange(n) < lengths[:, None]  # [P, n]
+    pair_inside = inside[:, None, :, None] & inside[:, None, None, :]  # [P, 1, n, n]
+    fires = (pattern > threshold) & (scores > 0) & pair_inside
+    fires[..., 0] = False
+    return fires
+
+
+def project_tokens(x: Tensor, basis: Tensor) -> Tensor:
+    """[P, n, d] inputs and [H, d+1, r] singular vectors -> [P, H, n, r]: x~ . u_k for every head and slice.
+
+    x~ = [x; 1] is the homogeneous input of eq. (2); this is the same GEMM that computes the queries.
+    """
+    return torch.einsum("pnd,hdr->phnr", x, basis[:, :-1, :]) + basis[:, -1, :][None, :, None, :]
+
+
+def slice_terms(xu_dest: Tensor, sigma: Tensor, xv_src: Tensor) -> Tensor:
+    """[E, r]: t_k = (x~_i . u_k) sigma_k (v_k . x~_j); they sum to A'_ij (eqs. 3 and 5)."""
+    return xu_dest * sigma * xv_src
+
+
+def sparse_set(terms: Tensor, rule: SliceRule) -> tuple[Tensor, Tensor]:
+    """S_ij for every event: (mask [E, r], order [E, r]) with `order` the slices by decreasing term.
+
+    `paper`: drop the largest set of terms whose sum is <= 0 (section 4.1). Those are the smallest terms,
+    so S_ij is the shortest prefix of the sorted terms whose remainder sums to <= 0. `top k`: the k
+    largest terms. `all`: every slice (the paper's no-SVD baseline, Fig. 16).
+    """
+    E, r = terms.shape
+    order = terms.argsort(dim=-1, descending=True)
+    if rule.kind == "all":
+        return torch.ones_like(terms, dtype=torch.bool), order
+    if rule.kind == "top":
+        size = torch.full((E,), min(rule.k or r, r), dtype=torch.long)
+    else:
+        ranked = terms.gather(-1, order)
+        remainder = ranked.flip(-1).cumsum(-1).flip(-1)  # remainder[m] = sum of ranked[m:]
+        remainder = torch.cat([remainder, remainder.new_zeros(E, 1)], dim=-1)
+        size = (remainder <= 0).to(torch.int8).argmax(dim=-1)
+    keep_ranked = torch.arange(r) < size[:, None]
+    mask = torch.zeros_like(keep_ranked).scatter(-1, order, keep_ranked)
+    return mask, order
+
+
+def slice_weights(mask: Tensor, xu_dest: Tensor, sigma: Tensor) -> Tensor:
+    """[E, r]: sign_k sqrt(sigma_k) for k in S_ij, else 0 (eq. 8).
+
+    Appendix, "Sign Ambiguity": u_k is oriented to a positive inner product with x~_i, and v_k with it.
+    """
+    sign = torch.where(xu_dest < 0, -1.0, 1.0).to(sigma.dtype)
+    return mask.to(sigma.dtype) * sign * sigma.sqrt()
+
+
+def signal_directions(weights: Tensor, heads: Tensor, basis: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """Where eq. (8) reads a residual writer: c = dir . o + homog for a writer o of the token.
+
+    weights [E, r]; heads [E]: each event's head index into basis [H, d+1, r]; scale [E]: the downstream
+    LayerNorm scale of the token (appendix, "Layer Norm"). Returns dir [E, d] = U_S w / scale, and
+    homog [E], the part of the signal carried by the homogeneous coordinate (the head's own bias).
+    One GEMM over all events: the weights are spread into a [E, H*r] block-one-hot matrix.
+    """
+    E, r = weights.shape
+    H = basis.shape[0]
+    spread = weights.new_zeros(E, H, r)
+    spread[torch.arange(E), heads] = weights
+    directions = spread.reshape(E, H * r) @ basis[:, :-1, :].permute(0, 2, 1).reshape(H * r, -1)
+    homog = (weights * basis[heads, -1, :]).sum(-1)
+    return directions / scale[:, None], homog
+
+
+def head_contributions(directions: Tensor, W_O: Tensor, z: Tensor) -> Tensor:
+    """[E, l, H]: c of eq. (8) for every upstream head (l', b) with l' < l.
+
+    directions [E, d]; W_O [l, H, r, d] of the upstream layers; z [E, l, H, r], each event token's
+    upstream value mixes. o^{l'b} = z W_O^{l'b} is taken without a homogeneous 1: that coordinate
+    belongs to the downstream head (appendix).
+    """
+    E = directions.shape[0]
+    l, H, r, d = W_O.shape
+    read = (directions @ W_O.reshape(l * H * r, d).T).view(E, l, H, r)
+    return (read * z).sum(-1)
+
+
+def select_upstream(contributions: Tensor, mass: float) -> Tensor:
+    """Bool like contributions [E, m]: the smallest set holding `mass` of the total per event (section 5.3).
+
+    Sorted decreasing, keep up to and including the first position where the running sum exceeds
+    mass * total (ties with that contribution are kept too, as in the paper's trace).
+    """
+    ranked, _ = contributions.sort(dim=-1, descending=True)
+    target = mass * contributions.sum(-1, keepdim=True)
+    past = ranked.cumsum(-1) > target
+    first = torch.where(past.any(-1), past.to(torch.int8).argmax(-1), ranked.shape[-1] - 1)
+    cutoff = ranked.gather(-1, first[:, None])
+    return contributions >= cutoff

@@ -1,0 +1,107 @@
+"""What a trace returns: frozen, columnar records named after the paper, plus the aggregated graph.
+
+Arrays are numpy so that reports, exports and diffs never need torch or the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+import numpy as np
+
+
+@dataclass(frozen=True)
+class FiringStats:
+    """Every firing event of every head (section 4.3), decomposed into slices (section 4.1).
+
+    counts[l, h]: number of firing events (attention > threshold, src != 0, score > 0) over all prompts.
+    slice_counts[l, h]: |S_ij| of each of those events (a 1-d array per head; Fig. 3).
+    slice_usage[l, h, k]: how many firing events of head (l, h) have slice k in S_ij (Fig. 2).
+    """
+
+    counts: np.ndarray
+    slice_counts: tuple[tuple[np.ndarray, ...], ...]
+    slice_usage: np.ndarray
+
+
+@dataclass(frozen=True)
+class TracedEvents:
+    """Firing events reached by the trace (Algorithm 1), one row each.
+
+    prompt, layer, head, dest, src: the event; score: A'_ij (eq. 3); attention: A_ij;
+    n_slices: |S_ij|; slices[e]: indices k in S_ij, in decreasing order of their term;
+    signal_dest / signal_src: the sqrt(sigma)-weighted signal projection of x_i / x_j (the sum of every
+    residual writer's contribution, eq. 8 extended to all writers).
+    """
+
+    prompt: np.ndarray
+    layer: np.ndarray
+    head: np.ndarray
+    dest: np.ndarray
+    src: np.ndarray
+    score: np.ndarray
+    attention: np.ndarray
+    n_slices: np.ndarray
+    slices: tuple[np.ndarray, ...]
+    signal_dest: np.ndarray
+    signal_src: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.prompt)
+
+
+@dataclass(frozen=True)
+class TracedEdges:
+    """Communication edges (l, b) -> (layer, head, token), one row per traced event and selected upstream head.
+
+    event: row in TracedEvents; side: "s" (through the src token, V subspace) or "d" (dest token, U
+    subspace); contribution: c of eq. (8).
+    """
+
+    event: np.ndarray
+    prompt: np.ndarray
+    up_layer: np.ndarray
+    up_head: np.ndarray
+    layer: np.ndarray
+    head: np.ndarray
+    dest: np.ndarray
+    src: np.ndarray
+    side: np.ndarray
+    contribution: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.prompt)
+
+
+@dataclass(frozen=True)
+class TraceConfig:
+    threshold: float
+    mass: float
+    slices: str
+    roots: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Trace:
+    """A singular vector trace over a prompt set (section 4.2, Algorithm 1), aggregated into `graph`.
+
+    graph: head nodes (layer, head) and token nodes (layer, head, role); communication edges
+    (l, b) -> (layer, head, role) with attributes type ("s"/"d"), count (prompts), total and mean
+    contribution; attention edges (layer, head, role) -> (layer, head) with count. Head nodes carry
+    `firing` (all firing events of that head) and `traced` (events the trace reached).
+    """
+
+    config: TraceConfig
+    model: str
+    n_layers: int
+    n_heads: int
+    prompts: str
+    labels: tuple[tuple[str, ...], ...]
+    firing: FiringStats
+    events: TracedEvents
+    edges: TracedEdges
+    graph: nx.DiGraph
+    timings: dict[str, float] = field(default_factory=dict, compare=False)
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)

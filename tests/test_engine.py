@@ -1,0 +1,236 @@
+"""The engine's invariants on tiny offline models: Omega's SVD, slice sums, completeness, tracing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from circuitlang.data.ioi import ioi_prompts
+from circuitlang.engine import decompose as dc
+from circuitlang.engine.forward import capture
+from circuitlang.engine.model import ModelLoadError, load_model
+from circuitlang.engine.omega import omega_matrix
+from circuitlang.engine.trace import TraceError, model_slices, trace, writer_contributions
+from circuitlang.lang.plan import Root, SliceRule
+from tiny_models import build_gpt2
+
+SHAPES = {  # name: (layers, heads, width, seed)
+    "3x4x64": (3, 4, 64, 0),
+    "2x2x32": (2, 2, 32, 1),
+    "4x8x64": (4, 8, 64, 2),
+}
+
+
+@pytest.fixture(scope="session", params=list(SHAPES))
+def tiny(request, tmp_path_factory, gpt2_tokenizer):
+    layers, heads, width, seed = SHAPES[request.param]
+    path = build_gpt2(tmp_path_factory.mktemp(request.param), gpt2_tokenizer, n_layer=layers, n_head=heads, n_embd=width, seed=seed)
+    return load_model(str(path))
+
+
+@pytest.fixture(scope="session")
+def prompts(gpt2_tokenizer):
+    return ioi_prompts(gpt2_tokenizer, n=12, seed=3)
+
+
+@pytest.fixture(scope="session")
+def acts(tiny, prompts):
+    return capture(tiny, prompts, writers=True, batch_size=5)
+
+
+def busiest_roots(acts, prompts, layer, k=3):
+    """The k (head, dest role, src role) pairs that fire most often at `layer`: roots that surely fire."""
+    fires = dc.firing_mask(acts.pattern, acts.scores, acts.lengths, 0.5)[layer]
+    counts = {}
+    for p, h, i, j in fires.nonzero().tolist():
+        dest, src = prompts[p].labels[i], prompts[p].labels[j]
+        if dest in prompts.role_names and src in prompts.role_names and dest != src:
+            counts[h, dest, src] = counts.get((h, dest, src), 0) + 1
+    ranked = sorted(counts, key=lambda key: (-counts[key], key))[:k]
+    assert ranked, "no root fires in this tiny model"
+    return [Root(layer, h, dest, src) for h, dest, src in ranked]
+
+
+# --- Omega and its slices (eqs. 2, 5) --------------------------------------------------------------
+
+
+def test_omega_rebuilds_from_its_slices(tiny):
+    b = tiny.bridge
+    omega = omega_matrix(*(w.detach().double() for w in (b.W_Q, b.b_Q, b.W_K, b.b_K)))
+    s = model_slices(tiny)
+    rebuilt = s.U @ torch.diag_embed(s.S) @ s.V.transpose(-1, -2)
+    assert ((rebuilt - omega).norm(dim=(-2, -1)) / omega.norm(dim=(-2, -1))).max() < 1e-5
+    eye = torch.eye(tiny.d_head, dtype=torch.float64)
+    assert torch.allclose(s.U.transpose(-1, -2) @ s.U, eye.expand_as(s.U.transpose(-1, -2) @ s.U), atol=1e-10)
+    assert torch.allclose(s.V.transpose(-1, -2) @ s.V, eye.expand_as(s.V.transpose(-1, -2) @ s.V), atol=1e-10)
+    assert (s.S[..., :-1] >= s.S[..., 1:]).all()
+
+
+def test_slices_match_a_dense_svd(tiny):
+    b = tiny.bridge
+    omega = omega_matrix(*(w.detach().double() for w in (b.W_Q, b.b_Q, b.W_K, b.b_K)))
+    s = model_slices(tiny)
+    U, S, Vh = torch.linalg.svd(omega)
+    r = tiny.d_head
+    assert torch.allclose(S[..., :r], s.S, rtol=1e-8, atol=1e-10)
+    assert S[..., r:].abs().max() < 1e-8 * S.max()
+    # Same singular vectors up to a shared sign per slice (singular values of random weights are distinct).
+    signs = torch.sign((U[..., :r] * s.U).sum(-2))
+    assert torch.allclose(U[..., :r] * signs[..., None, :], s.U, atol=1e-6)
+    assert torch.allclose(Vh[..., :r, :].transpose(-1, -2) * signs[..., None, :], s.V, atol=1e-6)
+
+
+# --- Firing and slice terms (sections 4.1, 4.3) ------------------------------------------------------
+
+
+def test_slice_terms_sum_to_the_models_score_for_every_pair(tiny, acts):
+    # Every (dest, src) pair inside a prompt, firing or not: sum_k t_k == A'_ij == hook_attn_scores * scale.
+    s = model_slices(tiny)
+    n = acts.tokens.shape[1]
+    inside = torch.arange(n)[None, :] < acts.lengths[:, None]
+    pairs = (inside[:, None, :, None] & inside[:, None, None, :] & torch.ones(n, n, dtype=torch.bool).tril())
+    fires = dc.firing_mask(acts.pattern, acts.scores, acts.lengths, 0.5)
+    for layer in range(tiny.n_layers):
+        U, S, V = (t[layer].float() for t in (s.U, s.S, s.V))
+        xu, xv = dc.project_tokens(acts.x[layer], U), dc.project_tokens(acts.x[layer], V)
+        p, a, i, j = pairs.expand(-1, tiny.n_heads, -1, -1).nonzero(as_tuple=True)
+        terms = dc.slice_terms(xu[p, a, i], S[a], xv[p, a, j])
+        raw = acts.scores[layer, p, a, i, j] * tiny.attn_scale
+        assert torch.allclose(terms.sum(-1), raw, rtol=1e-4, atol=1e-4 * raw.abs().max())
+        assert (raw[fires[layer, p, a, i, j]] > 0).all()
+    assert fires.sum() > 10
+
+
+def test_firing_mask_excludes_src_zero_padding_and_negative_scores():
+    pattern = torch.zeros(1, 1, 4, 4)
+    scores = torch.ones(1, 1, 4, 4)
+    pattern[0, 0, 1, 0] = 0.9  # src 0
+    pattern[0, 0, 2, 1] = 0.9  # fires
+    pattern[0, 0, 3, 2] = 0.9  # dest is padding (length 3)
+    pattern[0, 0, 1, 1] = 0.6
+    scores[0, 0, 1, 1] = -0.5  # negative raw score
+    pattern[0, 0, 2, 2] = 0.5  # not above the threshold
+    fires = dc.firing_mask(pattern, scores, torch.tensor([3]), 0.5)
+    assert fires.nonzero().tolist() == [[0, 0, 2, 1]]
+
+
+def test_sparse_set_rules():
+    terms = torch.tensor([[0.5, 4.0, -1.0, 2.0, -3.0, 0.2]])
+    mask, order = dc.sparse_set(terms, SliceRule())
+    # Dropping {-3, -1, 0.2, 0.5, 2.0} sums to -1.3 <= 0; dropping 4.0 too would be positive: S = {4.0}.
+    assert mask.nonzero()[:, 1].tolist() == [1]
+    assert order[0].tolist() == [1, 3, 0, 5, 2, 4]
+    terms = torch.tensor([[1.0, 4.0, -1.0, 2.0, -1.5, 0.2]])
+    mask, _ = dc.sparse_set(terms, SliceRule())
+    assert mask.nonzero()[:, 1].tolist() == [1, 3]  # remainder 1 + 0.2 - 1 - 1.5 = -1.3 <= 0
+    mask, _ = dc.sparse_set(terms, SliceRule("top", 3))
+    assert mask.nonzero()[:, 1].tolist() == [0, 1, 3]
+    mask, _ = dc.sparse_set(terms, SliceRule("all"))
+    assert mask.all()
+
+
+def test_select_upstream_keeps_the_smallest_set_holding_the_mass():
+    c = torch.tensor([[5.0, 1.0, 3.0, 0.5, 0.5], [1.0, 1.0, 1.0, 1.0, 0.0]])
+    chosen = dc.select_upstream(c, 0.7)
+    # Row 0: total 10, 5 + 3 = 8 > 7. Row 1: total 4, running sums 1, 2, 3 > 2.8 at the third; ties kept.
+    assert chosen.tolist() == [[True, False, True, False, False], [True, True, True, True, False]]
+
+
+# --- Contributions: completeness (eq. 8 for every writer) -------------------------------------------
+
+
+def test_all_writers_sum_to_the_signal_projection(tiny, acts, prompts):
+    roots = busiest_roots(acts, prompts, tiny.n_layers - 1)
+    t = trace(tiny, prompts, roots, activations=acts)
+    assert len(t.events) > len(roots)
+    s = model_slices(tiny)
+    W_O, b_O = tiny.bridge.W_O.detach(), tiny.bridge.b_O.detach()
+    for side, signal in (("d", t.events.signal_dest), ("s", t.events.signal_src)):
+        parts = writer_contributions(acts, s, W_O, b_O, t.events, side)
+        total = np.sum(list(parts.values()), axis=0)
+        np.testing.assert_allclose(total, signal, rtol=1e-4, atol=1e-4 * np.abs(signal).max())
+        # Signals are positive by the sign convention: every slice term in S_ij is positive.
+        assert (signal > 0).all()
+    # The edges the trace reports are those heads' contributions, from the same events.
+    parts = writer_contributions(acts, s, W_O, b_O, t.events, "d")
+    d = t.edges.side == "d"
+    expected = [parts[f"head {l}.{h}"][e] for e, l, h in zip(t.edges.event[d], t.edges.up_layer[d], t.edges.up_head[d])]
+    np.testing.assert_allclose(t.edges.contribution[d], expected, rtol=1e-4, atol=1e-6)
+
+
+# --- The trace (Algorithm 1) ------------------------------------------------------------------------
+
+
+def test_trace_recurses_into_firing_upstream_heads_once_each(tiny, acts, prompts):
+    roots = busiest_roots(acts, prompts, tiny.n_layers - 1)
+    t = trace(tiny, prompts, roots, activations=acts)
+    keys = list(zip(t.events.prompt, t.events.layer, t.events.head, t.events.dest, t.events.src))
+    assert len(keys) == len(set(keys)), "an event was decomposed twice"
+    fires = dc.firing_mask(acts.pattern, acts.scores, acts.lengths, 0.5)
+    assert all(fires[l, p, h, i, j] for p, l, h, i, j in keys)
+    # Every non-root event was reached from an edge into a head firing with that token as destination.
+    reached = {(p, ul, uh, i if side == "d" else j) for p, ul, uh, i, j, side in zip(
+        t.edges.prompt, t.edges.up_layer, t.edges.up_head, t.edges.dest, t.edges.src, t.edges.side)}
+    root_events = {(p, r.layer, r.head, prompts[p].role(r.dest), prompts[p].role(r.src)) for r in roots for p in range(len(prompts))}
+    for p, l, h, i, j in keys:
+        assert (p, l, h, i, j) in root_events or (p, l, h, i) in reached
+    # And conversely: every firing that an edge leads to was traced.
+    for p, l, h, i in reached:
+        for j in fires[l, p, h, i].nonzero().flatten().tolist():
+            assert (p, l, h, i, j) in set(keys)
+
+
+def test_graph_counts_prompts_once(tiny, acts, prompts):
+    roots = busiest_roots(acts, prompts, tiny.n_layers - 1)
+    t = trace(tiny, prompts, roots, activations=acts)
+    g = t.graph
+    comm = [(u, v, d) for u, v, d in g.edges(data=True) if d["kind"] == "communication"]
+    assert comm
+    for u, v, data in comm:
+        rows = (t.edges.up_layer == u[0]) & (t.edges.up_head == u[1]) & (t.edges.layer == v[0]) & (t.edges.head == v[1])
+        token = np.where(t.edges.side == "d", t.edges.dest, t.edges.src)
+        rows &= np.array([t.labels[p][k] == v[2] for p, k in zip(t.edges.prompt, token)], dtype=bool)
+        assert data["count"] == len(set(t.edges.prompt[rows].tolist())) <= len(prompts)
+        assert data["total"] == pytest.approx(t.edges.contribution[rows].sum())
+        assert g.has_edge(v, v[:2])
+    for node, data in g.nodes(data=True):
+        if data["kind"] == "head":
+            assert data["firing"] == int(t.firing.counts[node])
+
+
+def test_trace_is_deterministic_and_rules_change_it(tiny, acts, prompts):
+    roots = busiest_roots(acts, prompts, tiny.n_layers - 1)
+    a = trace(tiny, prompts, roots, activations=acts)
+    b = trace(tiny, prompts, roots, activations=acts)
+    assert np.array_equal(a.edges.contribution, b.edges.contribution)
+    assert list(a.graph.edges(data=True)) == list(b.graph.edges(data=True))
+    wide = trace(tiny, prompts, roots, activations=acts, slices="all")
+    assert (wide.events.n_slices == tiny.d_head).all()
+    assert (a.events.n_slices <= tiny.d_head).all() and a.events.n_slices.min() >= 1
+    more = trace(tiny, prompts, roots, activations=acts, mass=0.95)
+    assert len(more.edges) >= len(a.edges)
+
+
+def test_firing_stats_cover_every_firing(tiny, acts, prompts):
+    roots = busiest_roots(acts, prompts, tiny.n_layers - 1)
+    t = trace(tiny, prompts, roots, activations=acts)
+    fires = dc.firing_mask(acts.pattern, acts.scores, acts.lengths, 0.5)
+    assert np.array_equal(t.firing.counts, fires.sum(dim=(1, 3, 4)).numpy())
+    for l in range(tiny.n_layers):
+        for h in range(tiny.n_heads):
+            sizes = t.firing.slice_counts[l][h]
+            assert len(sizes) == t.firing.counts[l, h]
+            assert t.firing.slice_usage[l, h].sum() == sizes.sum()
+
+
+def test_bad_roots_are_clear_errors(tiny, prompts):
+    with pytest.raises(TraceError, match=r"outside the model"):
+        trace(tiny, prompts, [Root(tiny.n_layers, 0, "end", "IO")])
+    with pytest.raises(TraceError, match=r"role 'IO2' is not defined by the prompts"):
+        trace(tiny, prompts, [Root(0, 0, "end", "IO2")])
+
+
+def test_missing_model_is_one_clear_sentence(tmp_path):
+    with pytest.raises(ModelLoadError, match=r"^model directory '.*nowhere' does not exist$"):
+        load_model(str(tmp_path / "nowhere"))
