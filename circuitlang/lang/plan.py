@@ -1,0 +1,142 @@
+"""The compiled, typed form of a `.circ` spec. Pure data: no torch, no model.
+
+A `Plan` is what the engine and the CLI consume. Every field has the paper's default, so the
+paper's set-up (section 5.3) is `Plan(model=ModelSpec("gpt2"), roots=PAPER_ROOTS)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
+
+PromptKind = Literal["ABBA", "BABA", "mixed"]
+Side = Literal["s", "d"]
+
+
+class Where(NamedTuple):
+    """Where something was written in a spec, for error messages (line 0: the file as a whole)."""
+
+    file: str
+    line: int = 0
+    column: int = 0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A hub name, a built-in alias or a local directory in Hugging Face format."""
+
+    name: str
+    device: str = "cpu"
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class IOIPrompts:
+    """The IOI generator (Wang et al.), section 4.3: N prompts from a seed."""
+
+    n: int = 256
+    kind: PromptKind = "mixed"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FilePrompts:
+    """A JSONL prompt file: one object per line with `text` and named role positions or words."""
+
+    path: str
+
+
+@dataclass(frozen=True)
+class Root:
+    """A trace root: head (layer, head) on the token pair (dest role -> src role)."""
+
+    layer: int
+    head: int
+    dest: str
+    src: str
+
+    def __str__(self) -> str:
+        return f"{self.layer}.{self.head} {self.dest}->{self.src}"
+
+
+# The paper's roots (section 5.3): the three name mover heads of GPT-2 small, firing end -> IO.
+PAPER_ROOTS = (Root(9, 9, "end", "IO"), Root(9, 6, "end", "IO"), Root(10, 0, "end", "IO"))
+
+
+@dataclass(frozen=True)
+class AutoRoots:
+    """`trace from auto k`: the k heads with the largest direct effect on the task metric."""
+
+    k: int = 3
+
+
+@dataclass(frozen=True)
+class SliceRule:
+    """Which orthogonal slices form S_ij (section 4.1): `paper`, `all` (Fig. 16) or `top k`."""
+
+    kind: Literal["paper", "all", "top"] = "paper"
+    k: int | None = None
+
+    def __str__(self) -> str:
+        return f"top {self.k}" if self.kind == "top" else self.kind
+
+
+@dataclass(frozen=True)
+class Output:
+    directory: str = "runs/trace"
+    formats: tuple[str, ...] = ("json", "graphml", "svg", "png")
+
+
+OUTPUT_FORMATS = ("json", "graphml", "dot", "svg", "png")
+
+
+@dataclass(frozen=True)
+class EdgeSelector:
+    """Which traced edges an intervention set acts on (section 5.4, Figs. 6, 7, 25-27).
+
+    kind:
+      - "edge": one edge `up -> down` (up/down are (layer, head)); `side` and `role` optional
+      - "into": all edges into head `down` (optionally only through token `role` / side);
+        `root` is set for `edges into root K` (1-based); with `trace from auto` the compiler
+        can't know the head, so `down` is None and the engine resolves the K-th root
+      - "from": all edges out of head `up`
+      - "top": the `k` heaviest edges of the trace
+    """
+
+    kind: Literal["edge", "into", "from", "top"]
+    up: tuple[int, int] | None = None
+    down: tuple[int, int] | None = None
+    role: str | None = None
+    side: Side | None = None
+    k: int | None = None
+    root: int | None = None
+
+
+@dataclass(frozen=True)
+class InterventionSet:
+    """A named set of edges intervened on together, with the kinds and places to run."""
+
+    name: str
+    edges: tuple[EdgeSelector, ...]
+    actions: tuple[Literal["ablate", "boost"], ...] = ("ablate", "boost")
+    places: tuple[Literal["global", "local"], ...] = ("global", "local")
+    random_control: bool = True
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: ModelSpec = ModelSpec("gemma-3-270m")
+    prompts: IOIPrompts | FilePrompts = IOIPrompts()
+    roots: tuple[Root, ...] | AutoRoots = AutoRoots()
+    threshold: float = 0.5
+    slices: SliceRule = SliceRule()
+    mass: float = 0.7
+    show_min_count: int = 1
+    compare: str | tuple[str, ...] | None = None
+    output: Output = Output()
+    interventions: tuple[InterventionSet, ...] = ()
+    seed: int = 0
+    sources: tuple[str, ...] = field(default=(), compare=False)
+    # where statements ("model", "compare", ...) and heads ("9.9", first mention) were written
+    where: tuple[tuple[str, Where], ...] = field(default=(), compare=False, repr=False)
