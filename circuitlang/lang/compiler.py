@@ -1,0 +1,359 @@
+"""Meaning of the `.circ` language: statement trees -> one checked, typed `Plan`.
+
+A spec is read with its `extends` chain: the base's statements come first, then the child's
+replace those of the same kind and its intervene blocks those of the same name. The merged spec is
+checked as a whole, so an error names the file and line where the offending statement was written.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from decimal import Decimal
+
+from lark import Token, Tree
+
+from circuitlang.data.ioi import IOI_ROLES, known_heads
+from circuitlang.lang.errors import SpecError, did_you_mean, listing
+from circuitlang.lang.parser import BARE_WORD, KEYWORDS, STATEMENTS, parse_statements
+from circuitlang.lang.plan import (
+    OUTPUT_FORMATS,
+    AutoRoots,
+    EdgeSelector,
+    FilePrompts,
+    InterventionSet,
+    IOIPrompts,
+    ModelSpec,
+    Output,
+    Plan,
+    Root,
+    SliceRule,
+    Where,
+)
+
+# (layers, heads) of the built-in model aliases, so that specs for them are checked before loading
+MODEL_SHAPES = {"gpt2": (12, 12), "openai-community/gpt2": (12, 12), "gemma-3-270m": (18, 4)}
+KNOWN_LISTS = ("ioi",)  # `compare known NAME`: the lists circuitlang.data.ioi.known_heads has
+DTYPES = ("float32", "float16", "bfloat16")
+_DEVICE = re.compile(r"cpu|mps|cuda(:\d+)?")
+_KIND = {"prompts_ioi": "prompts", "prompts_file": "prompts", "trace_roots": "trace",
+         "trace_auto": "trace", "compare_known": "compare", "compare_heads": "compare"}
+
+Statements = dict[str, tuple[str, Tree]]  # statement kind or block name -> (file, tree)
+
+
+def parse_spec(path: str | os.PathLike) -> Plan:
+    """Compile the spec file at `path` (with its `extends` chain) into a Plan."""
+    path = os.path.normpath(path)
+    return _compile(*_load(path, _read(path, Where(path)), ()))
+
+
+def parse_text(text: str, filename: str = "<spec>") -> Plan:
+    """Compile spec text; `filename` names it in errors and anchors its relative paths."""
+    return _compile(*_load(filename, text, ()))
+
+
+def check_against_model(plan: Plan, n_layers: int, n_heads: int) -> None:
+    """Raise SpecError if a head the plan names (roots, edges, compared heads) isn't in the model."""
+    def inside(layer, head):
+        return 0 <= layer < n_layers and 0 <= head < n_heads
+
+    where = dict(plan.where)
+    fallback = Where(plan.sources[0] if plan.sources else "<plan>")
+    shape = f"{plan.model.name} ({n_layers} layers x {n_heads} heads: 0.0 to {n_layers - 1}.{n_heads - 1})"
+    roots = () if isinstance(plan.roots, AutoRoots) else plan.roots
+    named = [(r.layer, r.head) for r in roots]
+    named += [h for s in plan.interventions for e in s.edges for h in (e.up, e.down) if h]
+    if isinstance(plan.compare, tuple):
+        named += [_head(h) for h in plan.compare]
+    for layer, head in named:
+        if not inside(layer, head):
+            at = where.get(f"{layer}.{head}", fallback)
+            raise SpecError.at(at, f"head {layer}.{head} is out of range for {shape}")
+    if isinstance(plan.compare, str):
+        for layer, head in (_head(h) for heads in known_heads(plan.compare).values() for h in heads):
+            if not inside(layer, head):
+                raise SpecError.at(where.get("compare", fallback), f'the known "{plan.compare}" list '
+                                   f"names head {layer}.{head}, out of range for {shape}")
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan as one flat spec, defaults spelled out and `extends` resolved; `parse_text` of it
+    gives the same plan back."""
+    m, p, o = plan.model, plan.prompts, plan.output
+    lines = [f"# compiled from {', extending '.join(plan.sources)}"] if plan.sources else []
+    lines += [
+        f"model   {_word(m.name)} device {m.device} dtype {m.dtype}",
+        f"prompts ioi {p.n} {p.kind} seed {p.seed}" if isinstance(p, IOIPrompts)
+        else f'prompts file "{p.path}"',
+        "trace   from " + (f"auto {plan.roots.k}" if isinstance(plan.roots, AutoRoots)
+                           else ", ".join(map(str, plan.roots))),
+        f"firing  attention > {_decimal(plan.threshold)}",
+        f"slices  {plan.slices}",
+        f"keep    mass {_decimal(plan.mass)}",
+        f"show    edges in >= {plan.show_min_count} prompts",
+    ]
+    if plan.compare is not None:
+        lines.append("compare " + (f"known {plan.compare}" if isinstance(plan.compare, str)
+                                   else f"heads {', '.join(plan.compare)}"))
+    lines += [f'output  "{o.directory}" {" ".join(o.formats)}', f"seed    {plan.seed}"]
+    for s in plan.interventions:
+        actions = f"{', '.join(s.actions)}  {', '.join(s.places)}"
+        lines += ["", f'intervene "{s.name}" {{', *(f"  {_selector(e)}" for e in s.edges),
+                  f"  {actions}" + ("  against random" if s.random_control else ""), "}"]
+    return "\n".join(lines) + "\n"
+
+
+def _read(path: str, where: Where) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, ValueError) as e:  # ValueError: not UTF-8 text
+        reason = getattr(e, "strerror", None) or "not UTF-8 text"
+        raise SpecError.at(where, f"can't read {path}: {reason.lower()}") from None
+
+
+def _load(filename: str, text: str, chain: tuple[str, ...]) -> tuple[Statements, Statements, list[str]]:
+    """The statements and intervene blocks of `filename` over those of its `extends` chain, and
+    the files read (child first)."""
+    statements: Statements = {}
+    blocks: Statements = {}
+    for tree in parse_statements(text, filename):
+        if tree.data == "intervene":
+            table, key, what = blocks, _text(tree.children[0]), f"intervene {tree.children[0]} block"
+        else:
+            key = _KIND.get(tree.data, tree.data)
+            table, what = statements, f'"{key}" statement'
+        if key in table:
+            raise SpecError(filename, tree.meta.line, tree.meta.column,
+                            f"duplicate {what}; the first is on line {table[key][1].meta.line}")
+        table[key] = (filename, tree)
+    if "extends" not in statements:
+        return statements, blocks, [filename]
+    token = statements.pop("extends")[1].children[0]
+    where = Where(filename, token.line, token.column)
+    base = os.path.normpath(os.path.join(os.path.dirname(filename), _text(token)))
+    seen = (*chain, filename)
+    if os.path.abspath(base) in map(os.path.abspath, seen):
+        raise SpecError.at(where, f"extends cycle: {' -> '.join((*seen, base))}")
+    base_statements, base_blocks, sources = _load(base, _read(base, where), seen)
+    return base_statements | statements, base_blocks | blocks, [filename, *sources]
+
+
+def _compile(statements: Statements, blocks: Statements, sources: list[str]) -> Plan:
+    c = _Compiler()
+    fields = {}
+    for kind in STATEMENTS:  # model, prompts and trace first: the rest may name their heads, roles, roots
+        if kind in statements:
+            c.file, tree = statements[kind]
+            c.where[kind] = Where(c.file, tree.meta.line, tree.meta.column)
+            fields.update(getattr(c, f"_{tree.data}")(*tree.children))
+    interventions = []
+    for file, tree in blocks.values():
+        c.file = file
+        interventions.append(c.intervene(*tree.children))
+    plan = Plan(**fields, interventions=tuple(interventions), sources=tuple(sources),
+                where=tuple(c.where.items()))
+    if plan.model.name in MODEL_SHAPES:
+        check_against_model(plan, *MODEL_SHAPES[plan.model.name])
+    return plan
+
+
+class _Compiler:
+    """Turns each statement's tree into Plan fields, checking what one statement can't alone:
+    roles against the prompts, root numbers against the trace."""
+
+    def __init__(self):
+        self.file = ""
+        self.where: dict[str, Where] = {}
+        self.roles: tuple[str, ...] | None = IOI_ROLES  # None: any role (a prompts file)
+        self.roots: tuple[Root, ...] | AutoRoots = AutoRoots()
+
+    def error(self, token: Token, message: str) -> SpecError:
+        return SpecError(self.file, token.line, token.column, message)
+
+    # statements, one method per tree kind of circuit.lark
+
+    def _model(self, name, *options):
+        given = {}
+        for key, value in (o.children for o in options):
+            if key in given:
+                raise self.error(key, f'"{key}" is given twice')
+            if key == "device" and not _DEVICE.fullmatch(value):
+                raise self.error(value, f'unknown device "{value}"; devices are cpu, cuda, cuda:N and mps'
+                                 + did_you_mean(value, ("cpu", "cuda", "mps")))
+            if key == "dtype" and value not in DTYPES:
+                raise self.error(value, f'unknown dtype "{value}"; dtypes are {listing(DTYPES, "and")}'
+                                 + did_you_mean(value, DTYPES))
+            given[str(key)] = str(value)
+        return {"model": ModelSpec(_text(name), **given)}
+
+    def _prompts_ioi(self, n, kind, seed):
+        self.roles = IOI_ROLES
+        return {"prompts": IOIPrompts(
+            self.count(n, "the number of prompts") if n else IOIPrompts.n,
+            str(kind.children[0]) if kind else IOIPrompts.kind,
+            int(seed) if seed else IOIPrompts.seed,
+        )}
+
+    def _prompts_file(self, path):
+        self.roles = None
+        absolute = os.path.abspath(os.path.join(os.path.dirname(self.file), _text(path)))
+        if not os.path.isfile(absolute):
+            raise self.error(path, f"no such prompts file: {absolute}")
+        return {"prompts": FilePrompts(absolute)}
+
+    def _trace_roots(self, *trees):
+        roots = []
+        for head, dest, src in (t.children for t in trees):
+            root = Root(*self.head(head), self.role(dest), self.role(src))
+            if root in roots:
+                raise self.error(head, f"root {root} is given twice")
+            roots.append(root)
+        self.roots = tuple(roots)
+        return {"roots": self.roots}
+
+    def _trace_auto(self, k):
+        self.roots = AutoRoots(self.count(k, "the number of roots")) if k else AutoRoots()
+        return {"roots": self.roots}
+
+    def _firing(self, number):
+        return {"threshold": self.fraction(number.children[0], "the firing threshold")}
+
+    def _slices(self, rule):
+        if isinstance(rule, Tree):
+            return {"slices": SliceRule(str(rule.children[0]))}
+        return {"slices": SliceRule("top", self.count(rule, "the number of slices"))}
+
+    def _keep(self, number):
+        return {"mass": self.fraction(number.children[0], "the kept mass")}
+
+    def _show(self, n):
+        return {"show_min_count": self.count(n, "the prompt count of show")}
+
+    def _compare_known(self, tree):
+        name = tree.children[0]
+        if name not in KNOWN_LISTS:
+            raise self.error(name, f'unknown list "{name}"; known lists are {listing(KNOWN_LISTS)}'
+                             + did_you_mean(name, KNOWN_LISTS))
+        return {"compare": str(name)}
+
+    def _compare_heads(self, *heads):
+        return {"compare": tuple("{}.{}".format(*self.head(h)) for h in heads)}
+
+    def _output(self, directory, *formats):
+        for f in formats:
+            if f not in OUTPUT_FORMATS:
+                raise self.error(f, f'unknown output format "{f}"; formats are '
+                                 f'{listing(OUTPUT_FORMATS, "and")}' + did_you_mean(f, OUTPUT_FORMATS))
+        formats = tuple(dict.fromkeys(map(str, formats))) or Output.formats
+        return {"output": Output(_text(directory), formats)}
+
+    def _seed(self, seed):
+        return {"seed": int(seed)}
+
+    # intervene blocks
+
+    def intervene(self, name, *lines):
+        edges = tuple(getattr(self, f"_{t.data}")(*t.children) for t in lines if t.data != "actions")
+        actions = [t for t in lines if t.data == "actions"]
+        if not edges:
+            raise self.error(name, f'intervene {name} selects no edges; add a line like "edges into 9.9"')
+        if not actions:
+            raise self.error(name, f"intervene {name} has no actions line; add one like "
+                             '"ablate, boost  global, local  against random"')
+        if len(actions) > 1:
+            raise SpecError(self.file, actions[1].meta.line, actions[1].meta.column,
+                            "a second actions line; put all actions of a block on one line")
+        *words, against = actions[0].children
+        words = [w.children[0] for w in words]
+        return InterventionSet(
+            _text(name), edges,
+            tuple(w for w in ("ablate", "boost") if w in words) or InterventionSet.actions,
+            tuple(w for w in ("global", "local") if w in words) or InterventionSet.places,
+            random_control=against is not None,
+            line=name.line,
+        )
+
+    def _edge(self, up, down, via):
+        heads = self.head(up), self.head(down)
+        if heads[0][0] >= heads[1][0]:
+            raise self.error(up, f"edge {up} -> {down} doesn't go downstream: "
+                             f"the layer of {up} must be below that of {down}")
+        return EdgeSelector("edge", *heads, **self.via(via))
+
+    def _into(self, head, via):
+        return EdgeSelector("into", down=self.head(head), **self.via(via))
+
+    def _into_root(self, k, via):
+        n = self.roots.k if isinstance(self.roots, AutoRoots) else len(self.roots)
+        if not 1 <= int(k) <= n:
+            raise self.error(k, f"there is no root {k}; "
+                             f"the trace has {n} root{'s' * (n != 1)}, numbered from 1")
+        root = None if isinstance(self.roots, AutoRoots) else self.roots[int(k) - 1]
+        down = root and (root.layer, root.head)
+        return EdgeSelector("into", down=down, root=int(k), **self.via(via))
+
+    def _from(self, head, via):
+        return EdgeSelector("from", up=self.head(head), **self.via(via))
+
+    def _top(self, k):
+        return EdgeSelector("top", k=self.count(k, "the number of edges"))
+
+    # pieces
+
+    def via(self, tree):
+        role, side = tree.children
+        return {"role": role and self.role(role), "side": side and str(side.children[0])}
+
+    def head(self, token) -> tuple[int, int]:
+        layer, head = _head(token)
+        self.where.setdefault(f"{layer}.{head}", Where(self.file, token.line, token.column))
+        return layer, head
+
+    def role(self, token) -> str:
+        if self.roles is not None and token not in self.roles:
+            raise self.error(token, f'unknown role "{token}"; roles of the ioi prompts are '
+                             f"{', '.join(self.roles)}" + did_you_mean(token, self.roles))
+        return str(token)
+
+    def count(self, token, what) -> int:
+        if int(token) < 1:
+            raise self.error(token, f"{what} must be at least 1, got {token}")
+        return int(token)
+
+    def fraction(self, token, what) -> float:
+        if not 0 < float(token) <= 1:
+            raise self.error(token, f"{what} must be in (0, 1], got {token}")
+        return float(token)
+
+
+def _text(token: Token) -> str:
+    """A WORD as written, or a STRING without its quotes."""
+    return token[1:-1] if token.type == "STRING" else str(token)
+
+
+def _head(text: str) -> tuple[int, int]:
+    layer, head = text.split(".")
+    return int(layer), int(head)
+
+
+def _word(name: str) -> str:
+    return name if BARE_WORD.fullmatch(name) and name not in KEYWORDS else f'"{name}"'
+
+
+def _decimal(x: float) -> str:
+    return format(Decimal(repr(x)), "f")
+
+
+def _selector(e: EdgeSelector) -> str:
+    match e.kind:
+        case "edge":
+            text = "edge {}.{} -> {}.{}".format(*e.up, *e.down)
+        case "into":
+            text = f"edges into root {e.root}" if e.root else "edges into {}.{}".format(*e.down)
+        case "from":
+            text = "edges from {}.{}".format(*e.up)
+        case "top":
+            text = f"top {e.k} edges"
+    return text + (f" at {e.role}" if e.role else "") + (f" {e.side}" if e.side else "")
