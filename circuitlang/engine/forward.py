@@ -25,8 +25,10 @@ class Activations:
     tokens [P, n], lengths [P]; x [L, P, n, d]: each layer's attention input after its LayerNorm
     (`ln1.hook_normalized`, folded); scale [L, P, n]: that LayerNorm's per-token scale; pattern and
     scores [L, P, H, n, n]: A and A'/sqrt(r) (`hook_pattern`, `hook_attn_scores`); z [P, n, L, H, r]:
-    each head's mix of values (`hook_z`), whose output is z @ W_O; embed and mlp_out [L, P, n, d] are the
-    residual writers other than heads, kept only for the completeness check.
+    each head's mix of values (`hook_z`), whose output is z @ W_O; final_scale [P, n]: the final
+    LayerNorm's scale (for direct logit attribution); logit_diff [P]: F(X), the target-minus-distractor
+    logit at each prompt's last token (section 5.4), when the prompts name both. embed and mlp_out
+    [L, P, n, d] are the residual writers other than heads, kept only for the completeness check.
     """
 
     tokens: Tensor
@@ -36,6 +38,8 @@ class Activations:
     pattern: Tensor
     scores: Tensor
     z: Tensor
+    final_scale: Tensor
+    logit_diff: Tensor | None = None
     embed: Tensor | None = None
     mlp_out: Tensor | None = None
 
@@ -56,6 +60,7 @@ def _hook_names(n_layers: int, writers: bool) -> list[str]:
         names += [f"blocks.{l}.attn.{h}" for h in ("hook_pattern", "hook_attn_scores", "hook_z")]
         if writers:
             names.append(f"blocks.{l}.hook_mlp_out")
+    names.append("ln_final.hook_scale")
     if writers:
         names += ["hook_embed", "hook_pos_embed"]
     return names
@@ -77,12 +82,21 @@ def capture(
     L = model.n_layers
     parts: dict[str, list[Tensor]] = {}
     total = tokens.shape[0]
+    answers = [(p.target, p.distractor) for p in prompts]
+    has_answers = all(t is not None and d is not None for t, d in answers)
+    diffs = []
     for start in range(0, total, batch_size):
         chunk = tokens[start : start + batch_size].to(model.device)
-        _, cache = model.bridge.run_with_cache(chunk, names_filter=names)
+        logits, cache = model.bridge.run_with_cache(chunk, names_filter=lambda name: name in names)
         for key in names:
-            parts.setdefault(key, []).append(cache[key].detach().to("cpu", torch.float32))
-        del cache
+            if key in cache:
+                parts.setdefault(key, []).append(cache[key].detach().to("cpu", torch.float32))
+        if has_answers:
+            rows = torch.arange(chunk.shape[0])
+            last = logits[rows, lengths[start : start + batch_size] - 1].float().cpu()
+            pair = torch.tensor(answers[start : start + batch_size])
+            diffs.append(last[rows, pair[:, 0]] - last[rows, pair[:, 1]])
+        del cache, logits
         if progress is not None:
             progress(min(start + batch_size, total), total)
 
@@ -103,6 +117,8 @@ def capture(
         pattern=stack("blocks.{}.attn.hook_pattern"),
         scores=stack("blocks.{}.attn.hook_attn_scores"),
         z=stack("blocks.{}.attn.hook_z", dim=2),
+        final_scale=torch.cat(parts["ln_final.hook_scale"]).squeeze(-1),
+        logit_diff=torch.cat(diffs) if has_answers else None,
         embed=embed,
         mlp_out=mlp_out,
     )

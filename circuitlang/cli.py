@@ -1,0 +1,169 @@
+"""`circ`: run, check and print `.circ` specs. A thin layer: spec -> plan -> engine -> report."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from circuitlang.lang import SpecError, format_plan, parse_spec
+from circuitlang.lang.plan import Plan
+
+EXIT_SPEC = 2  # a bad spec or bad arguments
+EXIT_RUN = 1  # a run that could not finish (model, prompts, roots)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="circ",
+        description="circuitlang: Singular Vector Tracing of attention circuits, from declarative .circ specs.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = commands.add_parser("run", help="trace a spec, print the report, write the outputs",
+                              description="Trace SPEC: load the model, run the prompts, trace from the roots, "
+                              "print the report and write the outputs the spec names.")
+    run.add_argument("spec", metavar="SPEC", help="a .circ file")
+    run.add_argument("--out", metavar="DIR", help="write results here instead of the spec's `output` directory")
+    run.add_argument("--device", metavar="DEVICE", help="override the spec's device (cpu, cuda, cuda:0, mps)")
+    run.add_argument("--quiet", action="store_true", help="no progress bars and no report; outputs only")
+    check = commands.add_parser("check", help="parse and validate a spec (no model)",
+                                description="Parse and validate SPEC without loading the model.")
+    check.add_argument("spec", metavar="SPEC")
+    plan = commands.add_parser("plan", help="print the compiled plan as one flat spec",
+                               description="Print SPEC's compiled plan: defaults written out, `extends` resolved.")
+    plan.add_argument("spec", metavar="SPEC")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    console = Console(stderr=False)
+    errors = Console(stderr=True)
+    try:
+        plan = parse_spec(args.spec)
+    except SpecError as err:
+        errors.print(f"[red]error[/red] {err}", highlight=False, soft_wrap=True)
+        return EXIT_SPEC
+    if args.command == "check":
+        console.print(f"{args.spec}: ok", highlight=False)
+        return 0
+    if args.command == "plan":
+        console.print(format_plan(plan), highlight=False, markup=False, soft_wrap=True)
+        return 0
+    if args.out:
+        plan = dataclasses.replace(plan, output=dataclasses.replace(plan.output, directory=args.out))
+    try:
+        return _run(plan, args, console)
+    except KeyboardInterrupt:
+        errors.print("interrupted; no output was left half-written")
+        return 130
+
+
+def _run(plan: Plan, args, console: Console) -> int:
+    from circuitlang.data.prompts import DataError
+    from circuitlang.engine.model import ModelLoadError
+    from circuitlang.engine.roots import RootError
+    from circuitlang.engine.run import run_plan
+    from circuitlang.engine.trace import TraceError
+
+    errors = Console(stderr=True)
+    with _progress(args.quiet) as bars:
+        try:
+            result = run_plan(plan, device=args.device, progress=bars)
+        except SpecError as err:  # a head out of range, known once the model is loaded
+            errors.print(f"[red]error[/red] {err}", highlight=False, soft_wrap=True)
+            return EXIT_SPEC
+        except (ModelLoadError, DataError, RootError, TraceError) as err:
+            errors.print(f"[red]error[/red] {args.spec}: {err}", highlight=False, soft_wrap=True)
+            return EXIT_RUN
+    written, notes = _write_outputs(plan, result)
+    if not args.quiet:
+        _report(plan, result, console)
+        for path in written:
+            console.print(f"wrote {path}", highlight=False)
+    for note in notes:
+        errors.print(note, highlight=False, soft_wrap=True)
+    return 0
+
+
+class _Bars:
+    """Rich progress bars for the engine's progress callback (stage, done, total)."""
+
+    def __init__(self, progress: Progress | None):
+        self.progress = progress
+        self.tasks: dict[str, int] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.progress is None:
+            return
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(stage, total=total)
+        self.progress.update(self.tasks[stage], completed=done, total=total)
+
+    def __enter__(self):
+        if self.progress is not None:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def _progress(quiet: bool) -> _Bars:
+    if quiet:
+        return _Bars(None)
+    columns = (SpinnerColumn(), TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    return _Bars(Progress(*columns, console=Console(stderr=True), transient=False))
+
+
+def _write_outputs(plan: Plan, result) -> tuple[list[Path], list[str]]:
+    from circuitlang.report import known_head_set, write_drawing, write_graphml, write_trace_json
+
+    out = Path(plan.output.directory)
+    formats = set(plan.output.formats)
+    written: list[Path] = []
+    notes: list[str] = []
+    if "json" in formats:
+        write_trace_json(result.trace, out / "trace.json", plan_text=format_plan(plan))
+        written.append(out / "trace.json")
+    if "graphml" in formats:
+        write_graphml(result.trace, out / "trace.graphml")
+        written.append(out / "trace.graphml")
+    drawing = write_drawing(result.trace, out, "trace", formats, plan.show_min_count, known_head_set(plan.compare))
+    written += drawing.paths
+    if drawing.message:
+        notes.append(drawing.message)
+    if plan.interventions:
+        names = ", ".join(f'"{s.name}"' for s in plan.interventions)
+        notes.append(f"note: intervene {names} was planned but not run: interventions are not implemented yet")
+    return written, notes
+
+
+def _report(plan: Plan, result, console: Console) -> None:
+    from circuitlang.report import known_head_set, render_report
+
+    if result.auto_roots:
+        table = Table(title="Roots chosen by direct effect on the logit difference (trace from auto)")
+        for column in ("root", "mean direct effect", "pair fires in"):
+            table.add_column(column, justify="right" if column != "root" else "left")
+        for choice in result.auto_roots:
+            table.add_row(str(choice.root), f"{choice.direct_effect:.3f}", f"{choice.fired} prompts")
+        console.print(table)
+    known = known_head_set(plan.compare) if plan.compare else None
+    render_report(result.trace, console, min_count=plan.show_min_count, known=known)
+    if result.logit_diff:
+        diffs = sorted(result.logit_diff)
+        mean = sum(diffs) / len(diffs)
+        positive = sum(d > 0 for d in diffs)
+        console.print(f"F(X) = logit(target) - logit(distractor): mean {mean:.3f}, median {diffs[len(diffs) // 2]:.3f}, "
+                      f"positive in {positive}/{len(diffs)} prompts", highlight=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
