@@ -1,0 +1,129 @@
+"""The trace graph drawn as in the paper's Fig. 5: heads are ovals, tokens are boxes, blue edges run into
+source tokens and red ones into destination tokens, width is the accumulated contribution, darker heads
+fired more often in the trace, known circuit heads have green borders, rare edges are left out."""
+
+from __future__ import annotations
+
+import html
+import math
+import os
+from pathlib import Path
+from typing import Iterable, NamedTuple
+
+import graphviz
+
+from circuitlang.engine.results import Trace
+from circuitlang.report.atomic import atomic_write
+from circuitlang.report.export import Head, edge_filter
+
+DRAWING_FORMATS = ("dot", "svg", "png")
+SIDE_COLOURS = {"s": "#1f5fbf", "d": "#c8102e"}  # Fig. 5: blue into a source token, red into a destination
+ATTENTION_COLOUR = "#8a8a8a"
+KNOWN_BORDER = "green"
+KNOWN_TEXT = "forestgreen"  # the legend's words in a green that reads on white
+PENWIDTH = (0.5, 6.0)
+LIGHT, DARK = (0xEE, 0xF2, 0xF8), (0x12, 0x2F, 0x5C)  # head fill from few to many traced events
+NO_DOT = ("Graphviz's `dot` program was not found, so only {dot} was written. Install Graphviz "
+          "(`apt-get install graphviz`, `brew install graphviz`) to draw {images}.")
+
+
+class Drawing(NamedTuple):
+    paths: list[Path]
+    message: str | None  # why an asked-for image was not drawn, if one was not
+
+
+def shade(fraction: float) -> tuple[str, str]:
+    """Fill colour shaded by `fraction` in [0, 1] and a font colour readable on it."""
+    rgb = [round(a + (b - a) * fraction) for a, b in zip(LIGHT, DARK)]
+    return "#{:02x}{:02x}{:02x}".format(*rgb), "white" if fraction > 0.5 else "black"
+
+
+def _title(trace: Trace, min_count: int) -> str:
+    """An HTML-like label: model, prompts, roots, filter, and the legend of Fig. 5's encoding."""
+    c, e = trace.config, html.escape
+    s, d = SIDE_COLOURS["s"], SIDE_COLOURS["d"]
+    rows = [
+        f"<b>{e(trace.model)}</b>  ·  {e(trace.prompts)}",
+        f"roots: {e(', '.join(c.roots))}",
+        f"edges seen in ≥ {min_count} of {len(trace.labels)} prompts  ·  threshold {c.threshold}  ·  mass {c.mass}  ·  slices {e(c.slices)}",
+        f'<font color="{s}">━ into a source token (s)</font>   <font color="{d}">━ into a destination token (d)</font>'
+        f'   <font color="{ATTENTION_COLOUR}">━ attention</font>',
+        f'width: accumulated contribution  ·  darker: more events traced  ·  <font color="{KNOWN_TEXT}">green border: known head</font>',
+    ]
+    return "<" + '<table border="0" cellspacing="1">' + "".join(f'<tr><td align="left">{r}</td></tr>' for r in rows) + "</table>>"
+
+
+def build_dot(trace: Trace, min_count: int = 1, known: Iterable[Head] = ()) -> graphviz.Digraph:
+    """The DOT graph of the trace's edges seen in >= min_count prompts; nodes and edges in sorted order."""
+    g = edge_filter(trace.graph, min_count)
+    known = set(known)
+    dot = graphviz.Digraph("trace", graph_attr={
+        "rankdir": "TB", "label": _title(trace, min_count), "labelloc": "t", "labeljust": "l", "fontname": "Helvetica",
+        "fontsize": "12", "nodesep": "0.25", "ranksep": "0.4", "bgcolor": "white", "pad": "0.3",
+    }, node_attr={"fontname": "Helvetica", "fontsize": "11"}, edge_attr={"arrowsize": "0.6"})
+
+    # DOT ids: a role may hold any character (a ':' would name a port), so token boxes are numbered.
+    ids = {n: f"h{n[0]}_{n[1]}" if len(n) == 2 else f"t{n[0]}_{n[1]}_{k}" for k, n in enumerate(sorted(g.nodes))}
+    traced = [g.nodes[n]["traced"] for n in g.nodes if len(n) == 2]
+    most = math.log1p(max(traced, default=1))
+    # Layers top to bottom (layer 0 at the top): per layer a row of token boxes above a row of head ovals,
+    # each row rank=same with an axis node, the axis chained so rows keep their order even without edges.
+    axis = []
+    for layer in sorted({n[0] for n in g.nodes}):
+        for row, members in (("tokens", [n for n in sorted(g.nodes) if n[0] == layer and len(n) == 3]),
+                             ("heads", [n for n in sorted(g.nodes) if n[0] == layer and len(n) == 2])):
+            if not members:
+                continue
+            with dot.subgraph(name=f"layer{layer}_{row}") as s:
+                s.attr(rank="same")
+                axis.append(f"axis{layer}_{row}")
+                s.node(axis[-1], label=f"layer {layer}" if row == "heads" else "", shape="plaintext",
+                       fontcolor="#666666", width="0", height="0")
+                for n in members:
+                    data = g.nodes[n]
+                    if len(n) == 3:
+                        s.node(ids[n], label=graphviz.escape(f"{n[0]}.{n[1]} {n[2]}"), shape="box", style="rounded",
+                               fontsize="10", height="0.3", color="#555555", tooltip=graphviz.escape(f"token {n[2]} of head {n[0]}.{n[1]}"))
+                        continue
+                    fill, font = shade(math.log1p(data["traced"]) / most if most else 0.0)
+                    border = {"color": KNOWN_BORDER, "penwidth": "3"} if n[:2] in known else {"color": "#444444", "penwidth": "1"}
+                    s.node(ids[n], label=f"({n[0]}, {n[1]})", shape="ellipse", style="filled", fillcolor=fill,
+                           fontcolor=font, tooltip=f"head {n[0]}.{n[1]}: {data['traced']} events traced, {data['firing']} firings",
+                           **border)
+    for upper, lower in zip(axis, axis[1:]):
+        dot.edge(upper, lower, style="invis", weight="100")
+
+    comm = [(u, v, d) for u, v, d in g.edges(data=True) if d["kind"] == "communication"]
+    heaviest = max((max(d["total"], 0.0) for _, _, d in comm), default=0.0) or 1.0
+    lo, hi = PENWIDTH
+    for u, v, d in sorted(g.edges(data=True), key=lambda e: e[:2]):
+        if d["kind"] == "attention":
+            dot.edge(ids[u], ids[v], color=ATTENTION_COLOUR, penwidth="0.8", arrowsize="0.5",
+                     tooltip=f"attention, {d['count']} prompts")
+            continue
+        width = lo + (hi - lo) * max(d["total"], 0.0) / heaviest
+        dot.edge(ids[u], ids[v], color=SIDE_COLOURS[d["type"]], penwidth=f"{width:.2f}",
+                 tooltip=graphviz.escape(f"{u[0]}.{u[1]} -> {v[0]}.{v[1]} {v[2]} ({d['type']}): {d['count']} prompts, "
+                                         f"total {d['total']:.3g}, mean {d['mean']:.3g}"))
+    return dot
+
+
+def write_drawing(trace: Trace, directory: str | os.PathLike, stem: str, formats: Iterable[str],
+                  min_count: int = 1, known: Iterable[Head] = ()) -> Drawing:
+    """Write `stem`.dot whenever a drawing format is asked, and .svg / .png rendered by Graphviz's `dot`.
+
+    Without the `dot` program the .dot file is still written and `message` says how to install Graphviz.
+    """
+    formats = set(formats)
+    if not formats & set(DRAWING_FORMATS):
+        return Drawing([], None)
+    source = build_dot(trace, min_count, known).source
+    directory = Path(directory)
+    paths = [atomic_write(directory / f"{stem}.dot", source)]
+    images = [f for f in DRAWING_FORMATS[1:] if f in formats]
+    try:
+        for fmt in images:
+            paths.append(atomic_write(directory / f"{stem}.{fmt}", graphviz.Source(source).pipe(format=fmt)))
+    except graphviz.ExecutableNotFound:
+        return Drawing(paths, NO_DOT.format(dot=paths[0], images=" and ".join(f".{f}" for f in images)))
+    return Drawing(paths, None)

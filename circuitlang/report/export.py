@@ -1,0 +1,194 @@
+"""trace.json and GraphML exports, the edge filter of Figs. 5 and 15, and the comparison with known heads.
+
+trace.json holds the whole Trace (no model needed to re-draw, report or diff it) and is deterministic:
+keys sorted, floats rounded to FLOAT_DIGITS significant digits, timings only on request.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Iterable
+
+import networkx as nx
+import numpy as np
+
+from circuitlang.data.ioi import known_heads
+from circuitlang.engine.results import FiringStats, Trace, TraceConfig, TracedEdges, TracedEvents
+from circuitlang.report.atomic import atomic_write
+
+FORMAT = "circuitlang.trace/1"
+FLOAT_DIGITS = 7
+_FLOAT_COLUMNS = {"score", "attention", "signal_dest", "signal_src", "contribution"}
+
+Head = tuple[int, int]
+
+
+def _round(x: float) -> float:
+    return float(f"{x:.{FLOAT_DIGITS}g}")
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready copy: numpy to lists and scalars, tuples to lists, floats rounded."""
+    if isinstance(value, np.ndarray):
+        return _plain(value.tolist())
+    if isinstance(value, np.generic):
+        return _plain(value.item())
+    if isinstance(value, float):
+        return _round(value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def node_id(node: tuple) -> str:
+    """(9, 6) -> "9.6"; (9, 6, "end") -> "9.6:end"."""
+    return f"{node[0]}.{node[1]}" + (f":{node[2]}" if len(node) == 3 else "")
+
+
+def parse_node_id(text: str) -> tuple:
+    head, _, role = text.partition(":")
+    layer, number = head.split(".")
+    return (int(layer), int(number), role) if role else (int(layer), int(number))
+
+
+def _node_record(node: tuple, data: dict) -> dict:
+    """A node's attributes with its tuple id flattened into layer, head and (token nodes) role."""
+    flat = {"layer": node[0], "head": node[1]} | ({"role": node[2]} if len(node) == 3 else {})
+    return flat | data
+
+
+def _columns(table: TracedEvents | TracedEdges) -> dict[str, Any]:
+    return {f.name: getattr(table, f.name) for f in fields(table)}
+
+
+def trace_to_dict(trace: Trace, plan_text: str | None = None, *, include_timings: bool = False) -> dict:
+    """The whole trace as plain JSON data. Graph in node-link form with string ids ("9.6", "9.6:end").
+
+    `plan_text` (the compiled spec) defaults to the one a trace read back from trace.json carries.
+    """
+    g = trace.graph
+    data = {
+        "format": FORMAT,
+        "config": vars(trace.config),
+        "model": trace.model,
+        "n_layers": trace.n_layers,
+        "n_heads": trace.n_heads,
+        "prompts": trace.prompts,
+        "labels": trace.labels,
+        "firing": {"counts": trace.firing.counts, "slice_counts": trace.firing.slice_counts, "slice_usage": trace.firing.slice_usage},
+        "events": _columns(trace.events),
+        "edges": _columns(trace.edges),
+        "graph": {
+            "nodes": [{"id": node_id(n)} | _node_record(n, g.nodes[n]) for n in sorted(g.nodes)],
+            "edges": [{"source": node_id(u), "target": node_id(v)} | g.edges[u, v] for u, v in sorted(g.edges)],
+        },
+        "plan": plan_text if plan_text is not None else trace.extra.get("plan"),
+        "extra": {k: v for k, v in trace.extra.items() if k != "plan"},
+    }
+    if include_timings:
+        data["timings"] = trace.timings
+    return _plain(data)
+
+
+def dumps(data: dict) -> str:
+    return json.dumps(data, sort_keys=True, indent=1, ensure_ascii=False) + "\n"
+
+
+def write_trace_json(trace: Trace, path: str | os.PathLike, plan_text: str | None = None, *, include_timings: bool = False) -> Path:
+    return atomic_write(path, dumps(trace_to_dict(trace, plan_text, include_timings=include_timings)))
+
+
+def _table(cls, columns: dict[str, list]):
+    # Column dtypes as the engine makes them: float64 contributions and scores, "s"/"d" sides, int64 rest.
+    def array(name, values):
+        dtype = np.float64 if name in _FLOAT_COLUMNS else np.str_ if name == "side" else np.int64
+        return np.array(values, dtype=dtype)
+
+    return cls(**{k: tuple(np.array(v, dtype=np.int64) for v in vs) if k == "slices" else array(k, vs) for k, vs in columns.items()})
+
+
+def trace_from_dict(data: dict) -> Trace:
+    if data.get("format") != FORMAT:
+        raise ValueError(f"not a circuitlang trace (format {data.get('format')!r}, expected {FORMAT!r})")
+    graph = nx.DiGraph()
+    for record in data["graph"]["nodes"]:
+        node = parse_node_id(record["id"])
+        graph.add_node(node, **{k: v for k, v in record.items() if k not in ("id", "layer", "head", "role")})
+    for record in data["graph"]["edges"]:
+        graph.add_edge(parse_node_id(record["source"]), parse_node_id(record["target"]),
+                       **{k: v for k, v in record.items() if k not in ("source", "target")})
+    f = data["firing"]
+    config = data["config"]
+    return Trace(
+        config=TraceConfig(**(config | {"roots": tuple(config["roots"])})),
+        model=data["model"],
+        n_layers=data["n_layers"],
+        n_heads=data["n_heads"],
+        prompts=data["prompts"],
+        labels=tuple(tuple(row) for row in data["labels"]),
+        firing=FiringStats(
+            counts=np.array(f["counts"], dtype=np.int64),
+            slice_counts=tuple(tuple(np.array(c, dtype=np.int64) for c in layer) for layer in f["slice_counts"]),
+            slice_usage=np.array(f["slice_usage"], dtype=np.int64),
+        ),
+        events=_table(TracedEvents, data["events"]),
+        edges=_table(TracedEdges, data["edges"]),
+        graph=graph,
+        timings=data.get("timings", {}),
+        extra=data["extra"] | ({"plan": data["plan"]} if data["plan"] is not None else {}),
+    )
+
+
+def read_trace_json(path: str | os.PathLike) -> Trace:
+    """A Trace back from trace.json: numpy columns, the DiGraph with tuple node ids and its attributes."""
+    with open(path, encoding="utf-8") as fh:
+        return trace_from_dict(json.load(fh))
+
+
+def write_graphml(trace: Trace, path: str | os.PathLike) -> Path:
+    """The trace graph as GraphML: string ids ("9.6", "9.6:end"), attributes layer, head, role flattened."""
+    g = trace.graph
+    out = nx.DiGraph()
+    out.add_nodes_from((node_id(n), _node_record(n, g.nodes[n])) for n in sorted(g.nodes))
+    out.add_edges_from((node_id(u), node_id(v), g.edges[u, v]) for u, v in sorted(g.edges))
+    return atomic_write(path, "\n".join(nx.generate_graphml(out)) + "\n")
+
+
+def edge_filter(graph: nx.DiGraph, min_count: int) -> nx.DiGraph:
+    """Communication edges seen in >= min_count prompts, the attention edges of the token nodes they reach,
+    and the nodes they touch (Fig. 5 keeps edges seen 65 times in 256 prompts, Fig. 15 170 times)."""
+    comm = [(u, v) for u, v, d in graph.edges(data=True) if d["kind"] == "communication" and d["count"] >= min_count]
+    tokens = {v for _, v in comm}
+    attention = [(u, v) for u, v, d in graph.edges(data=True) if d["kind"] == "attention" and u in tokens]
+    kept = sorted(set(comm) | set(attention))
+    out = nx.DiGraph()
+    out.add_nodes_from((n, graph.nodes[n]) for n in sorted({n for edge in kept for n in edge}))
+    out.add_edges_from((u, v, graph.edges[u, v]) for u, v in kept)
+    return out
+
+
+def graph_heads(graph: nx.DiGraph) -> set[Head]:
+    return {n for n in graph.nodes if len(n) == 2}
+
+
+def known_head_set(compare: str | Iterable[str] | None) -> set[Head]:
+    """Heads to compare with: a known list by name ("ioi": Wang et al.'s IOI circuit) or "l.h" strings."""
+    if compare is None:
+        return set()
+    names = [h for heads in known_heads(compare).values() for h in heads] if isinstance(compare, str) else compare
+    return {parse_node_id(h) for h in names}
+
+
+def precision_recall(heads: Iterable[Head], known: Iterable[Head]) -> tuple[float, float, float]:
+    """Precision, recall and F1 of traced heads against known ones (the paper's Fig. 15: 0.52, 0.69)."""
+    heads, known = set(heads), set(known)
+    hit = len(heads & known)
+    precision = hit / len(heads) if heads else 0.0
+    recall = hit / len(known) if known else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if hit else 0.0
+    return precision, recall, f1
