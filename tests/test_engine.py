@@ -10,8 +10,9 @@ from circuitlang.data.ioi import ioi_prompts
 from circuitlang.engine import decompose as dc
 from circuitlang.engine.forward import capture
 from circuitlang.engine.model import ModelLoadError, load_model
-from circuitlang.engine.omega import omega_matrix
-from circuitlang.engine.trace import TraceError, model_slices, trace, writer_contributions
+from circuitlang.engine.omega import OmegaSlices, omega_matrix
+from circuitlang.engine.geometry import attention_geometry, layer_slices
+from circuitlang.engine.trace import TraceError, trace, writer_contributions
 from circuitlang.lang.plan import Root, SliceRule
 from tiny_models import build_gpt2
 
@@ -39,6 +40,13 @@ def acts(tiny, prompts):
     return capture(tiny, prompts, writers=True, batch_size=5)
 
 
+def model_slices(model) -> OmegaSlices:
+    """Every layer's slices stacked (offset-free models): U, V [L, H, d+1, r], S [L, H, r]."""
+    geometry = attention_geometry(model)
+    per_layer = [layer_slices(geometry, l) for l in range(model.n_layers)]
+    return OmegaSlices(*(torch.stack([getattr(s, f) for s in per_layer]) for f in ("Q_a", "Q_b", "U", "S", "V")))
+
+
 def busiest_roots(acts, prompts, layer, k=3):
     """The k (head, dest role, src role) pairs that fire most often at `layer`: roots that surely fire."""
     fires = dc.firing_mask(acts.pattern, acts.scores, acts.lengths, 0.5)[layer]
@@ -59,26 +67,28 @@ def test_omega_rebuilds_from_its_slices(tiny):
     b = tiny.bridge
     omega = omega_matrix(*(w.detach().double() for w in (b.W_Q, b.b_Q, b.W_K, b.b_K)))
     s = model_slices(tiny)
-    rebuilt = s.U @ torch.diag_embed(s.S) @ s.V.transpose(-1, -2)
+    U, S, V = s.left()[..., 0, :, :], s.S[..., 0, :], s.right()[..., 0, :, :]
+    rebuilt = U @ torch.diag_embed(S) @ V.transpose(-1, -2)
     assert ((rebuilt - omega).norm(dim=(-2, -1)) / omega.norm(dim=(-2, -1))).max() < 1e-5
     eye = torch.eye(tiny.d_head, dtype=torch.float64)
-    assert torch.allclose(s.U.transpose(-1, -2) @ s.U, eye.expand_as(s.U.transpose(-1, -2) @ s.U), atol=1e-10)
-    assert torch.allclose(s.V.transpose(-1, -2) @ s.V, eye.expand_as(s.V.transpose(-1, -2) @ s.V), atol=1e-10)
-    assert (s.S[..., :-1] >= s.S[..., 1:]).all()
+    assert torch.allclose(U.transpose(-1, -2) @ U, eye.expand_as(U.transpose(-1, -2) @ U), atol=1e-10)
+    assert torch.allclose(V.transpose(-1, -2) @ V, eye.expand_as(V.transpose(-1, -2) @ V), atol=1e-10)
+    assert (S[..., :-1] >= S[..., 1:]).all()
 
 
 def test_slices_match_a_dense_svd(tiny):
     b = tiny.bridge
     omega = omega_matrix(*(w.detach().double() for w in (b.W_Q, b.b_Q, b.W_K, b.b_K)))
     s = model_slices(tiny)
+    sU, sS, sV = s.left()[..., 0, :, :], s.S[..., 0, :], s.right()[..., 0, :, :]
     U, S, Vh = torch.linalg.svd(omega)
     r = tiny.d_head
-    assert torch.allclose(S[..., :r], s.S, rtol=1e-8, atol=1e-10)
+    assert torch.allclose(S[..., :r], sS, rtol=1e-8, atol=1e-10)
     assert S[..., r:].abs().max() < 1e-8 * S.max()
     # Same singular vectors up to a shared sign per slice (singular values of random weights are distinct).
-    signs = torch.sign((U[..., :r] * s.U).sum(-2))
-    assert torch.allclose(U[..., :r] * signs[..., None, :], s.U, atol=1e-6)
-    assert torch.allclose(Vh[..., :r, :].transpose(-1, -2) * signs[..., None, :], s.V, atol=1e-6)
+    signs = torch.sign((U[..., :r] * sU).sum(-2))
+    assert torch.allclose(U[..., :r] * signs[..., None, :], sU, atol=1e-6)
+    assert torch.allclose(Vh[..., :r, :].transpose(-1, -2) * signs[..., None, :], sV, atol=1e-6)
 
 
 # --- Firing and slice terms (sections 4.1, 4.3) ------------------------------------------------------
@@ -87,12 +97,13 @@ def test_slices_match_a_dense_svd(tiny):
 def test_slice_terms_sum_to_the_models_score_for_every_pair(tiny, acts):
     # Every (dest, src) pair inside a prompt, firing or not: sum_k t_k == A'_ij == hook_attn_scores * scale.
     s = model_slices(tiny)
+    U_all, S_all, V_all = s.left()[..., 0, :, :], s.S[..., 0, :], s.right()[..., 0, :, :]
     n = acts.tokens.shape[1]
     inside = torch.arange(n)[None, :] < acts.lengths[:, None]
     pairs = (inside[:, None, :, None] & inside[:, None, None, :] & torch.ones(n, n, dtype=torch.bool).tril())
     fires = dc.firing_mask(acts.pattern, acts.scores, acts.lengths, 0.5)
     for layer in range(tiny.n_layers):
-        U, S, V = (t[layer].float() for t in (s.U, s.S, s.V))
+        U, S, V = (t[layer].float() for t in (U_all, S_all, V_all))
         xu, xv = dc.project_tokens(acts.x[layer], U), dc.project_tokens(acts.x[layer], V)
         p, a, i, j = pairs.expand(-1, tiny.n_heads, -1, -1).nonzero(as_tuple=True)
         terms = dc.slice_terms(xu[p, a, i], S[a], xv[p, a, j])
@@ -144,16 +155,15 @@ def test_all_writers_sum_to_the_signal_projection(tiny, acts, prompts):
     roots = busiest_roots(acts, prompts, tiny.n_layers - 1)
     t = trace(tiny, prompts, roots, activations=acts)
     assert len(t.events) > len(roots)
-    s = model_slices(tiny)
-    W_O, b_O = tiny.bridge.W_O.detach(), tiny.bridge.b_O.detach()
+    geometry = attention_geometry(tiny)
     for side, signal in (("d", t.events.signal_dest), ("s", t.events.signal_src)):
-        parts = writer_contributions(acts, s, W_O, b_O, t.events, side)
+        parts = writer_contributions(acts, geometry, t.events, side)
         total = np.sum(list(parts.values()), axis=0)
         np.testing.assert_allclose(total, signal, rtol=1e-4, atol=1e-4 * np.abs(signal).max())
         # Signals are positive by the sign convention: every slice term in S_ij is positive.
         assert (signal > 0).all()
     # The edges the trace reports are those heads' contributions, from the same events.
-    parts = writer_contributions(acts, s, W_O, b_O, t.events, "d")
+    parts = writer_contributions(acts, geometry, t.events, "d")
     d = t.edges.side == "d"
     expected = [parts[f"head {l}.{h}"][e] for e, l, h in zip(t.edges.event[d], t.edges.up_layer[d], t.edges.up_head[d])]
     np.testing.assert_allclose(t.edges.contribution[d], expected, rtol=1e-4, atol=1e-6)

@@ -8,7 +8,8 @@ import pytest
 from circuitlang.data.prompts import Prompt, PromptSet
 from circuitlang.engine.forward import capture
 from circuitlang.engine.model import load_model
-from circuitlang.engine.trace import model_slices, trace, writer_contributions
+from circuitlang.engine.geometry import attention_geometry
+from circuitlang.engine.trace import trace, writer_contributions
 from circuitlang.lang.plan import Root
 from tiny_models import build_handbuilt
 
@@ -59,10 +60,9 @@ def test_two_layer_trace_is_exactly_the_built_circuit(two_layer, prompts):
 def test_each_edge_carries_the_whole_signal(two_layer, prompts):
     t = trace(two_layer, prompts, [Root(1, 0, "B", "A")])
     acts = capture(two_layer, prompts, writers=True)
-    bridge = two_layer.bridge
     root = np.nonzero(t.events.layer == 1)[0]
     for side, signal, writer in (("s", t.events.signal_src, "head 0.0"), ("d", t.events.signal_dest, "head 0.1")):
-        parts = writer_contributions(acts, model_slices(two_layer), bridge.W_O.detach(), bridge.b_O.detach(), t.events, side)
+        parts = writer_contributions(acts, attention_geometry(two_layer), t.events, side)
         np.testing.assert_allclose(parts[writer][root], signal[root], rtol=1e-4)
         others = sum(v[root] for k, v in parts.items() if k != writer)
         np.testing.assert_allclose(others, 0, atol=1e-4 * signal[root].max())

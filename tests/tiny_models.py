@@ -68,3 +68,52 @@ def build_handbuilt(directory: Path, tokenizer, a_token: int, b_token: int, *, n
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return Path(directory)
+
+
+def _randomise_norms(model, spread: float = 0.4) -> None:
+    """Give every norm a non-trivial gain (and bias) so that folding mistakes cannot hide."""
+    for name, param in model.named_parameters():
+        if "norm" in name or "ln" in name.split(".")[-2:][0]:
+            if name.endswith("bias"):
+                param.data.normal_(0, 0.1)
+            else:
+                param.data.add_(torch.empty_like(param).uniform_(-spread, spread))
+
+
+def _scale_qk(model, names: tuple[str, ...], factor: float) -> None:
+    for name, param in model.named_parameters():
+        if any(n in name for n in names) and name.endswith("weight"):
+            param.data.mul_(factor)
+
+
+def build_rotary(directory: Path, tokenizer, family: str, *, seed: int = 0) -> Path:
+    """Tiny random rotary models: "llama" (GQA 4 query / 2 key heads, RMSNorm), "neox" (partial rotary
+    0.5, LayerNorm with biases, parallel residual), "gemma3" (GQA 4/1, q/k norms, post-attention and
+    post-MLP norms, sliding and global layers with different rotary bases)."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=len(tokenizer), max_position_embeddings=64, intermediate_size=128)
+    if family == "llama":
+        config = tf.LlamaConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, **common)
+        model = tf.LlamaForCausalLM(config)
+        qk = ("q_proj", "k_proj")
+    elif family == "neox":
+        config = tf.GPTNeoXConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, rotary_pct=0.5, **common)
+        model = tf.GPTNeoXForCausalLM(config)
+        qk = ("query_key_value",)
+    elif family == "gemma3":
+        config = tf.Gemma3TextConfig(
+            hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+            sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            query_pre_attn_scalar=16, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, **common)
+        model = tf.Gemma3ForCausalLM(config)
+        qk = ("q_proj", "k_proj")
+    else:
+        raise ValueError(family)
+    with torch.no_grad():
+        _randomise_norms(model)
+        _scale_qk(model, qk, 3.0)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return Path(directory)

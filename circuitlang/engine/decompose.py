@@ -27,16 +27,37 @@ def firing_mask(pattern: Tensor, scores: Tensor, lengths: Tensor, threshold: flo
 
 
 def project_tokens(x: Tensor, basis: Tensor) -> Tensor:
-    """[P, n, d] inputs and [H, d+1, r] singular vectors -> [P, H, n, r]: x~ . u_k for every head and slice.
+    """[P, n, d] inputs and [H, d+1, r] bases -> [P, H, n, r]: x~ @ Q for every head (x~ = [x; 1], eq. 2).
 
-    x~ = [x; 1] is the homogeneous input of eq. (2); this is the same GEMM that computes the queries.
+    The same GEMM that computes the queries; the per-offset cores then finish the projection.
     """
     return torch.einsum("pnd,hdr->phnr", x, basis[:, :-1, :]) + basis[:, -1, :][None, :, None, :]
 
 
-def slice_terms(xu_dest: Tensor, sigma: Tensor, xv_src: Tensor) -> Tensor:
-    """[E, r]: t_k = (x~_i . u_k) sigma_k (v_k . x~_j); they sum to A'_ij (eqs. 3 and 5)."""
-    return xu_dest * sigma * xv_src
+def through_cores(y: Tensor, cores: Tensor, heads: Tensor, offsets: Tensor, *, transpose: bool = False) -> Tensor:
+    """[E, r] rows times each event's core [H, M, r, r][head, offset] (or its transpose) -> [E, r].
+
+    y @ U'[h, m] turns x~ @ Q_a into the coordinates x~ . u_k; with transpose, U'[h, m] @ w lifts slice
+    weights back to the basis Q_a. Chunked so the gathered cores stay under ~64 MB.
+    """
+    r = cores.shape[-1]
+    step = max(64, 2**24 // (r * r))
+    out = []
+    for rows in torch.arange(len(y)).split(step):
+        core = cores[heads[rows], offsets[rows]]
+        core = core.transpose(-1, -2) if transpose else core
+        out.append(torch.bmm(y[rows].unsqueeze(1), core).squeeze(1))
+    return torch.cat(out) if out else y.new_zeros(0, r)
+
+
+def slice_terms(xu_dest: Tensor, sigma: Tensor, xv_src: Tensor, factor: Tensor | None = None) -> Tensor:
+    """[E, r]: t_k = (x~_i . u_k) sigma_k (v_k . x~_j); they sum to A'_ij (eqs. 3 and 5).
+
+    factor [E]: positive per-event scalars (1 / (q norm scale x k norm scale) in models with q/k norms);
+    they scale every term alike, so S_ij does not depend on them.
+    """
+    terms = xu_dest * sigma * xv_src
+    return terms if factor is None else terms * factor[:, None]
 
 
 def sparse_set(terms: Tensor, rule: SliceRule) -> tuple[Tensor, Tensor]:
@@ -74,10 +95,11 @@ def slice_weights(mask: Tensor, xu_dest: Tensor, sigma: Tensor) -> Tensor:
 def signal_directions(weights: Tensor, heads: Tensor, basis: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
     """Where eq. (8) reads a residual writer: c = dir . o + homog for a writer o of the token.
 
-    weights [E, r]; heads [E]: each event's head index into basis [H, d+1, r]; scale [E]: the downstream
-    LayerNorm scale of the token (appendix, "Layer Norm"). Returns dir [E, d] = U_S w / scale, and
-    homog [E], the part of the signal carried by the homogeneous coordinate (the head's own bias).
-    One GEMM over all events: the weights are spread into a [E, H*r] block-one-hot matrix.
+    weights [E, r]: slice weights in the basis's coordinates (lifted through the cores, and divided by
+    any q/k norm scale of the token); heads [E] index basis [H, d+1, r]; scale [E]: the downstream
+    norm's scale of the token (appendix, "Layer Norm"). Returns dir [E, d] and homog [E], the part of
+    the signal carried by the homogeneous coordinate (the downstream head's own bias). One GEMM over all
+    events: the weights are spread into a [E, H*r] block-one-hot matrix.
     """
     E, r = weights.shape
     H = basis.shape[0]
@@ -88,17 +110,19 @@ def signal_directions(weights: Tensor, heads: Tensor, basis: Tensor, scale: Tens
     return directions / scale[:, None], homog
 
 
-def head_contributions(directions: Tensor, W_O: Tensor, z: Tensor) -> Tensor:
+def head_contributions(directions: Tensor, W_O: Tensor, z: Tensor, post_scale: Tensor | None = None) -> Tensor:
     """[E, l, H]: c of eq. (8) for every upstream head (l', b) with l' < l.
 
-    directions [E, d]; W_O [l, H, r, d] of the upstream layers; z [E, l, H, r], each event token's
-    upstream value mixes. o^{l'b} = z W_O^{l'b} is taken without a homogeneous 1: that coordinate
-    belongs to the downstream head (appendix).
+    directions [E, d]; W_O [l, H, r, d] of the upstream layers (times any post-attention norm gain);
+    z [E, l, H, r], each event token's upstream value mixes; post_scale [E, l]: the post-attention norm
+    scale of the token in each upstream layer, where the model has that norm. o^{l'b} = z W_O^{l'b} is
+    taken without a homogeneous 1: that coordinate belongs to the downstream head (appendix).
     """
     E = directions.shape[0]
     l, H, r, d = W_O.shape
     read = (directions @ W_O.reshape(l * H * r, d).T).view(E, l, H, r)
-    return (read * z).sum(-1)
+    contributions = (read * z).sum(-1)
+    return contributions if post_scale is None else contributions / post_scale[:, :, None]
 
 
 def select_upstream(contributions: Tensor, mass: float) -> Tensor:

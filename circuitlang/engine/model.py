@@ -42,12 +42,7 @@ class LoadedModel:
     prepend_bos: bool
     device: str
     dtype: torch.dtype
-
-    @property
-    def attn_scale(self) -> float:
-        """The divisor between the raw score A'_ij of eq. (3) and TransformerLens' `hook_attn_scores`."""
-        scale = float(getattr(self.bridge.cfg, "attn_scale", -1.0) or -1.0)
-        return scale if scale > 0 else self.d_head**0.5
+    attn_scale: float  # the divisor between the raw score A'_ij of eq. (3) and `hook_attn_scores`
 
 
 def _is_local(name: str) -> bool:
@@ -112,8 +107,10 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32", *, hf_mod
     tokenizer = bridge.tokenizer
     if tokenizer is None:
         raise ModelLoadError(f"model {name!r} has no tokenizer next to its weights")
-    model_type = getattr(getattr(bridge, "original_model", None), "config", None)
-    model_type = getattr(model_type, "model_type", "")
+    hf_config = getattr(getattr(bridge, "original_model", None), "config", None)
+    model_type = getattr(hf_config, "model_type", "")
+    # Gemma scales scores by query_pre_attn_scalar**-0.5 rather than d_head**-0.5.
+    attn_scale = float(getattr(hf_config, "query_pre_attn_scalar", None) or cfg.d_head) ** 0.5
     bridge.eval()
     return LoadedModel(
         name=name,
@@ -126,4 +123,5 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32", *, hf_mod
         prepend_bos=model_type not in _NO_BOS_MODEL_TYPES,
         device=device,
         dtype=DTYPES[dtype],
+        attn_scale=attn_scale,
     )

@@ -3,6 +3,11 @@
 Omega = A B^T with A = [W_Q; b_Q^T] and B = [W_K; b_K^T], both (d+1) x r, so rank(Omega) <= r. Its SVD comes
 from thin QR factors A = Q_a R_a, B = Q_b R_b and the SVD of the r x r core R_a R_b^T = U' S V'^T:
 Omega = (Q_a U') S (Q_b V')^T. This costs O(d r^2) per head instead of O(d^3), for all heads at once.
+
+Rotary models (beyond the paper, which covers GPT-2): the score of head a on (i, j) is
+x~_i^T A G_q R(i - j)^T G_k B^T x~_j divided by per-token q/k norm scales, with G the q/k norm gains and
+R(m) the rotation by m positions. Omega then depends on the offset m = i - j: only the core changes,
+R_a R(m)^T R_b^T, so each head keeps one pair of bases Q_a, Q_b and one small core SVD per offset.
 """
 
 from __future__ import annotations
@@ -15,12 +20,16 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class OmegaSlices:
-    """Rank-r SVD of Omega for every head: Omega[l, h] = U[l, h] diag(S[l, h]) V[l, h]^T.
+    """SVD of Omega for the heads of one layer (or of all layers, in the leading dims), per offset.
 
-    U, V: [layers, heads, d+1, r], orthonormal columns; S: [layers, heads, r], descending. The last row of
-    U and V is the homogeneous coordinate (paper, appendix "Handling Homogeneous Coordinates").
+    Omega[h, m] = (Q_a[h] U[h, m]) diag(S[h, m]) (Q_b[h] V[h, m])^T.
+    Q_a, Q_b: [..., H, d+1, r], orthonormal columns, the last row the homogeneous coordinate (appendix,
+    "Handling Homogeneous Coordinates"); U, V: [..., H, M, r, r] orthogonal cores; S: [..., H, M, r],
+    descending. M = 1 (offset-free) for models without rotary positions.
     """
 
+    Q_a: Tensor
+    Q_b: Tensor
     U: Tensor
     S: Tensor
     V: Tensor
@@ -29,8 +38,17 @@ class OmegaSlices:
     def rank(self) -> int:
         return self.S.shape[-1]
 
-    def to(self, dtype: torch.dtype) -> "OmegaSlices":
-        return OmegaSlices(self.U.to(dtype), self.S.to(dtype), self.V.to(dtype))
+    @property
+    def offsets(self) -> int:
+        return self.S.shape[-2]
+
+    def left(self) -> Tensor:
+        """The singular vectors u_k in model coordinates: [..., H, M, d+1, r]."""
+        return self.Q_a.unsqueeze(-3) @ self.U
+
+    def right(self) -> Tensor:
+        """The singular vectors v_k in model coordinates: [..., H, M, d+1, r]."""
+        return self.Q_b.unsqueeze(-3) @ self.V
 
 
 def augment(W: Tensor, b: Tensor) -> Tensor:
@@ -43,14 +61,32 @@ def omega_matrix(W_Q: Tensor, b_Q: Tensor, W_K: Tensor, b_K: Tensor) -> Tensor:
     return augment(W_Q, b_Q) @ augment(W_K, b_K).transpose(-1, -2)
 
 
-def omega_slices(W_Q: Tensor, b_Q: Tensor, W_K: Tensor, b_K: Tensor) -> OmegaSlices:
+def omega_slices(W_Q: Tensor, b_Q: Tensor, W_K: Tensor, b_K: Tensor, rotations: Tensor | None = None) -> OmegaSlices:
     """Orthogonal slices of Omega for heads batched in the leading dims of W_Q [..., d, r], b_Q [..., r].
 
-    Computed in float64 so that the slice terms sum to the model's score to well below 1e-4.
+    W_K, b_K are the key weights each query head reads (its group's, for grouped KV heads), with any
+    q/k norm gain already multiplied in. `rotations` [M, r, r], R(m)^T for offsets m = 0..M-1 (rotary
+    models), applied between the query and key sides. Computed in float64 so that the slice terms sum
+    to the model's score to well below 1e-4.
     """
-    A = augment(W_Q, b_Q).double()
-    B = augment(W_K, b_K).double()
-    Q_a, R_a = torch.linalg.qr(A)
-    Q_b, R_b = torch.linalg.qr(B)
-    U_core, S, Vh_core = torch.linalg.svd(R_a @ R_b.transpose(-1, -2))
-    return OmegaSlices(U=Q_a @ U_core, S=S, V=Q_b @ Vh_core.transpose(-1, -2))
+    Q_a, R_a = torch.linalg.qr(augment(W_Q, b_Q).double())
+    Q_b, R_b = torch.linalg.qr(augment(W_K, b_K).double())
+    R_a, R_b = R_a.unsqueeze(-3), R_b.unsqueeze(-3)  # [..., 1, r, r]: broadcast over offsets
+    core = R_a @ R_b.transpose(-1, -2) if rotations is None else R_a @ rotations.double() @ R_b.transpose(-1, -2)
+    U, S, Vh = torch.linalg.svd(core)
+    return OmegaSlices(Q_a=Q_a, Q_b=Q_b, U=U, S=S, V=Vh.transpose(-1, -2))
+
+
+def rotation_matrices(cos: Tensor, sin: Tensor, d_head: int) -> Tensor:
+    """[M, r, r]: R(m)^T for m = 0..M-1 from the model's own rotary tables cos, sin [M, rotary_dim].
+
+    R(m) v = v * cos_m + rotate_half(v) * sin_m on the first rotary_dim dims (the rest pass through,
+    as in GPT-NeoX's partial rotary). Since R(i)^T R(j) = R(i - j)^T, the score depends on m = i - j only.
+    """
+    M, rd = cos.shape
+    eye = torch.eye(d_head, dtype=cos.dtype)
+    half = rd // 2
+    rotated = torch.cat([-eye[:, half:rd], eye[:, :half]], dim=-1)  # rotate_half of each basis row
+    R = eye.expand(M, d_head, d_head).clone()  # R[m] maps row vectors: v R[m] = R(m) v
+    R[:, :, :rd] = eye[:, :rd] * cos[:, None, :] + rotated * sin[:, None, :]
+    return R

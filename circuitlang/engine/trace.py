@@ -4,7 +4,8 @@ Algorithm 1 recurses from a firing into each selected upstream head that fires w
 its destination. Upstream heads sit in strictly lower layers, so the recursion is a walk down the layers:
 at layer l every event wanted so far is decomposed in one batch, its upstream heads are selected, and
 the firings they lead to are marked wanted in lower layers. Each event is computed once (memoised by
-the `wanted` mask), and no residual stream is copied per event.
+the `wanted` mask), weights are projected onto the slices once per head, and no residual stream is
+copied per event.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from torch import Tensor
 from circuitlang.data.prompts import PromptSet
 from circuitlang.engine import decompose as dc
 from circuitlang.engine.forward import Activations, capture
+from circuitlang.engine.geometry import AttentionGeometry, attention_geometry, layer_slices
 from circuitlang.engine.graph import aggregate
 from circuitlang.engine.model import LoadedModel
-from circuitlang.engine.omega import OmegaSlices, omega_slices
+from circuitlang.engine.omega import OmegaSlices
 from circuitlang.engine.results import FiringStats, Trace, TraceConfig, TracedEdges, TracedEvents
 from circuitlang.lang.plan import Root, SliceRule
 
@@ -36,74 +38,83 @@ class TraceError(ValueError):
     """A trace request that cannot run (bad root, role missing from the prompts)."""
 
 
-def model_slices(model: LoadedModel) -> OmegaSlices:
-    """Omega's orthogonal slices for every head of the model (eqs. 2, 5)."""
-    b = model.bridge
-    with torch.no_grad():
-        return omega_slices(b.W_Q.detach(), b.b_Q.detach(), b.W_K.detach(), b.b_K.detach())
+def slices_for(geometry: AttentionGeometry, acts: Activations, layer: int) -> OmegaSlices:
+    """Omega's slices of `layer`, with one core per offset 0..n-1 for rotary models."""
+    if not geometry.rotary:
+        return layer_slices(geometry, layer)
+    return layer_slices(geometry, layer, acts.cos[layer], acts.sin[layer])
 
 
 @dataclass(frozen=True)
 class LayerDecomposition:
-    """Decomposed events of one layer: the index tensors and, per event, terms, S_ij and weights."""
+    """Every firing event of one layer: indices, slice terms, S_ij, and the token coordinates.
+
+    xu_dest, xv_src [E, r]: x~_i . u_k and v_k . x~_j; q_scale, k_scale [E]: the q/k norm scales of
+    the two tokens (ones without q/k norms); offset [E]: i - j, which picks the Omega of rotary models.
+    """
 
     prompt: Tensor
     head: Tensor
     dest: Tensor
     src: Tensor
+    offset: Tensor
     terms: Tensor
     mask: Tensor
     order: Tensor
     xu_dest: Tensor
     xv_src: Tensor
+    q_scale: Tensor
+    k_scale: Tensor
 
 
 def decompose_layer(acts: Activations, slices: OmegaSlices, fires: Tensor, layer: int, rule: SliceRule) -> LayerDecomposition:
-    """Slice terms and S_ij for every firing event of `layer` (fires: [P, H, n, n])."""
+    """Slice terms and S_ij for every firing event of `layer` (fires: [P, H, n, n]); section 4.1."""
     x = acts.x[layer]
-    U, S, V = (t[layer].to(x.dtype) for t in (slices.U, slices.S, slices.V))
-    xu = dc.project_tokens(x, U)  # [P, H, n, r]
-    xv = dc.project_tokens(x, V)
+    Q_a, Q_b, U, S, V = (t.to(x.dtype) for t in (slices.Q_a, slices.Q_b, slices.U, slices.S, slices.V))
     p, a, i, j = fires.nonzero(as_tuple=True)
-    xu_dest, xv_src = xu[p, a, i], xv[p, a, j]
-    terms = dc.slice_terms(xu_dest, S[a], xv_src)
+    m = (i - j) if slices.offsets > 1 else torch.zeros_like(i)
+    xu = dc.through_cores(dc.project_tokens(x, Q_a)[p, a, i], U, a, m)
+    xv = dc.through_cores(dc.project_tokens(x, Q_b)[p, a, j], V, a, m)
+    ones = torch.ones(len(p), dtype=x.dtype)
+    sq = acts.q_scale[layer, p, a, i] if acts.q_scale is not None else ones
+    sk = acts.k_scale[layer, p, a, j] if acts.k_scale is not None else ones
+    terms = dc.slice_terms(xu, S[a, m], xv, 1.0 / (sq * sk))
     mask, order = dc.sparse_set(terms, rule)
-    return LayerDecomposition(p, a, i, j, terms, mask, order, xu_dest, xv_src)
+    return LayerDecomposition(p, a, i, j, m, terms, mask, order, xu, xv, sq, k_scale=sk)
 
 
-def writer_contributions(acts: Activations, omega: OmegaSlices, W_O: Tensor, b_O: Tensor, events: TracedEvents, side: str) -> dict[str, np.ndarray]:
-    """Eq. (8) for every residual writer of each traced event's token, not only heads.
+@dataclass(frozen=True)
+class EventSignals:
+    """For a batch of events of one layer: the weights of eq. (8) turned into residual-space readers.
 
-    Writers: "embed" (token + position), "head l.h", "attn_bias l" (b_O), "mlp l", and "qk_bias" (the
-    homogeneous coordinate: the downstream head's own bias). They sum to the event's signal projection
-    (`signal_dest` / `signal_src`); `acts` must be captured with `writers=True`.
+    dir_* [E, d] and homog_* [E]: a writer o of the dest (src) token contributes dir . o, and the
+    homogeneous coordinate homog; signal_* [E]: the whole sqrt(sigma)-weighted signal of the token.
     """
-    if acts.embed is None or acts.mlp_out is None:
-        raise TraceError("writer contributions need activations captured with writers=True")
-    out: dict[str, list[Tensor]] = {}
-    for layer in np.unique(events.layer).tolist():
-        rows = torch.from_numpy(np.nonzero(events.layer == layer)[0])
-        p, a = torch.from_numpy(events.prompt)[rows], torch.from_numpy(events.head)[rows]
-        i, j = torch.from_numpy(events.dest)[rows], torch.from_numpy(events.src)[rows]
-        token = i if side == "d" else j
-        U, S, V = (t[layer].to(acts.x.dtype) for t in (omega.U, omega.S, omega.V))
-        xu = dc.project_tokens(acts.x[layer], U)[p, a, i]
-        mask = torch.zeros_like(xu, dtype=torch.bool)
-        for row, e in enumerate(rows.tolist()):
-            mask[row, torch.from_numpy(events.slices[e])] = True
-        w = dc.slice_weights(mask, xu, S[a])
-        direction, homog = dc.signal_directions(w, a, U if side == "d" else V, acts.scale[layer, p, token])
-        heads = dc.head_contributions(direction, W_O[:layer], acts.z[p, token, :layer])
-        parts = {"embed": (acts.embed[p, token] * direction).sum(-1), "qk_bias": homog}
-        for l in range(acts.x.shape[0]):
-            for h in range(W_O.shape[1]):
-                parts[f"head {l}.{h}"] = heads[:, l, h] if l < layer else torch.zeros(len(rows))
-            parts[f"attn_bias {l}"] = direction @ b_O[l] if l < layer else torch.zeros(len(rows))
-            parts[f"mlp {l}"] = (acts.mlp_out[l, p, token] * direction).sum(-1) if l < layer else torch.zeros(len(rows))
-        for name, value in parts.items():
-            out.setdefault(name, []).append(value)
-    order = np.argsort(np.concatenate([np.nonzero(events.layer == l)[0] for l in np.unique(events.layer)]))
-    return {name: torch.cat(values).numpy()[order] for name, values in out.items()}
+
+    dir_d: Tensor
+    homog_d: Tensor
+    signal_d: Tensor
+    dir_s: Tensor
+    homog_s: Tensor
+    signal_s: Tensor
+
+
+def event_signals(acts: Activations, slices: OmegaSlices, dec: LayerDecomposition, rows: Tensor, layer: int) -> EventSignals:
+    Q_a, Q_b, U, S, V = (t.to(acts.x.dtype) for t in (slices.Q_a, slices.Q_b, slices.U, slices.S, slices.V))
+    p, a, i, j, m = dec.prompt[rows], dec.head[rows], dec.dest[rows], dec.src[rows], dec.offset[rows]
+    xu, xv, sq, sk = dec.xu_dest[rows], dec.xv_src[rows], dec.q_scale[rows], dec.k_scale[rows]
+    w = dc.slice_weights(dec.mask[rows], xu, S[a, m])
+    w_d = dc.through_cores(w, U, a, m, transpose=True) / sq[:, None]
+    w_s = dc.through_cores(w, V, a, m, transpose=True) / sk[:, None]
+    dir_d, homog_d = dc.signal_directions(w_d, a, Q_a, acts.scale[layer, p, i])
+    dir_s, homog_s = dc.signal_directions(w_s, a, Q_b, acts.scale[layer, p, j])
+    return EventSignals(dir_d, homog_d, (w * xu).sum(-1) / sq, dir_s, homog_s, (w * xv).sum(-1) / sk)
+
+
+def upstream_contributions(acts: Activations, W_O: Tensor, direction: Tensor, prompt: Tensor, token: Tensor, layer: int) -> Tensor:
+    """[E, layer, H]: eq. (8) for every head below `layer`, read at each event's token."""
+    post = acts.post_scale[:layer, prompt, token].T if acts.post_scale is not None else None
+    return dc.head_contributions(direction, W_O[:layer], acts.z[prompt, token, :layer], post)
 
 
 _ROOT = re.compile(r"^\s*(\d+)\.(\d+)\s+([\w+-]+)\s*->\s*([\w+-]+)\s*$")
@@ -140,29 +151,27 @@ def trace(
     slices: SliceRule | str = "paper",
     *,
     activations: Activations | None = None,
-    omega: OmegaSlices | None = None,
+    geometry: AttentionGeometry | None = None,
     progress: Progress | None = None,
 ) -> Trace:
     """Trace `prompts` from `roots` (head, dest role -> src role) and aggregate the graph (Fig. 5)."""
     rule = slices if isinstance(slices, SliceRule) else SliceRule(kind=slices)
     roots = [parse_root(r) if isinstance(r, str) else r for r in roots]
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    if omega is None:
-        omega = model_slices(model)
-    timings["omega"] = time.perf_counter() - t0
     root_pos = _root_positions(prompts, roots, model.n_layers, model.n_heads)
+    timings: dict[str, float] = {}
     t0 = time.perf_counter()
     if activations is None:
         tick = (lambda done, total: progress("forward", done, total)) if progress else None
         activations = capture(model, prompts, progress=tick)
     timings["forward"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if geometry is None:
+        geometry = attention_geometry(model)
+    timings["geometry"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    W_O = model.bridge.W_O.detach().to("cpu", torch.float32)
-    result = trace_activations(activations, omega, W_O, root_pos, threshold, mass, rule, progress)
+    firing, events, edges = trace_activations(activations, geometry, root_pos, threshold, mass, rule, progress)
     timings["trace"] = time.perf_counter() - t0
-    firing, events, edges = result
     t0 = time.perf_counter()
     labels = tuple(p.labels for p in prompts)
     graph = aggregate(events, edges, labels, firing.counts)
@@ -185,8 +194,7 @@ def trace(
 
 def trace_activations(
     acts: Activations,
-    omega: OmegaSlices,
-    W_O: Tensor,
+    geometry: AttentionGeometry,
     root_positions: Sequence[tuple[Root, Tensor, Tensor]],
     threshold: float,
     mass: float,
@@ -195,7 +203,8 @@ def trace_activations(
 ) -> tuple[FiringStats, TracedEvents, TracedEdges]:
     """The walk of Algorithm 1 over cached activations; see the module docstring."""
     L, P, H, n, _ = acts.pattern.shape
-    r = omega.rank
+    r = geometry.W_Q.shape[-1]
+    W_O = geometry.W_O
     fires = dc.firing_mask(acts.pattern, acts.scores, acts.lengths, threshold)  # [L, P, H, n, n]
     wanted = torch.zeros_like(fires)
     prompt_ids = torch.arange(P)
@@ -206,72 +215,97 @@ def trace_activations(
     counts = fires.sum(dim=(1, 3, 4)).numpy()
     usage = np.zeros((L, H, r), dtype=np.int64)
     slice_counts: list[tuple[np.ndarray, ...]] = []
-    ev_cols: dict[str, list] = {k: [] for k in ("prompt", "layer", "head", "dest", "src", "score", "attention", "n_slices", "signal_dest", "signal_src")}
-    ev_slices: list[np.ndarray] = []
-    ed_cols: dict[str, list] = {k: [] for k in ("event", "prompt", "up_layer", "up_head", "layer", "head", "dest", "src", "side", "contribution")}
+    events: dict[str, list] = {k: [] for k in TracedEvents.__dataclass_fields__}
+    edges: dict[str, list] = {k: [] for k in TracedEdges.__dataclass_fields__}
     n_events = 0
 
     for layer in reversed(range(L)):
-        dec = decompose_layer(acts, omega, fires[layer], layer, rule)
+        slices = slices_for(geometry, acts, layer)
+        dec = decompose_layer(acts, slices, fires[layer], layer, rule)
         sizes = dec.mask.sum(-1)
         usage[layer] = torch.zeros(H, r, dtype=torch.long).index_add_(0, dec.head, dec.mask.long()).numpy()
         slice_counts.insert(0, tuple(sizes[dec.head == h].numpy() for h in range(H)))
         if progress:
             progress("trace", L - layer, L)
-
-        traced_rows = wanted[layer, dec.prompt, dec.head, dec.dest, dec.src].nonzero(as_tuple=True)[0]
-        if len(traced_rows) == 0:
-            continue
-        U, S, V = (t[layer].to(acts.x.dtype) for t in (omega.U, omega.S, omega.V))
-        for chunk in traced_rows.split(EVENT_CHUNK):
-            p, a, i, j = dec.prompt[chunk], dec.head[chunk], dec.dest[chunk], dec.src[chunk]
-            mask, xu_i, xv_j = dec.mask[chunk], dec.xu_dest[chunk], dec.xv_src[chunk]
-            w = dc.slice_weights(mask, xu_i, S[a])
-            dir_d, homog_d = dc.signal_directions(w, a, U, acts.scale[layer, p, i])
-            dir_s, homog_s = dc.signal_directions(w, a, V, acts.scale[layer, p, j])
-            # The full signal projections (every writer's share summed), eq. (8) applied to x~ itself.
-            signal_d = (w * xu_i).sum(-1)
-            signal_s = (w * xv_j).sum(-1)
-            E = len(chunk)
-            base = n_events
+        traced = wanted[layer, dec.prompt, dec.head, dec.dest, dec.src].nonzero(as_tuple=True)[0]
+        for rows in traced.split(EVENT_CHUNK):
+            p, a, i, j = dec.prompt[rows], dec.head[rows], dec.dest[rows], dec.src[rows]
+            sig = event_signals(acts, slices, dec, rows, layer)
+            E, base = len(rows), n_events
             n_events += E
-            ev_cols["prompt"].append(p); ev_cols["layer"].append(torch.full((E,), layer)); ev_cols["head"].append(a)
-            ev_cols["dest"].append(i); ev_cols["src"].append(j)
-            ev_cols["score"].append(dec.terms[chunk].sum(-1)); ev_cols["attention"].append(acts.pattern[layer, p, a, i, j])
-            ev_cols["n_slices"].append(mask.sum(-1)); ev_cols["signal_dest"].append(signal_d); ev_cols["signal_src"].append(signal_s)
-            order = dec.order[chunk]
-            ev_slices += [o[:k].numpy() for o, k in zip(order, mask.sum(-1).tolist())]
+            _append(events, prompt=p, layer=torch.full((E,), layer), head=a, dest=i, src=j,
+                    score=dec.terms[rows].sum(-1), attention=acts.pattern[layer, p, a, i, j], n_slices=sizes[rows],
+                    signal_dest=sig.signal_d, signal_src=sig.signal_s)
+            events["slices"] += [o[:k].numpy() for o, k in zip(dec.order[rows], sizes[rows].tolist())]
             if layer == 0:
                 continue
-            for side, direction, token in (("d", dir_d, i), ("s", dir_s, j)):
-                contrib = dc.head_contributions(direction, W_O[:layer], acts.z[p, token, :layer])  # [E, layer, H]
-                flat = contrib.reshape(E, layer * H)
-                chosen = dc.select_upstream(flat, mass)
-                e_idx, up = chosen.nonzero(as_tuple=True)
+            for side, direction, token in (("d", sig.dir_d, i), ("s", sig.dir_s, j)):
+                contrib = upstream_contributions(acts, W_O, direction, p, token, layer).reshape(E, layer * H)
+                e_idx, up = dc.select_upstream(contrib, mass).nonzero(as_tuple=True)
                 up_l, up_h = up // H, up % H
-                ed_cols["event"].append(base + e_idx); ed_cols["prompt"].append(p[e_idx])
-                ed_cols["up_layer"].append(up_l); ed_cols["up_head"].append(up_h)
-                ed_cols["layer"].append(torch.full((len(e_idx),), layer)); ed_cols["head"].append(a[e_idx])
-                ed_cols["dest"].append(i[e_idx]); ed_cols["src"].append(j[e_idx])
-                ed_cols["side"].append(np.full(len(e_idx), side))
-                ed_cols["contribution"].append(flat[e_idx, up])
+                _append(edges, event=base + e_idx, prompt=p[e_idx], up_layer=up_l, up_head=up_h,
+                        layer=torch.full((len(e_idx),), layer), head=a[e_idx], dest=i[e_idx], src=j[e_idx],
+                        side=np.full(len(e_idx), side), contribution=contrib[e_idx, up])
                 # Algorithm 1, lines 18-27: recurse where the upstream head fires with this token as dest.
-                tok = token[e_idx]
-                pp = p[e_idx]
+                tok, pp = token[e_idx], p[e_idx]
                 wanted[up_l, pp, up_h, tok] |= fires[up_l, pp, up_h, tok]
 
-    def cat(parts: list, dtype=None) -> np.ndarray:
-        if not parts:
-            return np.zeros(0, dtype=dtype or np.int64)
-        arrays = [x.numpy() if isinstance(x, Tensor) else x for x in parts]
-        return np.concatenate(arrays).astype(dtype) if dtype else np.concatenate(arrays)
-
-    events = TracedEvents(
-        **{k: cat(v, np.float64 if k in ("score", "attention", "signal_dest", "signal_src") else np.int64) for k, v in ev_cols.items()},
-        slices=tuple(ev_slices),
-    )
-    edges = TracedEdges(
-        **{k: cat(v, np.float64 if k == "contribution" else (np.str_ if k == "side" else np.int64)) for k, v in ed_cols.items()}
-    )
+    floats = {"score", "attention", "signal_dest", "signal_src", "contribution"}
+    columns = lambda table: {k: _cat(v, np.float64 if k in floats else np.str_ if k == "side" else np.int64)  # noqa: E731
+                             for k, v in table.items() if k != "slices"}
     firing = FiringStats(counts=counts, slice_counts=tuple(slice_counts), slice_usage=usage)
-    return firing, events, edges
+    return firing, TracedEvents(**columns(events), slices=tuple(events["slices"])), TracedEdges(**columns(edges))
+
+
+def _append(table: dict[str, list], **columns) -> None:
+    for key, value in columns.items():
+        table[key].append(value.numpy() if isinstance(value, Tensor) else value)
+
+
+def _cat(parts: list, dtype) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)
+
+
+def writer_contributions(acts: Activations, geometry: AttentionGeometry, events: TracedEvents, side: str) -> dict[str, np.ndarray]:
+    """Eq. (8) for every residual writer of each traced event's token, not only heads.
+
+    Writers: "embed" (the residual entering layer 0), "head l.h", "attn_bias l" (b_O), "mlp l" (the
+    MLP block's write) and "qk_bias" (the homogeneous coordinate: the downstream head's own bias). They
+    sum to the event's signal (`signal_dest` / `signal_src`): a completeness check the paper does not
+    have. `acts` must be captured with `writers=True`.
+    """
+    if acts.embed is None or acts.mlp_out is None:
+        raise TraceError("writer contributions need activations captured with writers=True")
+    L, H = geometry.W_O.shape[:2]
+    out = {name: np.zeros(len(events)) for name in
+           ["embed", "qk_bias"] + [f"{k} {l}" for l in range(L) for k in ("attn_bias", "mlp")]
+           + [f"head {l}.{h}" for l in range(L) for h in range(H)]}
+    for layer in np.unique(events.layer).tolist():
+        rows_np = np.nonzero(events.layer == layer)[0]
+        slices = slices_for(geometry, acts, layer)
+        fires = torch.zeros_like(acts.pattern[layer], dtype=torch.bool)
+        p, a = torch.from_numpy(events.prompt[rows_np]), torch.from_numpy(events.head[rows_np])
+        i, j = torch.from_numpy(events.dest[rows_np]), torch.from_numpy(events.src[rows_np])
+        fires[p, a, i, j] = True
+        dec = decompose_layer(acts, slices, fires, layer, SliceRule("all"))
+        # Re-impose each event's recorded S_ij (decompose_layer orders events by (prompt, head, dest, src)).
+        key = {(int(pp), int(aa), int(ii), int(jj)): e for e, pp, aa, ii, jj in zip(rows_np, p, a, i, j)}
+        order = [key[int(pp), int(aa), int(ii), int(jj)] for pp, aa, ii, jj in zip(dec.prompt, dec.head, dec.dest, dec.src)]
+        mask = torch.zeros_like(dec.mask)
+        for row, e in enumerate(order):
+            mask[row, torch.from_numpy(events.slices[e])] = True
+        dec = LayerDecomposition(**{**dec.__dict__, "mask": mask})
+        sig = event_signals(acts, slices, dec, torch.arange(len(order)), layer)
+        direction, homog = (sig.dir_d, sig.homog_d) if side == "d" else (sig.dir_s, sig.homog_s)
+        token = dec.dest if side == "d" else dec.src
+        heads = upstream_contributions(acts, geometry.W_O, direction, dec.prompt, token, layer)
+        post = acts.post_scale[:layer, dec.prompt, token].T if acts.post_scale is not None else torch.ones(len(order), layer)
+        parts = {"embed": (acts.embed[dec.prompt, token] * direction).sum(-1), "qk_bias": homog}
+        for l in range(layer):
+            parts[f"attn_bias {l}"] = (direction @ geometry.b_O[l]) / post[:, l]
+            parts[f"mlp {l}"] = (acts.mlp_out[l, dec.prompt, token] * direction).sum(-1)
+            for h in range(H):
+                parts[f"head {l}.{h}"] = heads[:, l, h]
+        for name, value in parts.items():
+            out[name][order] = value.numpy()
+    return out
