@@ -44,9 +44,15 @@ def direct_effects(acts: Activations, head_writes: Tensor, W_U: Tensor, targets:
 
 
 def last_token_writes(acts: Activations, W_O: Tensor) -> Tensor:
-    """[P, L, H, d]: z @ W_O of every head at each prompt's last token."""
-    z = acts.z[torch.arange(acts.z.shape[0]), acts.lengths - 1]  # [P, L, H, r]
-    return torch.einsum("plhr,lhrd->plhd", z, W_O)
+    """[P, L, H, d]: what every head writes to the residual at each prompt's last token.
+
+    W_O carries any post-attention norm gain (geometry.py); that norm's scale divides the write.
+    """
+    prompts, last = torch.arange(acts.z.shape[0]), acts.lengths - 1
+    writes = torch.einsum("plhr,lhrd->plhd", acts.z[prompts, last], W_O)
+    if acts.post_scale is not None:
+        writes = writes / acts.post_scale[:, prompts, last].T[:, :, None, None]
+    return writes
 
 
 def auto_roots(acts: Activations, effects: Tensor, prompts: PromptSet, k: int, threshold: float) -> tuple[RootChoice, ...]:

@@ -12,6 +12,7 @@ import torch
 from circuitlang.data.ioi import ioi_prompts
 from circuitlang.data.prompts import PromptSet, load_prompt_file
 from circuitlang.engine.forward import Activations, capture
+from circuitlang.engine.geometry import attention_geometry
 from circuitlang.engine.model import LoadedModel, load_model
 from circuitlang.engine.roots import RootChoice, auto_roots, direct_effects, last_token_writes
 from circuitlang.engine.trace import trace
@@ -85,7 +86,7 @@ def choose_roots(model: LoadedModel, acts: Activations, prompts: PromptSet, k: i
 
     if any(p.target is None or p.distractor is None for p in prompts):
         raise RootError("`trace from auto` needs prompts with a target and a distractor answer")
-    W_O = model.bridge.W_O.detach().to("cpu", torch.float32)
+    W_O = attention_geometry(model).W_O
     W_U = model.bridge.W_U.detach().to("cpu", torch.float32)
     targets = torch.tensor([p.target for p in prompts])
     distractors = torch.tensor([p.distractor for p in prompts])
