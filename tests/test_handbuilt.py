@@ -9,6 +9,7 @@ from circuitlang.data.prompts import Prompt, PromptSet
 from circuitlang.engine.forward import capture
 from circuitlang.engine.model import load_model
 from circuitlang.engine.geometry import attention_geometry
+from circuitlang.engine.run import choose_roots
 from circuitlang.engine.trace import trace, writer_contributions
 from circuitlang.lang.plan import Root
 from tiny_models import build_handbuilt
@@ -74,3 +75,18 @@ def test_one_layer_model_has_the_firing_and_no_edges(tmp_path, gpt2_tokenizer, t
     assert len(t.events) == 3 and len(t.edges) == 0
     assert t.graph.number_of_edges() == 0 and set(t.graph.nodes) == {(0, 1)}
     assert t.firing.counts[0, 2:].sum() == 0  # heads without queries and keys never fire
+
+
+def test_auto_roots_pick_the_head_with_the_direct_effect(tmp_path, gpt2_tokenizer, tokens):
+    model = load_model(str(build_handbuilt(tmp_path, gpt2_tokenizer, tokens[" Mary"], tokens[" John"], answer_head=True)))
+    layouts = [(" the", " went", " Mary", " to", " John"), (" the", " Mary", " went", " to", " store", " John")]
+    prompts = PromptSet(tuple(
+        Prompt(text="".join(w), token_ids=tuple(tokens[x] for x in w), roles=(("A", w.index(" Mary")), ("B", len(w) - 1)),
+               labels=tuple("A" if x == " Mary" else "B" if k == len(w) - 1 else f"'{x.strip()}'" for k, x in enumerate(w)),
+               target=tokens[" Mary"], distractor=tokens[" John"])
+        for w in layouts), ("A", "B"), "hand-built answers")
+    acts = capture(model, prompts)
+    assert (acts.logit_diff > 0).all()
+    chosen = choose_roots(model, acts, prompts, k=1, threshold=0.5)
+    assert [c.root for c in chosen] == [Root(1, 0, "B", "A")]
+    assert chosen[0].fired == 2 and chosen[0].direct_effect > 1.0

@@ -26,7 +26,7 @@ def build_gpt2(directory: Path, tokenizer, *, n_layer=3, n_head=4, n_embd=64, qk
     return Path(directory)
 
 
-def build_handbuilt(directory: Path, tokenizer, a_token: int, b_token: int, *, n_layer: int = 2) -> Path:
+def build_handbuilt(directory: Path, tokenizer, a_token: int, b_token: int, *, n_layer: int = 2, answer_head: bool = False) -> Path:
     """A GPT-2 whose circuit is known by construction (d = 64, 4 heads of 16, no MLPs, no positions).
 
     Token embeddings live in dims 0..47; two marker directions m1 = e60 - e61 and m2 = e62 - e63 are
@@ -35,6 +35,8 @@ def build_handbuilt(directory: Path, tokenizer, a_token: int, b_token: int, *, n
     heads 2 and 3 write nothing. Layer 1 (if n_layer == 2): head 0 has Omega = 8 m2 m1^T, so it fires from
     B (dest) to A (src); heads 1-3 have zero queries and keys. The trace of 1.0 B->A must be exactly the
     edges 0.0 -> (1.0, A) through the source and 0.1 -> (1.0, B) through the destination.
+    With answer_head, head 1.0 also copies "is this A?" from its source into the unembedding direction
+    of A minus B: the only head with a direct effect on logit(A) - logit(B).
     """
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -65,6 +67,10 @@ def build_handbuilt(directory: Path, tokenizer, a_token: int, b_token: int, *, n
             attn1 = model.transformer.h[1].attn
             attn1.c_attn.weight[:, 0] = 8.0**0.5 * m2  # query reads m2 at the destination
             attn1.c_attn.weight[:, d] = 8.0**0.5 * m1  # key reads m1 at the source
+            if answer_head:
+                answer = wte[a_token] - wte[b_token]
+                attn1.c_attn.weight[:, 2 * d] = wte[a_token] / wte[a_token].norm()
+                attn1.c_proj.weight[0] = 20.0 * answer / answer.norm()
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return Path(directory)
