@@ -8,7 +8,7 @@ import html
 import math
 import os
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 import graphviz
 
@@ -53,25 +53,33 @@ def _title(trace: Trace, min_count: int) -> str:
     return "<" + '<table border="0" cellspacing="1">' + "".join(f'<tr><td align="left">{r}</td></tr>' for r in rows) + "</table>>"
 
 
-def build_dot(trace: Trace, min_count: int = 1, known: Iterable[Head] = ()) -> graphviz.Digraph:
-    """The DOT graph of the trace's edges seen in >= min_count prompts; nodes and edges in sorted order."""
-    g = edge_filter(trace.graph, min_count)
-    known = set(known)
-    dot = graphviz.Digraph("trace", graph_attr={
-        "rankdir": "TB", "label": _title(trace, min_count), "labelloc": "t", "labeljust": "l", "fontname": "Helvetica",
+def digraph(name: str, title: str) -> graphviz.Digraph:
+    """An empty top-to-bottom DOT graph in the drawing's style, titled by the HTML-like label `title`."""
+    return graphviz.Digraph(name, graph_attr={
+        "rankdir": "TB", "label": title, "labelloc": "t", "labeljust": "l", "fontname": "Helvetica",
         "fontsize": "12", "nodesep": "0.25", "ranksep": "0.4", "bgcolor": "white", "pad": "0.3",
     }, node_attr={"fontname": "Helvetica", "fontsize": "11"}, edge_attr={"arrowsize": "0.6"})
 
+
+def token_attrs(n: tuple) -> dict:
+    """DOT attributes of the box of token node (layer, head, role)."""
+    return {"label": graphviz.escape(f"{n[0]}.{n[1]} {n[2]}"), "shape": "box", "style": "rounded", "fontsize": "10",
+            "height": "0.3", "color": "#555555", "tooltip": graphviz.escape(f"token {n[2]} of head {n[0]}.{n[1]}")}
+
+
+def layered_nodes(dot: graphviz.Digraph, nodes: Iterable[tuple], style: Callable[[tuple], dict]) -> dict[tuple, str]:
+    """Add head and token `nodes` to `dot`, each with the attributes `style(node)`; return their DOT ids.
+
+    Layers top to bottom (layer 0 at the top): per layer a row of token boxes above a row of head ovals,
+    each row rank=same with an axis node, the axis chained so rows keep their order even without edges.
+    """
+    nodes = sorted(nodes)
     # DOT ids: a role may hold any character (a ':' would name a port), so token boxes are numbered.
-    ids = {n: f"h{n[0]}_{n[1]}" if len(n) == 2 else f"t{n[0]}_{n[1]}_{k}" for k, n in enumerate(sorted(g.nodes))}
-    traced = [g.nodes[n]["traced"] for n in g.nodes if len(n) == 2]
-    most = math.log1p(max(traced, default=1))
-    # Layers top to bottom (layer 0 at the top): per layer a row of token boxes above a row of head ovals,
-    # each row rank=same with an axis node, the axis chained so rows keep their order even without edges.
+    ids = {n: f"h{n[0]}_{n[1]}" if len(n) == 2 else f"t{n[0]}_{n[1]}_{k}" for k, n in enumerate(nodes)}
     axis = []
-    for layer in sorted({n[0] for n in g.nodes}):
-        for row, members in (("tokens", [n for n in sorted(g.nodes) if n[0] == layer and len(n) == 3]),
-                             ("heads", [n for n in sorted(g.nodes) if n[0] == layer and len(n) == 2])):
+    for layer in sorted({n[0] for n in nodes}):
+        for row, members in (("tokens", [n for n in nodes if n[0] == layer and len(n) == 3]),
+                             ("heads", [n for n in nodes if n[0] == layer and len(n) == 2])):
             if not members:
                 continue
             with dot.subgraph(name=f"layer{layer}_{row}") as s:
@@ -80,18 +88,29 @@ def build_dot(trace: Trace, min_count: int = 1, known: Iterable[Head] = ()) -> g
                 s.node(axis[-1], label=f"layer {layer}" if row == "heads" else "", shape="plaintext",
                        fontcolor="#666666", width="0", height="0")
                 for n in members:
-                    data = g.nodes[n]
-                    if len(n) == 3:
-                        s.node(ids[n], label=graphviz.escape(f"{n[0]}.{n[1]} {n[2]}"), shape="box", style="rounded",
-                               fontsize="10", height="0.3", color="#555555", tooltip=graphviz.escape(f"token {n[2]} of head {n[0]}.{n[1]}"))
-                        continue
-                    fill, font = shade(math.log1p(data["traced"]) / most if most else 0.0)
-                    border = {"color": KNOWN_BORDER, "penwidth": "3"} if n[:2] in known else {"color": "#444444", "penwidth": "1"}
-                    s.node(ids[n], label=f"({n[0]}, {n[1]})", shape="ellipse", style="filled", fillcolor=fill,
-                           fontcolor=font, tooltip=f"head {n[0]}.{n[1]}: {data['traced']} events traced, {data['firing']} firings",
-                           **border)
+                    s.node(ids[n], **style(n))
     for upper, lower in zip(axis, axis[1:]):
         dot.edge(upper, lower, style="invis", weight="100")
+    return ids
+
+
+def build_dot(trace: Trace, min_count: int = 1, known: Iterable[Head] = ()) -> graphviz.Digraph:
+    """The DOT graph of the trace's edges seen in >= min_count prompts; nodes and edges in sorted order."""
+    g = edge_filter(trace.graph, min_count)
+    known = set(known)
+    dot = digraph("trace", _title(trace, min_count))
+    traced = [g.nodes[n]["traced"] for n in g.nodes if len(n) == 2]
+    most = math.log1p(max(traced, default=1))
+
+    def style(n: tuple) -> dict:
+        if len(n) == 3:
+            return token_attrs(n)
+        fill, font = shade(math.log1p(g.nodes[n]["traced"]) / most if most else 0.0)
+        border = {"color": KNOWN_BORDER, "penwidth": "3"} if n[:2] in known else {"color": "#444444", "penwidth": "1"}
+        return {"label": f"({n[0]}, {n[1]})", "shape": "ellipse", "style": "filled", "fillcolor": fill, "fontcolor": font,
+                "tooltip": f"head {n[0]}.{n[1]}: {g.nodes[n]['traced']} events traced, {g.nodes[n]['firing']} firings", **border}
+
+    ids = layered_nodes(dot, g.nodes, style)
 
     comm = [(u, v, d) for u, v, d in g.edges(data=True) if d["kind"] == "communication"]
     heaviest = max((max(d["total"], 0.0) for _, _, d in comm), default=0.0) or 1.0
@@ -117,7 +136,12 @@ def write_drawing(trace: Trace, directory: str | os.PathLike, stem: str, formats
     formats = set(formats)
     if not formats & set(DRAWING_FORMATS):
         return Drawing([], None)
-    source = build_dot(trace, min_count, known).source
+    return render_dot(build_dot(trace, min_count, known), directory, stem, formats)
+
+
+def render_dot(dot: graphviz.Digraph, directory: str | os.PathLike, stem: str, formats: Iterable[str]) -> Drawing:
+    """Write `stem`.dot and the images among `formats` (svg, png), atomically; see `write_drawing`."""
+    source = dot.source
     directory = Path(directory)
     paths = [atomic_write(directory / f"{stem}.dot", source)]
     images = [f for f in DRAWING_FORMATS[1:] if f in formats]
