@@ -31,12 +31,24 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", metavar="DIR", help="write results here instead of the spec's `output` directory")
     run.add_argument("--device", metavar="DEVICE", help="override the spec's device (cpu, cuda, cuda:0, mps)")
     run.add_argument("--quiet", action="store_true", help="no progress bars and no report; outputs only")
+    run.add_argument("--no-cache", action="store_true", help="recompute the trace; read and write no cache")
     check = commands.add_parser("check", help="parse and validate a spec (no model)",
                                 description="Parse and validate SPEC without loading the model.")
     check.add_argument("spec", metavar="SPEC")
     plan = commands.add_parser("plan", help="print the compiled plan as one flat spec",
                                description="Print SPEC's compiled plan: defaults written out, `extends` resolved.")
     plan.add_argument("spec", metavar="SPEC")
+    diff = commands.add_parser("diff", help="compare the traces of two specs or trace.json files",
+                               description="Compare the traces of A and B (.circ specs, traced or reused from the cache, "
+                               "or trace.json files): nodes and edges only in one, Jaccard overlaps, the largest changes. "
+                               "Writes diff.json and a drawing of both graphs.")
+    diff.add_argument("a", metavar="A", help="a .circ spec or a trace.json")
+    diff.add_argument("b", metavar="B", help="a .circ spec or a trace.json")
+    diff.add_argument("--min-count", type=int, metavar="N",
+                      help="compare edges seen in >= N prompts (default: the larger of the two specs' `show` filters)")
+    diff.add_argument("--out", metavar="DIR", default="runs/diff", help="write diff.json and the drawing here (default: runs/diff)")
+    diff.add_argument("--device", metavar="DEVICE", help="override the specs' device (cpu, cuda, cuda:0, mps)")
+    diff.add_argument("--no-cache", action="store_true", help="recompute both traces; read and write no cache")
     return parser
 
 
@@ -44,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console(stderr=False)
     errors = Console(stderr=True)
+    if args.command == "diff":
+        try:
+            return _diff(args, console)
+        except KeyboardInterrupt:
+            errors.print("interrupted; no output was left half-written")
+            return 130
     try:
         plan = parse_spec(args.spec)
     except SpecError as err:
@@ -68,19 +86,21 @@ def _run(plan: Plan, args, console: Console) -> int:
     from circuitlang.data.prompts import DataError
     from circuitlang.engine.model import ModelLoadError
     from circuitlang.engine.roots import RootError
-    from circuitlang.engine.run import run_plan
+    from circuitlang.engine.cache import REUSED, cached_run
     from circuitlang.engine.trace import TraceError
 
     errors = Console(stderr=True)
     with _progress(args.quiet) as bars:
         try:
-            result = run_plan(plan, device=args.device, progress=bars)
+            result, reused = cached_run(plan, device=args.device, progress=bars, use_cache=not args.no_cache)
         except SpecError as err:  # a head out of range, known once the model is loaded
             errors.print(f"[red]error[/red] {err}", highlight=False, soft_wrap=True)
             return EXIT_SPEC
         except (ModelLoadError, DataError, RootError, TraceError) as err:
             errors.print(f"[red]error[/red] {args.spec}: {err}", highlight=False, soft_wrap=True)
             return EXIT_RUN
+    if reused:
+        errors.print(REUSED.format(key=reused), highlight=False, soft_wrap=True)
     written, notes = _write_outputs(plan, result)
     if not args.quiet:
         _report(plan, result, console)
@@ -88,6 +108,43 @@ def _run(plan: Plan, args, console: Console) -> int:
             console.print(f"wrote {path}", highlight=False)
     for note in notes:
         errors.print(note, highlight=False, soft_wrap=True)
+    return 0
+
+
+def _diff(args, console: Console) -> int:
+    from circuitlang.data.prompts import DataError
+    from circuitlang.engine.cache import REUSED, cached_run
+    from circuitlang.engine.model import ModelLoadError
+    from circuitlang.engine.roots import RootError
+    from circuitlang.engine.trace import TraceError
+    from circuitlang.report.diff import diff_inputs, render_diff, write_diff
+
+    errors = Console(stderr=True)
+    notes: list[str] = []  # printed once the progress bars are done
+
+    def load(path: str):
+        result, reused = cached_run(parse_spec(path), device=args.device, progress=bars, use_cache=not args.no_cache)
+        if reused:
+            notes.append(f"{path}: " + REUSED.format(key=reused))
+        return result.trace
+
+    with _progress(False) as bars:
+        try:
+            diff = diff_inputs(args.a, args.b, load, args.min_count)
+        except SpecError as err:
+            errors.print(f"[red]error[/red] {err}", highlight=False, soft_wrap=True)
+            return EXIT_SPEC
+        except (ModelLoadError, DataError, RootError, TraceError, OSError, ValueError) as err:
+            errors.print(f"[red]error[/red] {err}", highlight=False, soft_wrap=True)
+            return EXIT_RUN
+    for note in notes:
+        errors.print(note, highlight=False, soft_wrap=True)
+    render_diff(diff, console)
+    drawing = write_diff(diff, args.out)
+    for path in drawing.paths:
+        console.print(f"wrote {path}", highlight=False)
+    if drawing.message:
+        errors.print(drawing.message, highlight=False, soft_wrap=True)
     return 0
 
 

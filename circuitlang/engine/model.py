@@ -46,7 +46,8 @@ class LoadedModel:
 
 
 def _is_local(name: str) -> bool:
-    return os.path.sep in name or name.startswith(".") or Path(name).exists()
+    """A path (existing, or written as one: ./x, ../x, /x, ~/x); `org/model` is a hub name."""
+    return Path(name).expanduser().exists() or name.startswith((".", "/", "~"))
 
 
 @contextlib.contextmanager
@@ -87,7 +88,7 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32", *, hf_mod
 
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-    if _is_local(name) and not Path(name).is_dir():
+    if _is_local(name) and not Path(name).expanduser().is_dir():
         raise ModelLoadError(f"model directory {name!r} does not exist")
     try:
         with _quiet():

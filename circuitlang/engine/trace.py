@@ -22,7 +22,8 @@ from torch import Tensor
 from circuitlang.data.prompts import PromptSet
 from circuitlang.engine import decompose as dc
 from circuitlang.engine.forward import Activations, capture
-from circuitlang.engine.geometry import AttentionGeometry, attention_geometry, layer_slices
+from circuitlang.engine.cache import cached_layer_slices
+from circuitlang.engine.geometry import AttentionGeometry, attention_geometry
 from circuitlang.engine.graph import aggregate
 from circuitlang.engine.model import LoadedModel
 from circuitlang.engine.omega import OmegaSlices
@@ -39,10 +40,10 @@ class TraceError(ValueError):
 
 
 def slices_for(geometry: AttentionGeometry, acts: Activations, layer: int) -> OmegaSlices:
-    """Omega's slices of `layer`, with one core per offset 0..n-1 for rotary models."""
+    """Omega's slices of `layer`, with one core per offset 0..n-1 for rotary models (cached in CLI runs)."""
     if not geometry.rotary:
-        return layer_slices(geometry, layer)
-    return layer_slices(geometry, layer, acts.cos[layer], acts.sin[layer])
+        return cached_layer_slices(geometry, layer)
+    return cached_layer_slices(geometry, layer, acts.cos[layer], acts.sin[layer])
 
 
 @dataclass(frozen=True)
