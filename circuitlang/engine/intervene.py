@@ -1,0 +1,656 @@
+"""Edge interventions (paper section 5.4; appendix "Intervention Details", "Magnitudes of Interventions").
+
+An edge row of the trace, (l, b) -> (layer, a) of type s or d on the token pair (i, j) of a prompt,
+carries a signal: the part of the upstream head's write o at token m (m = j for s, m = i for d) that
+lies in the downstream head's subspace for that firing, span{v_k : k in S_ij} (s) or span{u_k} (d).
+In homogeneous coordinates (appendix, "Handling Homogeneous Coordinates"), with P that projector:
+
+    h = (P [o; 1])[:d], then centred (h - mean h) for LayerNorm models, not for RMSNorm ones.
+
+`ablate` subtracts h, `boost` adds it. `global` does so in the upstream head's residual write at token
+m (`blocks.{l}.hook_attn_out`, which is the write after any post-attention norm), so every later
+reader sees the change. `local` does so only in the downstream head's input: its normalised input at
+m becomes x_m -/+ h / scale_m (scale: the downstream norm's clean scale at m); the head's q, k and v
+are recomputed from that input, which by linearity is adding (h / scale_m) W to the head's own slice
+of `attn.hook_q`, `hook_k`, `hook_v` in the current pass. With grouped KV heads the key and value
+heads are shared: a local change of k/v reaches every query head of the group.
+
+`random` controls do the same with a subspace of the same size drawn from the downstream head's
+slices not in S_ij, from a torch.Generator seeded by the plan's seed and the set's name.
+
+A set is applied all at once: every selected edge row in every prompt where it was traced, the
+deltas summed. One batched forward pass (chunked by `batch_size`) runs each (set, kind, place,
+control) over the prompts the set touches, capturing the logits and what the measures need.
+
+This module's top level imports no torch, so that the report layer can read its result types.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import numpy as np
+
+from circuitlang.data.prompts import PromptSet
+from circuitlang.engine.results import Trace
+from circuitlang.lang.plan import EdgeSelector, InterventionSet, Root
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from circuitlang.engine.forward import Activations
+    from circuitlang.engine.geometry import AttentionGeometry
+    from circuitlang.engine.model import LoadedModel
+
+Progress = Callable[[str, int, int], None]
+
+KINDS = ("ablate", "boost")
+PLACES = ("global", "local")
+CONTROLS = ("signal", "random")
+
+
+class InterventionError(ValueError):
+    """An intervention set that cannot run (a root number the trace lacks, a role the prompts lack)."""
+
+
+# --- results: numpy and plain Python only ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InterventionRows:
+    """One row per (set, kind, place, control, prompt the set intervenes in), as columns.
+
+    f_before / f_after: F = logit(target) - logit(distractor) at the last token without / with the
+    intervention, delta_f their difference (NaN when the prompts carry no answers). score_*: the
+    downstream heads' raw attention scores A'_ij of the set's traced events in the prompt (their mean
+    when there are several). cosine, norm_ratio: x against x' at each intervened token of each
+    downstream head, averaged (Figs. 10-13); x is the head's normalised input, x' the same with the
+    intervention (local: x -/+ h / scale; global: the intervened pass's residual, normalised with the
+    clean scale). n_edges: the set's edge rows traced in the prompt.
+    """
+
+    set: np.ndarray
+    kind: np.ndarray
+    place: np.ndarray
+    control: np.ndarray
+    prompt: np.ndarray
+    n_edges: np.ndarray
+    f_before: np.ndarray
+    f_after: np.ndarray
+    delta_f: np.ndarray
+    score_before: np.ndarray
+    score_after: np.ndarray
+    delta_score: np.ndarray
+    cosine: np.ndarray
+    norm_ratio: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.prompt)
+
+    def where(self, **match) -> np.ndarray:
+        """Bool mask of the rows whose columns equal `match`, e.g. where(set="x", kind="ablate")."""
+        mask = np.ones(len(self), dtype=bool)
+        for column, value in match.items():
+            mask &= getattr(self, column) == value
+        return mask
+
+
+ROW_TEXT = ("set", "kind", "place", "control")
+ROW_INT = ("prompt", "n_edges")
+
+
+@dataclass(frozen=True)
+class InterventionSummary:
+    """Statistics over the intervened prompts of one (set, kind, place, control)."""
+
+    set: str
+    kind: str
+    place: str
+    control: str
+    n_prompts: int
+    delta_f_mean: float
+    delta_f_median: float
+    delta_f_q25: float
+    delta_f_q75: float
+    delta_score_mean: float
+    delta_score_median: float
+    delta_score_q25: float
+    delta_score_q75: float
+    cosine_mean: float
+    cosine_min: float
+    norm_ratio_mean: float
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Per (set, place): does ablation lower F and boosting raise it, more than the random control?
+
+    verdict: "yes" (both, or the one kind run), "ablate only", "boost only", "reversed" (ablation
+    raises F and boosting lowers it, beyond the control), "no", or "n/a" (no F, no prompts).
+    """
+
+    set: str
+    place: str
+    ablate: float | None
+    ablate_random: float | None
+    boost: float | None
+    boost_random: float | None
+    verdict: str
+
+
+@dataclass(frozen=True)
+class SetInfo:
+    """What a set resolved to in the trace: per selector, how many edge rows it matched."""
+
+    name: str
+    line: int
+    selectors: tuple[str, ...]
+    matched: tuple[int, ...]
+    n_edge_rows: int
+    n_prompts: int
+    upstream: tuple[tuple[int, int], ...]
+    downstream: tuple[tuple[int, int], ...]
+    actions: tuple[str, ...]
+    places: tuple[str, ...]
+    random_control: bool
+
+
+@dataclass(frozen=True)
+class InterventionResults:
+    """Every intervention of a plan: per-prompt rows, summaries, verdicts, and what each set matched.
+
+    passes: forward passes run (one per set, kind, place and control, times the chunks of
+    `batch_size` prompts); centred: whether h was centred (LayerNorm models); homogeneous: whether h
+    projects [o; 1] (the paper) or [o; 0].
+    """
+
+    model: str
+    seed: int
+    centred: bool
+    homogeneous: bool
+    sets: tuple[SetInfo, ...]
+    rows: InterventionRows
+    summaries: tuple[InterventionSummary, ...]
+    verdicts: tuple[Verdict, ...]
+    passes: int
+    timings: dict = field(default_factory=dict, compare=False)
+
+    def summary(self, set: str, kind: str, place: str, control: str = "signal") -> InterventionSummary | None:
+        for s in self.summaries:
+            if (s.set, s.kind, s.place, s.control) == (set, kind, place, control):
+                return s
+        return None
+
+
+def describe(selector: EdgeSelector) -> str:
+    """A selector as the spec line that makes it."""
+    head = "{}.{}".format
+    if selector.kind == "edge":
+        text = f"edge {head(*selector.up)} -> {head(*selector.down)}"
+    elif selector.kind == "into":
+        text = f"edges into root {selector.root}" if selector.root else f"edges into {head(*selector.down)}"
+    elif selector.kind == "from":
+        text = f"edges from {head(*selector.up)}"
+    else:
+        text = f"top {selector.k} edges"
+    return text + (f" at {selector.role}" if selector.role else "") + (f" {selector.side}" if selector.side else "")
+
+
+# --- selecting edge rows of the trace (numpy only) ---------------------------------------------------
+
+
+def _role_match(trace: Trace, prompts: PromptSet, token: np.ndarray, role: str) -> np.ndarray:
+    """Bool per edge row: the row's token is at `role` in its prompt (a role position, or a label)."""
+    prompt = trace.edges.prompt
+    if role in prompts.role_names:
+        positions = np.array([p.role(role) for p in prompts], dtype=np.int64)
+        return token == positions[prompt]
+    if not any(role in labels for labels in trace.labels):
+        raise InterventionError(f"role {role!r} is neither a role of the prompts ({', '.join(prompts.role_names)}) "
+                                "nor a token label of the trace")
+    return np.array([trace.labels[p][t] == role for p, t in zip(prompt.tolist(), token.tolist())], dtype=bool)
+
+
+def select_edges(trace: Trace, prompts: PromptSet, selector: EdgeSelector, roots: Sequence[Root] = ()) -> np.ndarray:
+    """Bool mask over the trace's edge rows that `selector` picks (see EdgeSelector)."""
+    e = trace.edges
+    token = np.where(e.side == "d", e.dest, e.src)
+    up = lambda head: (e.up_layer == head[0]) & (e.up_head == head[1])  # noqa: E731
+    down = lambda head: (e.layer == head[0]) & (e.head == head[1])  # noqa: E731
+    if selector.kind == "edge":
+        mask = up(selector.up) & down(selector.down)
+    elif selector.kind == "into":
+        head = selector.down
+        if selector.root is not None:
+            if not 1 <= selector.root <= len(roots):
+                raise InterventionError(f"edges into root {selector.root}: the trace has {len(roots)} "
+                                        f"root{'s' * (len(roots) != 1)}, numbered from 1")
+            root = roots[selector.root - 1]
+            head = (root.layer, root.head)
+        mask = down(head)
+    elif selector.kind == "from":
+        mask = up(selector.up)
+    elif selector.kind == "top":
+        comm = [(u, v, d) for u, v, d in trace.graph.edges(data=True) if d.get("kind") == "communication"]
+        comm.sort(key=lambda x: (-x[2]["total"], x[0], x[1]))
+        labels = np.array([trace.labels[p][t] for p, t in zip(e.prompt.tolist(), token.tolist())], dtype=object)
+        mask = np.zeros(len(e), dtype=bool)
+        for u, v, _ in comm[: selector.k]:
+            mask |= up(u) & down(v[:2]) & (labels == v[2])
+    else:
+        raise InterventionError(f"unknown edge selector kind {selector.kind!r}")
+    if selector.side is not None:
+        mask &= e.side == selector.side
+    if selector.role is not None:
+        mask &= _role_match(trace, prompts, token, selector.role)
+    return mask
+
+
+# --- the interventions (torch from here on, imported inside the functions) ---------------------------
+
+
+@dataclass(frozen=True)
+class EdgeGroups:
+    """A set's selected edge rows merged per intervened signal, and their deltas.
+
+    One group per (prompt, upstream head, downstream head, side, token m, offset): the rows of several
+    traced events that read the same upstream write at the same token through the same subspace basis
+    are merged, their S_ij united, so a signal is never subtracted twice. h, h_random [G, d]: the
+    signal and the random control in residual units (centred where the model's norm centres);
+    scale [G]: the downstream norm's clean scale at m; slices, random_slices [G, r]: the slices
+    projected on (the random set has the same size, or all the slices outside S_ij if fewer).
+    """
+
+    prompt: Tensor
+    up_layer: Tensor
+    up_head: Tensor
+    layer: Tensor
+    head: Tensor
+    side: np.ndarray
+    token: Tensor
+    h: Tensor
+    h_random: Tensor
+    scale: Tensor
+    slices: Tensor
+    random_slices: Tensor
+
+    def __len__(self) -> int:
+        return len(self.prompt)
+
+
+def set_seed(seed: int, name: str) -> int:
+    """The random control's seed for one set: the plan's seed and the set's name."""
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode("utf-8"))) % (2**63)
+
+
+def edge_groups(acts: Activations, geometry: AttentionGeometry, trace: Trace, rows: np.ndarray, seed: int, centre: bool,
+                homogeneous: bool = True) -> EdgeGroups:
+    """Merge the edge rows `rows` (indices into trace.edges) into groups and compute h and h_random.
+
+    homogeneous=True projects [o; 1] as the paper's appendix does; False projects [o; 0], leaving out
+    the part of h that comes from the appended 1 (the projection of the homogeneous axis onto the
+    subspace), which is not the upstream head's and dominates h where the residual stream is small.
+    """
+    import torch
+
+    from circuitlang.engine import decompose as dc
+    from circuitlang.engine.trace import slices_for
+
+    e = trace.edges
+    rows = np.asarray(rows, dtype=np.int64)
+    side = e.side[rows]
+    token = np.where(side == "d", e.dest[rows], e.src[rows])
+    offset = (e.dest[rows] - e.src[rows]) if geometry.rotary else np.zeros(len(rows), dtype=np.int64)
+    columns = (e.prompt[rows], e.up_layer[rows], e.up_head[rows], e.layer[rows], e.head[rows], side, token, offset)
+    keys = list(zip(*(c.tolist() for c in columns)))
+    r = geometry.W_Q.shape[-1]
+    group_of: dict[tuple, int] = {}
+    masks: list[np.ndarray] = []
+    for key, event in zip(keys, e.event[rows].tolist()):
+        g = group_of.setdefault(key, len(group_of))
+        if g == len(masks):
+            masks.append(np.zeros(r, dtype=bool))
+        masks[g][trace.events.slices[event]] = True
+    order = sorted(group_of, key=group_of.get)  # first-seen order: deterministic for a trace
+    G = len(order)
+    p, ul, uh, l, a, sd, m, off = (list(c) for c in zip(*order)) if G else ([],) * 8
+    mask = torch.from_numpy(np.stack(masks)) if G else torch.zeros(0, r, dtype=torch.bool)
+
+    generator = torch.Generator().manual_seed(seed)
+    random_mask = torch.zeros_like(mask)
+    for g in range(G):
+        outside = (~mask[g]).nonzero().flatten()
+        k = min(int(mask[g].sum()), len(outside))
+        random_mask[g, outside[torch.randperm(len(outside), generator=generator)[:k]]] = True
+
+    P_, UL, UH, L_, A, M, OFF = (torch.tensor(x, dtype=torch.long) for x in (p, ul, uh, l, a, m, off))
+    d = geometry.W_O.shape[-1]
+    # o: the upstream head's residual write at m (W_O carries any post-attention norm gain).
+    o = torch.zeros(G, d, dtype=torch.float64)
+    for lb in sorted(set(zip(ul, uh))):
+        idx = ((UL == lb[0]) & (UH == lb[1])).nonzero().flatten()
+        write = acts.z[P_[idx], M[idx], lb[0], lb[1]].double() @ geometry.W_O[lb[0], lb[1]].double()
+        if acts.post_scale is not None:
+            write = write / acts.post_scale[lb[0], P_[idx], M[idx]].double()[:, None]
+        o[idx] = write
+    homog = torch.cat([o, torch.full((G, 1), float(homogeneous), dtype=torch.float64)], dim=1)  # [o; 1]
+    h = torch.zeros(G, d, dtype=torch.float64)
+    h_random = torch.zeros(G, d, dtype=torch.float64)
+    side_t = np.array(sd, dtype=np.str_)
+    for layer in sorted(set(l)):
+        slices = slices_for(geometry, acts, layer)
+        for s in ("s", "d"):
+            basis, cores = (slices.Q_b, slices.V) if s == "s" else (slices.Q_a, slices.U)
+            for head in sorted(set(a)):
+                idx = torch.from_numpy(np.nonzero((np.array(l) == layer) & (np.array(a) == head) & (side_t == s))[0])
+                if len(idx) == 0:
+                    continue
+                Q = basis[head]  # [d+1, r]
+                heads = torch.full((len(idx),), head, dtype=torch.long)
+                coords = dc.through_cores(homog[idx] @ Q, cores, heads, OFF[idx])  # [o; 1] . u_k (or v_k)
+                for out, chosen in ((h, mask), (h_random, random_mask)):
+                    lifted = dc.through_cores(coords * chosen[idx].double(), cores, heads, OFF[idx], transpose=True)
+                    out[idx] = (lifted @ Q.T)[:, :d]  # P [o; 1], the homogeneous coordinate dropped
+    if centre:
+        h = h - h.mean(-1, keepdim=True)
+        h_random = h_random - h_random.mean(-1, keepdim=True)
+    scale = acts.scale[L_, P_, M] if G else torch.zeros(0)
+    return EdgeGroups(prompt=P_, up_layer=UL, up_head=UH, layer=L_, head=A, side=side_t, token=M,
+                      h=h.float(), h_random=h_random.float(), scale=scale.float(),
+                      slices=mask, random_slices=random_mask)
+
+
+def intervention_hooks(model: LoadedModel, geometry: AttentionGeometry, groups: EdgeGroups, kind: str, place: str, control: str,
+                       batch: Sequence[int], n: int) -> list[tuple[str, Callable]]:
+    """The forward hooks that apply `groups` to a batch of prompts (global prompt ids `batch`, n positions).
+
+    global: one hook per upstream layer adding the summed -/+h to `blocks.{l}.hook_attn_out`;
+    local: one hook per downstream layer and q/k/v adding (-/+h / scale) W to each intervened head's
+    slice (the key/value head of its group for k and v).
+    """
+    import torch
+
+    sign = -1.0 if kind == "ablate" else 1.0
+    where = {p: row for row, p in enumerate(batch)}
+    keep = torch.tensor([int(p) in where for p in groups.prompt.tolist()], dtype=torch.bool)
+    idx = keep.nonzero().flatten()
+    if len(idx) == 0:
+        return []
+    rows = torch.tensor([where[int(p)] for p in groups.prompt[idx].tolist()], dtype=torch.long)
+    tok = groups.token[idx]
+    h = (groups.h if control == "signal" else groups.h_random)[idx] * sign
+    d = h.shape[-1]
+    hooks: list[tuple[str, Callable]] = []
+
+    def adder(delta: Tensor) -> Callable:
+        def hook(tensor, hook=None):
+            return tensor + delta.to(device=tensor.device, dtype=tensor.dtype)
+        return hook
+
+    if place == "global":
+        for layer in sorted(set(groups.up_layer[idx].tolist())):
+            sel = (groups.up_layer[idx] == layer).nonzero().flatten()
+            delta = torch.zeros(len(batch), n, d)
+            delta.index_put_((rows[sel], tok[sel]), h[sel], accumulate=True)
+            hooks.append((f"blocks.{layer}.hook_attn_out", adder(delta)))
+        return hooks
+
+    b = model.bridge
+    h = h / groups.scale[idx][:, None]
+    for layer in sorted(set(groups.layer[idx].tolist())):
+        W_K, W_V = b.W_K[layer].detach().float().cpu(), b.W_V[layer].detach().float().cpu()  # [H_kv, d, r]
+        H, H_kv, r = geometry.W_Q.shape[1], W_K.shape[0], W_K.shape[-1]
+        group = H // H_kv
+        dq = torch.zeros(len(batch), n, H, r)
+        dk = torch.zeros(len(batch), n, H_kv, r)
+        dv = torch.zeros(len(batch), n, H_kv, r)
+        for head in sorted(set(groups.head[idx][groups.layer[idx] == layer].tolist())):
+            sel = ((groups.layer[idx] == layer) & (groups.head[idx] == head)).nonzero().flatten()
+            dx = torch.zeros(len(batch), n, d)
+            dx.index_put_((rows[sel], tok[sel]), h[sel], accumulate=True)
+            dq[:, :, head] += dx @ geometry.W_Q[layer, head]
+            dk[:, :, head // group] += dx @ W_K[head // group]
+            dv[:, :, head // group] += dx @ W_V[head // group]
+        for name, delta in (("q", dq), ("k", dk), ("v", dv)):
+            hooks.append((f"blocks.{layer}.attn.hook_{name}", adder(delta)))
+    return hooks
+
+
+def _norm_centres(model: LoadedModel) -> bool:
+    return str(getattr(model.bridge.cfg, "normalization_type", "LN")).upper().startswith("LN")
+
+
+def run_interventions(
+    model: LoadedModel,
+    prompts: PromptSet,
+    trace: Trace,
+    sets: Sequence[InterventionSet],
+    roots: Sequence[Root],
+    seed: int,
+    acts: Activations | None = None,
+    progress: Progress | None = None,
+    *,
+    geometry: AttentionGeometry | None = None,
+    batch_size: int = 64,
+    homogeneous: bool = True,
+) -> InterventionResults:
+    """Run every set of `sets` on the edges of `trace` (see the module docstring); never prints.
+
+    roots: the trace's roots in order (for `edges into root K`); acts: the activations the trace was
+    computed from (captured again when None); progress(stage, done, total) ticks once per pass;
+    homogeneous: see edge_groups (True: the paper's h).
+    """
+    import torch
+
+    from circuitlang.engine.forward import capture
+    from circuitlang.engine.geometry import attention_geometry
+
+    t0 = time.perf_counter()
+    if acts is None:
+        acts = capture(model, prompts, batch_size=batch_size)
+    if geometry is None:
+        geometry = attention_geometry(model)
+    centre = _norm_centres(model)
+    n = acts.tokens.shape[1]
+    raw_scale = float(model.attn_scale)
+    f_base = acts.logit_diff.double().numpy() if acts.logit_diff is not None else np.full(len(prompts), np.nan)
+    answers = None
+    if acts.logit_diff is not None:
+        answers = torch.tensor([(p.target, p.distractor) for p in prompts], dtype=torch.long)
+
+    plans = []
+    for s in sets:
+        masks = [select_edges(trace, prompts, sel, roots) for sel in s.edges]
+        rows = np.nonzero(np.logical_or.reduce(masks) if masks else np.zeros(len(trace.edges), bool))[0]
+        plans.append((s, masks, rows))
+    total = sum(len(s.actions) * len(s.places) * (1 + s.random_control) * -(-len(np.unique(trace.edges.prompt[rows])) // batch_size)
+                for s, _, rows in plans if len(rows))
+    done = 0
+    columns: dict[str, list] = {f.name: [] for f in fields(InterventionRows)}
+    infos = []
+    passes = 0
+    for s, masks, rows in plans:
+        e = trace.edges
+        used = np.unique(e.prompt[rows])
+        infos.append(SetInfo(
+            name=s.name, line=s.line, selectors=tuple(describe(x) for x in s.edges), matched=tuple(int(m.sum()) for m in masks),
+            n_edge_rows=len(rows), n_prompts=len(used),
+            upstream=tuple(sorted(set(zip(e.up_layer[rows].tolist(), e.up_head[rows].tolist())))),
+            downstream=tuple(sorted(set(zip(e.layer[rows].tolist(), e.head[rows].tolist())))),
+            actions=tuple(s.actions), places=tuple(s.places), random_control=s.random_control,
+        ))
+        if len(rows) == 0:
+            continue
+        groups = edge_groups(acts, geometry, trace, rows, set_seed(seed, s.name), centre, homogeneous)
+        n_edges = np.bincount(e.prompt[rows], minlength=len(prompts))
+        events = sorted(set(zip(*(x.tolist() for x in (e.prompt[rows], e.layer[rows], e.head[rows], e.dest[rows], e.src[rows])))))
+        controls = ("signal", "random") if s.random_control else ("signal",)
+        for kind in s.actions:
+            for place in s.places:
+                for control in controls:
+                    out = _one_pass(model, geometry, acts, groups, events, kind, place, control, used, batch_size, answers, raw_scale, centre)
+                    passes += out.pop("passes")
+                    done += -(-len(used) // batch_size)
+                    if progress is not None:
+                        progress("interventions", done, total)
+                    columns["set"] += [s.name] * len(used)
+                    columns["kind"] += [kind] * len(used)
+                    columns["place"] += [place] * len(used)
+                    columns["control"] += [control] * len(used)
+                    columns["prompt"] += used.tolist()
+                    columns["n_edges"] += n_edges[used].tolist()
+                    columns["f_before"] += f_base[used].tolist()
+                    columns["f_after"] += out["f_after"].tolist()
+                    columns["delta_f"] += (out["f_after"] - f_base[used]).tolist()
+                    for key in ("score_before", "score_after", "cosine", "norm_ratio"):
+                        columns[key] += out[key].tolist()
+                    columns["delta_score"] += (out["score_after"] - out["score_before"]).tolist()
+    rows_table = InterventionRows(**{
+        k: np.array(v, dtype=np.str_ if k in ROW_TEXT else np.int64 if k in ROW_INT else np.float64) for k, v in columns.items()
+    })
+    summaries = summarise(rows_table)
+    return InterventionResults(
+        model=model.name, seed=int(seed), centred=centre, homogeneous=bool(homogeneous), sets=tuple(infos), rows=rows_table, summaries=summaries,
+        verdicts=verdicts(summaries), passes=passes, timings={"interventions": time.perf_counter() - t0},
+    )
+
+
+def _one_pass(model, geometry, acts, groups: EdgeGroups, events, kind, place, control, used: np.ndarray, batch_size: int,
+              answers, raw_scale: float, centre: bool) -> dict:
+    """One (set, kind, place, control) over the prompts `used`, in chunks: F after, scores and magnitudes."""
+    import torch
+
+    n = acts.tokens.shape[1]
+    index = {int(p): k for k, p in enumerate(used.tolist())}
+    f_after = np.full(len(used), np.nan)
+    score_before = [[] for _ in used]
+    score_after = [[] for _ in used]
+    cosine = [[] for _ in used]
+    ratio = [[] for _ in used]
+    down_layers = sorted({ev[1] for ev in events})
+    sign = -1.0 if kind == "ablate" else 1.0
+    h_all = (groups.h if control == "signal" else groups.h_random) * sign
+    passes = 0
+    for start in range(0, len(used), batch_size):
+        batch = used[start : start + batch_size].tolist()
+        where = {p: k for k, p in enumerate(batch)}
+        captured: dict[str, Tensor] = {}
+
+        def keep(tensor, hook):
+            captured[hook.name] = tensor.detach().to("cpu", torch.float32)
+            return tensor
+
+        hooks = intervention_hooks(model, geometry, groups, kind, place, control, batch, n)
+        names = [f"blocks.{l}.attn.hook_attn_scores" for l in down_layers]
+        if place == "global":
+            names += [f"blocks.{l}.ln1.hook_in" for l in down_layers]
+        tokens = acts.tokens[torch.tensor(batch)].to(model.device)
+        with torch.inference_mode():
+            logits = model.bridge.run_with_hooks(tokens, fwd_hooks=hooks + [(name, keep) for name in names])
+        passes += 1
+        last = acts.lengths[torch.tensor(batch)] - 1
+        rows = torch.arange(len(batch))
+        if answers is not None:
+            final = logits[rows.to(logits.device), last.to(logits.device)].float().cpu()
+            pair = answers[torch.tensor(batch)]
+            diff = final[rows, pair[:, 0]] - final[rows, pair[:, 1]]
+            for k, p in enumerate(batch):
+                f_after[index[p]] = float(diff[k])
+        del logits
+        # Raw scores A'_ij of the set's downstream events, before and after.
+        for p, layer, head, i, j in events:
+            if p not in where:
+                continue
+            scores = captured[f"blocks.{layer}.attn.hook_attn_scores"]
+            score_before[index[p]].append(float(acts.scores[layer, p, head, i, j]) * raw_scale)
+            score_after[index[p]].append(float(scores[where[p], head, i, j]) * raw_scale)
+        # Magnitudes at each intervened token of each downstream head (global: per downstream layer).
+        sel = [g for g, p in enumerate(groups.prompt.tolist()) if p in where]
+        if place == "local":
+            sites: dict[tuple, Tensor] = {}
+            for g in sel:
+                key = (int(groups.prompt[g]), int(groups.layer[g]), int(groups.head[g]), int(groups.token[g]))
+                step = h_all[g] / groups.scale[g]
+                sites[key] = sites[key] + step if key in sites else step
+            for (p, layer, _head, m), step in sites.items():
+                x = acts.x[layer, p, m]
+                _magnitude(x, x + step, cosine[index[p]], ratio[index[p]])
+        else:
+            for p, layer, m in sorted({(int(groups.prompt[g]), int(groups.layer[g]), int(groups.token[g])) for g in sel}):
+                resid = captured[f"blocks.{layer}.ln1.hook_in"][where[p], m].double()
+                if centre:
+                    resid = resid - resid.mean()
+                x = acts.x[layer, p, m]
+                _magnitude(x, (resid / float(acts.scale[layer, p, m])).float(), cosine[index[p]], ratio[index[p]])
+    mean = lambda values: np.array([np.mean(v) if v else np.nan for v in values])  # noqa: E731
+    return {"f_after": f_after, "score_before": mean(score_before), "score_after": mean(score_after),
+            "cosine": mean(cosine), "norm_ratio": mean(ratio), "passes": passes}
+
+
+def _magnitude(x, x_new, cosines: list, ratios: list) -> None:
+    import torch
+
+    x, x_new = x.double(), x_new.double()
+    cosines.append(float(torch.nn.functional.cosine_similarity(x, x_new, dim=0)))
+    ratios.append(float(x_new.norm() / x.norm()))
+
+
+# --- summaries (numpy) --------------------------------------------------------------------------------
+
+
+def _stats(values: np.ndarray) -> tuple[float, float, float, float]:
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        return (float("nan"),) * 4
+    q25, median, q75 = np.percentile(values, [25, 50, 75])
+    return float(values.mean()), float(median), float(q25), float(q75)
+
+
+def summarise(rows: InterventionRows) -> tuple[InterventionSummary, ...]:
+    """One summary per (set, kind, place, control), in the order the rows were run."""
+    keys = list(dict.fromkeys(zip(rows.set.tolist(), rows.kind.tolist(), rows.place.tolist(), rows.control.tolist())))
+    out = []
+    for s, kind, place, control in keys:
+        mask = rows.where(set=s, kind=kind, place=place, control=control)
+        cos = rows.cosine[mask][np.isfinite(rows.cosine[mask])]
+        ratio = rows.norm_ratio[mask][np.isfinite(rows.norm_ratio[mask])]
+        out.append(InterventionSummary(
+            s, kind, place, control, int(mask.sum()), *_stats(rows.delta_f[mask]), *_stats(rows.delta_score[mask]),
+            cosine_mean=float(cos.mean()) if len(cos) else float("nan"),
+            cosine_min=float(cos.min()) if len(cos) else float("nan"),
+            norm_ratio_mean=float(ratio.mean()) if len(ratio) else float("nan"),
+        ))
+    return tuple(out)
+
+
+def verdicts(summaries: Sequence[InterventionSummary]) -> tuple[Verdict, ...]:
+    """Per (set, place): ablation lowers F and boosting raises it, each more than its random control."""
+    means: dict[tuple, float] = {(s.set, s.place, s.kind, s.control): s.delta_f_mean for s in summaries}
+    out = []
+    for set_name, place in dict.fromkeys((s.set, s.place) for s in summaries):
+        get = lambda kind, control: means.get((set_name, place, kind, control))  # noqa: E731
+        ab, ab_r, bo, bo_r = get("ablate", "signal"), get("ablate", "random"), get("boost", "signal"), get("boost", "random")
+        out.append(Verdict(set_name, place, ab, ab_r, bo, bo_r, _verdict(ab, ab_r, bo, bo_r)))
+    return tuple(out)
+
+
+def _verdict(ab, ab_r, bo, bo_r) -> str:
+    present = [v for v in (ab, bo) if v is not None]
+    if not present or any(not np.isfinite(v) for v in present):
+        return "n/a"
+    lowers = ab is not None and ab < min(0.0, ab_r if ab_r is not None and np.isfinite(ab_r) else 0.0)
+    raises = bo is not None and bo > max(0.0, bo_r if bo_r is not None and np.isfinite(bo_r) else 0.0)
+    raises_ab = ab is not None and ab > max(0.0, ab_r if ab_r is not None and np.isfinite(ab_r) else 0.0)
+    lowers_bo = bo is not None and bo < min(0.0, bo_r if bo_r is not None and np.isfinite(bo_r) else 0.0)
+    if (lowers or ab is None) and (raises or bo is None):
+        return "yes"
+    if (raises_ab or ab is None) and (lowers_bo or bo is None):
+        return "reversed"
+    if lowers:
+        return "ablate only"
+    if raises:
+        return "boost only"
+    return "no"
