@@ -94,7 +94,7 @@ def render_interventions(results: InterventionResults, console: Console) -> None
     for s in sorted(results.summaries, key=rank):
         kind = s.kind if s.control == "signal" else f"random {s.kind}"
         table.add_row(s.set, s.place, kind, str(s.n_prompts), _num(s.delta_f_mean),
-                      f"{_num(s.delta_f_median)} [{_num(s.delta_f_q25)}, {_num(s.delta_f_q75)}]",
+                      f"{_num(s.delta_f_median)} [{_num(s.delta_f_q25, '.2g')}, {_num(s.delta_f_q75, '.2g')}]",
                       _num(s.delta_score_mean), _num(s.cosine_mean, ".4f"), _num(s.norm_ratio_mean, ".3f"))
     console.print(table)
     verdicts = Table(title="Verdict: does ablation lower F and boosting raise it, more than the random control?",
