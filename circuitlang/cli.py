@@ -87,16 +87,20 @@ def _run(plan: Plan, args, console: Console) -> int:
     from circuitlang.engine.model import ModelLoadError
     from circuitlang.engine.roots import RootError
     from circuitlang.engine.cache import REUSED, cached_run
+    from circuitlang.engine.intervene import InterventionError
+    from circuitlang.engine.run import run_plan_interventions
     from circuitlang.engine.trace import TraceError
 
     errors = Console(stderr=True)
     with _progress(args.quiet) as bars:
         try:
             result, reused = cached_run(plan, device=args.device, progress=bars, use_cache=not args.no_cache)
+            if reused and plan.interventions:  # a cached trace: the interventions still need the model
+                result = run_plan_interventions(plan, result, device=args.device, progress=bars)
         except SpecError as err:  # a head out of range, known once the model is loaded
             errors.print(f"[red]error[/red] {err}", highlight=False, soft_wrap=True)
             return EXIT_SPEC
-        except (ModelLoadError, DataError, RootError, TraceError) as err:
+        except (ModelLoadError, DataError, RootError, TraceError, InterventionError) as err:
             errors.print(f"[red]error[/red] {args.spec}: {err}", highlight=False, soft_wrap=True)
             return EXIT_RUN
     if reused:
@@ -196,9 +200,13 @@ def _write_outputs(plan: Plan, result) -> tuple[list[Path], list[str]]:
     written += drawing.paths
     if drawing.message:
         notes.append(drawing.message)
-    if plan.interventions:
-        names = ", ".join(f'"{s.name}"' for s in plan.interventions)
-        notes.append(f"note: intervene {names} was planned but not run: interventions are not implemented yet")
+    if result.interventions is not None:
+        from circuitlang.report.interventions import write_intervention_plots, write_interventions_json
+
+        if "json" in formats:
+            written.append(write_interventions_json(result.interventions, out / "interventions.json"))
+        if "png" in formats:
+            written += write_intervention_plots(result.interventions, out)
     return written, notes
 
 
@@ -214,6 +222,10 @@ def _report(plan: Plan, result, console: Console) -> None:
         console.print(table)
     known = known_head_set(plan.compare) if plan.compare else None
     render_report(result.trace, console, min_count=plan.show_min_count, known=known)
+    if result.interventions is not None:
+        from circuitlang.report.interventions import render_interventions
+
+        render_interventions(result.interventions, console)
     if result.logit_diff:
         diffs = sorted(result.logit_diff)
         mean = sum(diffs) / len(diffs)

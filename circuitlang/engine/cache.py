@@ -86,8 +86,10 @@ def _directory_digest(directory: Path) -> str:
 
 
 def trace_plan_text(plan: Plan) -> str:
-    """`format_plan` of the plan with what cannot change the trace reset: output, show, compare, sources."""
-    return format_plan(dataclasses.replace(plan, output=Output(), show_min_count=1, compare=None, sources=()))
+    """`format_plan` of the plan with what cannot change the trace reset: output, show, compare, sources,
+    and the intervene blocks and their seed (interventions run after the trace, never from the cache)."""
+    return format_plan(dataclasses.replace(plan, output=Output(), show_min_count=1, compare=None, sources=(),
+                                           interventions=(), seed=0))
 
 
 def run_key(plan: Plan, model_identity: str) -> str:

@@ -13,12 +13,13 @@ from circuitlang.data.ioi import ioi_prompts
 from circuitlang.data.prompts import PromptSet, load_prompt_file
 from circuitlang.engine.forward import Activations, capture
 from circuitlang.engine.geometry import attention_geometry
+from circuitlang.engine.intervene import InterventionResults, run_interventions
 from circuitlang.engine.model import LoadedModel, load_model
 from circuitlang.engine.roots import RootChoice, auto_roots, direct_effects, last_token_writes
 from circuitlang.engine.trace import trace
 from circuitlang.engine.results import Trace
 from circuitlang.lang.compiler import check_against_model
-from circuitlang.lang.plan import AutoRoots, FilePrompts, ModelSpec, Plan
+from circuitlang.lang.plan import AutoRoots, FilePrompts, ModelSpec, Plan, Root
 
 Progress = Callable[[str, int, int], None]
 
@@ -31,6 +32,12 @@ class RunResult:
     trace: Trace
     auto_roots: tuple[RootChoice, ...] = ()
     logit_diff: tuple[float, ...] = ()
+    interventions: InterventionResults | None = None
+
+    @property
+    def roots(self) -> list[Root]:
+        """The roots traced, strongest first for `trace from auto`."""
+        return [c.root for c in self.auto_roots] if isinstance(self.plan.roots, AutoRoots) else list(self.plan.roots)
 
 
 def resolve_model(spec: ModelSpec, device: str | None = None, progress: Progress | None = None) -> LoadedModel:
@@ -75,9 +82,26 @@ def run_plan(plan: Plan, *, model: LoadedModel | None = None, device: str | None
 
     result = trace(model, prompts, roots, plan.threshold, plan.mass, plan.slices, activations=acts, progress=progress)
     timings = {"load": load_time, "forward": forward_time, "roots": roots_time, **{k: v for k, v in result.timings.items() if k != "forward"}}
-    result = dataclasses.replace(result, timings=timings)
     diffs = tuple(acts.logit_diff.tolist()) if acts.logit_diff is not None else ()
-    return RunResult(plan=plan, trace=result, auto_roots=chosen, logit_diff=diffs)
+    run = RunResult(plan=plan, trace=result, auto_roots=chosen, logit_diff=diffs)
+    if plan.interventions:
+        t0 = time.perf_counter()
+        run = run_plan_interventions(plan, run, model=model, prompts=prompts, acts=acts, progress=progress)
+        timings["interventions"] = time.perf_counter() - t0
+    return dataclasses.replace(run, trace=dataclasses.replace(result, timings=timings))
+
+
+def run_plan_interventions(plan: Plan, run: RunResult, *, model: LoadedModel | None = None, prompts: PromptSet | None = None,
+                           acts: Activations | None = None, device: str | None = None, progress: Progress | None = None) -> RunResult:
+    """The plan's intervene blocks (section 5.4) on a traced result, e.g. one reused from the run cache."""
+    if not plan.interventions:
+        return run
+    if model is None:
+        model = resolve_model(plan.model, device, progress)
+    if prompts is None:
+        prompts = build_prompts(plan, model)
+    results = run_interventions(model, prompts, run.trace, plan.interventions, run.roots, plan.seed, acts=acts, progress=progress)
+    return dataclasses.replace(run, interventions=results)
 
 
 def choose_roots(model: LoadedModel, acts: Activations, prompts: PromptSet, k: int, threshold: float) -> tuple[RootChoice, ...]:
