@@ -22,7 +22,7 @@ from circuitlang.engine.results import Trace
 from circuitlang.lang import SpecError, parse_spec, parse_text
 from circuitlang.report.atomic import atomic_write
 from circuitlang.report.draw import DRAWING_FORMATS, PENWIDTH, Drawing, digraph, layered_nodes, render_dot, token_attrs
-from circuitlang.report.export import _plain, dumps, edge_filter, node_id, read_trace_json
+from circuitlang.report.export import dumps, edge_filter, node_id, plain, read_trace_json
 
 FORMAT = "circuitlang.diff/1"
 ONLY_A, ONLY_B, BOTH = "#e07b00", "#7b3fb5", "#9a9a9a"  # orange, purple, grey
@@ -187,7 +187,7 @@ def render_diff(diff: TraceDiff, console: Console, top: int = 15) -> None:
 def diff_to_dict(diff: TraceDiff) -> dict:
     """The diff as plain JSON data, node ids as in trace.json ("9.6", "9.6:end"), floats rounded likewise."""
     edges = lambda items: [{"source": node_id(u), "target": node_id(v)} for u, v in items]  # noqa: E731
-    return _plain({
+    return plain({
         "format": FORMAT,
         "a": diff.names[0],
         "b": diff.names[1],

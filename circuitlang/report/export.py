@@ -7,6 +7,7 @@ keys sorted, floats rounded to FLOAT_DIGITS significant digits, timings only on 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import fields
 from pathlib import Path
@@ -26,22 +27,23 @@ _FLOAT_COLUMNS = {"score", "attention", "signal_dest", "signal_src", "contributi
 Head = tuple[int, int]
 
 
-def _round(x: float) -> float:
-    return float(f"{x:.{FLOAT_DIGITS}g}")
+def _round(x: float) -> float | None:
+    """FLOAT_DIGITS significant digits, so float noise cannot break byte identity; NaN and inf -> null."""
+    return float(f"{x:.{FLOAT_DIGITS}g}") if math.isfinite(x) else None
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     """JSON-ready copy: numpy to lists and scalars, tuples to lists, floats rounded."""
     if isinstance(value, np.ndarray):
-        return _plain(value.tolist())
+        return plain(value.tolist())
     if isinstance(value, np.generic):
-        return _plain(value.item())
+        return plain(value.item())
     if isinstance(value, float):
         return _round(value)
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     return value
 
 
@@ -92,7 +94,7 @@ def trace_to_dict(trace: Trace, plan_text: str | None = None, *, include_timings
     }
     if include_timings:
         data["timings"] = trace.timings
-    return _plain(data)
+    return plain(data)
 
 
 def dumps(data: dict) -> str:

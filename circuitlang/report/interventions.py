@@ -17,37 +17,22 @@ from rich.console import Console
 from rich.table import Table
 
 from circuitlang.report.atomic import atomic_path, atomic_write
+from circuitlang.report.export import plain
 
 if TYPE_CHECKING:
     from circuitlang.engine.intervene import InterventionResults
 
 FORMAT = "circuitlang.interventions/1"
-FLOAT_DIGITS = 7
 # The paper's colours (Figs. 6, 21-24): green ablation, red boosting, blue random ablation, orange random boosting.
 CONDITIONS = (("ablate", "signal", "ablate", "#2ca02c"), ("boost", "signal", "boost", "#d62728"),
               ("ablate", "random", "random ablate", "#1f77b4"), ("boost", "random", "random boost", "#ff7f0e"))
 VERDICT_STYLE = {"yes": "green", "reversed": "magenta", "ablate only": "yellow", "boost only": "yellow", "no": "red", "n/a": "dim"}
 
 
-def _plain(value: Any) -> Any:
-    """JSON-ready: numpy to Python, tuples to lists, floats to 7 significant digits, NaN to null."""
-    if isinstance(value, np.ndarray):
-        return _plain(value.tolist())
-    if isinstance(value, np.generic):
-        return _plain(value.item())
-    if isinstance(value, float):
-        return float(f"{value:.{FLOAT_DIGITS}g}") if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def interventions_to_dict(results: InterventionResults) -> dict:
     """The results as plain JSON data: sets, summaries, verdicts, and the per-prompt rows as columns."""
     rows = results.rows
-    return _plain({
+    return plain({
         "format": FORMAT,
         "model": results.model,
         "seed": results.seed,
