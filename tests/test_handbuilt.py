@@ -78,7 +78,7 @@ def test_one_layer_model_has_the_firing_and_no_edges(tmp_path, gpt2_tokenizer, t
 
 
 def test_auto_roots_pick_the_head_with_the_direct_effect(tmp_path, gpt2_tokenizer, tokens):
-    model = load_model(str(build_handbuilt(tmp_path, gpt2_tokenizer, tokens[" Mary"], tokens[" John"], answer_head=True)))
+    model = load_model(str(build_handbuilt(tmp_path, gpt2_tokenizer, tokens[" Mary"], tokens[" John"], copy=20.0)))
     layouts = [(" the", " went", " Mary", " to", " John"), (" the", " Mary", " went", " to", " store", " John")]
     prompts = PromptSet(tuple(
         Prompt(text="".join(w), token_ids=tuple(tokens[x] for x in w), roles=(("A", w.index(" Mary")), ("B", len(w) - 1)),

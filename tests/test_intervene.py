@@ -27,56 +27,11 @@ from circuitlang.engine.intervene import (
 from circuitlang.engine.model import load_model
 from circuitlang.engine.trace import trace
 from circuitlang.lang.plan import EdgeSelector, InterventionSet, Root
+from tiny_models import build_handbuilt
 
-D, DH = 64, 16
-
-
-def build_reader(directory: Path, tokenizer, a_token: int, b_token: int, *, marker: float = 0.25, qk: float = 2.5,
-                 copy: float = 6.0, second_reader: bool = False) -> Path:
-    """The hand-built circuit of tests/tiny_models.build_handbuilt, tuned so that interventions act on F.
-
-    Layer 0: head 0 writes `marker` x m1 where the token is A, head 1 writes m2 where it is B (small next
-    to the token embedding, so the norm barely rescales when they change). Layer 1: head 0 has
-    Omega = qk m2 m1^T (fires B -> A) and copies A's embedding direction from its source into B's
-    residual (raising logit(A) - logit(B) at B the more it attends to A). With `second_reader`, head 1
-    of layer 1 also reads m1 at its source (Omega = qk m2 m1^T, no output): it is not on the traced
-    path, but a global intervention on the signal reaches it and a local one does not.
-    """
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_head=4, n_embd=D, n_positions=32, vocab_size=len(tokenizer))
-    model = GPT2LMHeadModel(config)
-    m1 = torch.zeros(D); m1[60], m1[61] = 1, -1
-    m2 = torch.zeros(D); m2[62], m2[63] = 1, -1
-    m1, m2 = m1 / m1.norm(), m2 / m2.norm()
-    with torch.no_grad():
-        wte = model.transformer.wte.weight
-        wte.zero_()
-        wte[:, :48] = torch.randn(wte.shape[0], 48)
-        model.transformer.wpe.weight.zero_()
-        for block in model.transformer.h:
-            for param in (*block.attn.parameters(), *block.mlp.parameters()):
-                param.zero_()
-        attn0 = model.transformer.h[0].attn
-        for head, token, mark in ((0, a_token, m1), (1, b_token, m2)):
-            q, k, v = head * DH, D + head * DH, 2 * D + head * DH
-            dims = torch.arange(head * DH, (head + 1) * DH)
-            attn0.c_attn.weight[dims, q + torch.arange(DH)] = 2.0
-            attn0.c_attn.weight[dims, k + torch.arange(DH)] = 2.0
-            attn0.c_attn.weight[:, v] = wte[token] / wte[token].norm()
-            attn0.c_proj.weight[head * DH] = marker * mark
-        attn1 = model.transformer.h[1].attn
-        readers = (0, 1) if second_reader else (0,)
-        for head in readers:
-            attn1.c_attn.weight[:, head * DH] = qk**0.5 * m2
-            attn1.c_attn.weight[:, D + head * DH] = qk**0.5 * m1
-        a_dir = wte[a_token] / wte[a_token].norm()
-        attn1.c_attn.weight[:, 2 * D] = a_dir  # head 1.0's value: "how much of A is here"
-        attn1.c_proj.weight[0] = copy * a_dir  # ... written back as A's direction
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return Path(directory)
+# The hand-built circuit tuned so that interventions act on F: small markers (the norm barely rescales when
+# they change) and head 1.0 copying A into B's residual.
+READER = dict(marker=0.25, qk=2.5, copy=6.0)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +59,7 @@ def prompts(words):
 
 
 def _load(tmp_path_factory, tokenizer, words, name, **options):
-    path = build_reader(tmp_path_factory.mktemp(name), tokenizer, words[" Mary"], words[" John"], **options)
+    path = build_handbuilt(tmp_path_factory.mktemp(name), tokenizer, words[" Mary"], words[" John"], **READER, **options)
     return load_model(str(path))
 
 
@@ -265,11 +220,11 @@ def test_delta_f_comes_from_the_models_logits(reader, prompts):
     omega = omega_matrix(*(w[1, 0].detach().double() for w in (b.W_Q, b.b_Q, b.W_K, b.b_K)))
     _, _, Vh = torch.linalg.svd(omega)
     v = Vh[0]  # the one slice with a non-zero singular value: S_ij
-    delta = torch.zeros(3, acts.tokens.shape[1], D)
+    delta = torch.zeros(3, acts.tokens.shape[1], reader.d_model)
     for p in range(3):
         j = prompts[p].role("A")
         o = (acts.z[p, j, 0, 0].double() @ b.W_O[0, 0].detach().double())
-        h = (v * (v @ torch.cat([o, torch.ones(1, dtype=torch.float64)])))[:D]
+        h = (v * (v @ torch.cat([o, torch.ones(1, dtype=torch.float64)])))[: reader.d_model]
         delta[p, j] = (h - h.mean()).float()
     with torch.inference_mode():
         logits = b.run_with_hooks(acts.tokens[:3], fwd_hooks=[("blocks.0.hook_attn_out", lambda x, hook: x - delta)])

@@ -26,17 +26,20 @@ def build_gpt2(directory: Path, tokenizer, *, n_layer=3, n_head=4, n_embd=64, qk
     return Path(directory)
 
 
-def build_handbuilt(directory: Path, tokenizer, a_token: int, b_token: int, *, n_layer: int = 2, answer_head: bool = False) -> Path:
+def build_handbuilt(directory: Path, tokenizer, a_token: int, b_token: int, *, n_layer: int = 2, marker: float = 10.0,
+                    qk: float = 8.0, copy: float = 0.0, second_reader: bool = False) -> Path:
     """A GPT-2 whose circuit is known by construction (d = 64, 4 heads of 16, no MLPs, no positions).
 
     Token embeddings live in dims 0..47; two marker directions m1 = e60 - e61 and m2 = e62 - e63 are
     orthogonal to them and to the all-ones vector that LayerNorm's centring adds. Layer 0: head 0 attends
-    to itself and writes m1 where the token is A; head 1 does the same with m2 where the token is B;
-    heads 2 and 3 write nothing. Layer 1 (if n_layer == 2): head 0 has Omega = 8 m2 m1^T, so it fires from
-    B (dest) to A (src); heads 1-3 have zero queries and keys. The trace of 1.0 B->A must be exactly the
-    edges 0.0 -> (1.0, A) through the source and 0.1 -> (1.0, B) through the destination.
-    With answer_head, head 1.0 also copies "is this A?" from its source into the unembedding direction
-    of A minus B: the only head with a direct effect on logit(A) - logit(B).
+    to itself and writes `marker` m1 where the token is A; head 1 does the same with m2 where the token
+    is B; heads 2 and 3 write nothing. Layer 1 (if n_layer == 2): head 0 has Omega = qk m2 m1^T, so it
+    fires from B (dest) to A (src); heads 1-3 have zero queries and keys. The trace of 1.0 B->A must be
+    exactly the edges 0.0 -> (1.0, A) through the source and 0.1 -> (1.0, B) through the destination.
+    With `copy`, head 1.0 also copies "how much of A is here" from its source back as A's embedding
+    direction: the only head with a direct effect on logit(A) - logit(B) at B. With `second_reader`,
+    head 1.1 reads m1 at its source too (same Omega, no output): off the traced path, but a global
+    intervention on the signal reaches it and a local one does not.
     """
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -56,21 +59,21 @@ def build_handbuilt(directory: Path, tokenizer, a_token: int, b_token: int, *, n
             for param in (*block.attn.parameters(), *block.mlp.parameters()):
                 param.zero_()
         attn0 = model.transformer.h[0].attn
-        for head, token, marker in ((0, a_token, m1), (1, b_token, m2)):
+        for head, token, direction in ((0, a_token, m1), (1, b_token, m2)):
             q, k, v = head * dh, d + head * dh, 2 * d + head * dh
             dims = torch.arange(head * dh, (head + 1) * dh)
             attn0.c_attn.weight[dims, q + torch.arange(dh)] = 2.0  # self-attention through 16 embedding dims
             attn0.c_attn.weight[dims, k + torch.arange(dh)] = 2.0
             attn0.c_attn.weight[:, v] = wte[token] / wte[token].norm()  # value: "is this token A (B)?"
-            attn0.c_proj.weight[head * dh] = 10.0 * marker  # output: write the marker
+            attn0.c_proj.weight[head * dh] = marker * direction  # output: write the marker
         if n_layer == 2:
             attn1 = model.transformer.h[1].attn
-            attn1.c_attn.weight[:, 0] = 8.0**0.5 * m2  # query reads m2 at the destination
-            attn1.c_attn.weight[:, d] = 8.0**0.5 * m1  # key reads m1 at the source
-            if answer_head:
-                answer = wte[a_token] - wte[b_token]
-                attn1.c_attn.weight[:, 2 * d] = wte[a_token] / wte[a_token].norm()
-                attn1.c_proj.weight[0] = 20.0 * answer / answer.norm()
+            for head in (0, 1) if second_reader else (0,):
+                attn1.c_attn.weight[:, head * dh] = qk**0.5 * m2  # query reads m2 at the destination
+                attn1.c_attn.weight[:, d + head * dh] = qk**0.5 * m1  # key reads m1 at the source
+            a_dir = wte[a_token] / wte[a_token].norm()
+            attn1.c_attn.weight[:, 2 * d] = a_dir
+            attn1.c_proj.weight[0] = copy * a_dir
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return Path(directory)
