@@ -197,10 +197,13 @@ def test_random_controls_are_reproducible_for_a_seed_on_a_random_model(tiny, tin
     signal, random = a.rows.where(control="signal"), a.rows.where(control="random")
     np.testing.assert_array_equal(a.rows.delta_f[signal], c.rows.delta_f[signal])  # the signal doesn't depend on the seed
     assert not np.array_equal(a.rows.delta_f[random], c.rows.delta_f[random])
-    # In this tiny random model the residual's scale is ~0.03, so the appended 1 of [o; 1] dominates the
-    # paper's h. Without it, ablating the upstream heads' own signal lowers the downstream score.
-    own = run_interventions(tiny, ps, t, sets, roots, seed=0, acts=acts, homogeneous=False)
-    assert not own.homogeneous and a.homogeneous
+    # Ablating the upstream heads' own signal (h from [o; 0], the default) lowers the downstream score.
+    # In this tiny random model the residual's scale is ~0.03, so the authors' appended 1 of [o; 1]
+    # would dominate h instead.
+    own = a
+    paper = run_interventions(tiny, ps, t, sets, roots, seed=0, acts=acts, homogeneous=True)
+    assert paper.homogeneous and not own.homogeneous
+    assert not np.allclose(paper.rows.delta_score, own.rows.delta_score)
     signal = own.rows.where(control="signal")
     assert (own.rows.delta_score[signal] < 0).mean() > 0.8
     assert own.summary("root", "ablate", "local").delta_score_mean < -abs(own.summary("root", "ablate", "local", "random").delta_score_mean)
@@ -224,7 +227,7 @@ def test_delta_f_comes_from_the_models_logits(reader, prompts):
     for p in range(3):
         j = prompts[p].role("A")
         o = (acts.z[p, j, 0, 0].double() @ b.W_O[0, 0].detach().double())
-        h = (v * (v @ torch.cat([o, torch.ones(1, dtype=torch.float64)])))[: reader.d_model]
+        h = (v * (v @ torch.cat([o, torch.zeros(1, dtype=torch.float64)])))[: reader.d_model]
         delta[p, j] = (h - h.mean()).float()
     with torch.inference_mode():
         logits = b.run_with_hooks(acts.tokens[:3], fwd_hooks=[("blocks.0.hook_attn_out", lambda x, hook: x - delta)])

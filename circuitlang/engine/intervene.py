@@ -5,7 +5,12 @@ carries a signal: the part of the upstream head's write o at token m (m = j for 
 lies in the downstream head's subspace for that firing, span{v_k : k in S_ij} (s) or span{u_k} (d).
 In homogeneous coordinates (appendix, "Handling Homogeneous Coordinates"), with P that projector:
 
-    h = (P [o; 1])[:d], then centred (h - mean h) for LayerNorm models, not for RMSNorm ones.
+    h = (P [o; 0])[:d], then centred (h - mean h) for LayerNorm models, not for RMSNorm ones.
+
+o is a displacement added to the residual, so its homogeneous coordinate is 0, exactly as in the
+contributions of eq. (8): h is then the signal whose size the edge's weight reports. The authors' code
+appends a 1 (the homogeneous coordinate of a point), which adds P's image of the homogeneous axis, a
+vector the upstream head never wrote; `homogeneous=True` reproduces that.
 
 `ablate` subtracts h, `boost` adds it. `global` does so in the upstream head's residual write at token
 m (`blocks.{l}.hook_attn_out`, which is the write after any post-attention norm), so every later
@@ -287,12 +292,12 @@ def set_seed(seed: int, name: str) -> int:
 
 
 def edge_groups(acts: Activations, geometry: AttentionGeometry, trace: Trace, rows: np.ndarray, seed: int, centre: bool,
-                homogeneous: bool = True) -> EdgeGroups:
+                homogeneous: bool = False) -> EdgeGroups:
     """Merge the edge rows `rows` (indices into trace.edges) into groups and compute h and h_random.
 
-    homogeneous=True projects [o; 1] as the paper's appendix does; False projects [o; 0], leaving out
-    the part of h that comes from the appended 1 (the projection of the homogeneous axis onto the
-    subspace), which is not the upstream head's and dominates h where the residual stream is small.
+    homogeneous=False projects [o; 0], the upstream write as the displacement it is (as eq. 8 reads it);
+    True projects [o; 1] as the authors' code does, adding the projection of the homogeneous axis onto
+    the subspace, which is not the upstream head's and dominates h where the residual stream is small.
     """
     import torch
 
@@ -435,13 +440,13 @@ def run_interventions(
     *,
     geometry: AttentionGeometry | None = None,
     batch_size: int = 64,
-    homogeneous: bool = True,
+    homogeneous: bool = False,
 ) -> InterventionResults:
     """Run every set of `sets` on the edges of `trace` (see the module docstring); never prints.
 
     roots: the trace's roots in order (for `edges into root K`); acts: the activations the trace was
     computed from (captured again when None); progress(stage, done, total) ticks once per pass;
-    homogeneous: see edge_groups (True: the paper's h).
+    homogeneous: see edge_groups (False: h as eq. 8 reads the write; True: the authors' code).
     """
     import torch
 
