@@ -12,6 +12,7 @@ R_a R(m)^T R_b^T, so each head keeps one pair of bases Q_a, Q_b and one small co
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,18 @@ def omega_matrix(W_Q: Tensor, b_Q: Tensor, W_K: Tensor, b_K: Tensor) -> Tensor:
     return augment(W_Q, b_Q) @ augment(W_K, b_K).transpose(-1, -2)
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """LAPACK on one thread: batches of small QRs and SVDs gain little from more, and on a busy machine
+    (a shared node, a CI runner) a second OpenMP thread made them 80x slower here (90 s vs 1.1 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def omega_slices(W_Q: Tensor, b_Q: Tensor, W_K: Tensor, b_K: Tensor, rotations: Tensor | None = None) -> OmegaSlices:
     """Orthogonal slices of Omega for heads batched in the leading dims of W_Q [..., d, r], b_Q [..., r].
 
@@ -69,11 +82,12 @@ def omega_slices(W_Q: Tensor, b_Q: Tensor, W_K: Tensor, b_K: Tensor, rotations: 
     models), applied between the query and key sides. Computed in float64 so that the slice terms sum
     to the model's score to well below 1e-4.
     """
-    Q_a, R_a = torch.linalg.qr(augment(W_Q, b_Q).double())
-    Q_b, R_b = torch.linalg.qr(augment(W_K, b_K).double())
-    R_a, R_b = R_a.unsqueeze(-3), R_b.unsqueeze(-3)  # [..., 1, r, r]: broadcast over offsets
-    core = R_a @ R_b.transpose(-1, -2) if rotations is None else R_a @ rotations.double() @ R_b.transpose(-1, -2)
-    U, S, Vh = torch.linalg.svd(core)
+    with _one_thread():
+        Q_a, R_a = torch.linalg.qr(augment(W_Q, b_Q).double())
+        Q_b, R_b = torch.linalg.qr(augment(W_K, b_K).double())
+        R_a, R_b = R_a.unsqueeze(-3), R_b.unsqueeze(-3)  # [..., 1, r, r]: broadcast over offsets
+        core = R_a @ R_b.transpose(-1, -2) if rotations is None else R_a @ rotations.double() @ R_b.transpose(-1, -2)
+        U, S, Vh = torch.linalg.svd(core)
     return OmegaSlices(Q_a=Q_a, Q_b=Q_b, U=U, S=S, V=Vh.transpose(-1, -2))
 
 
