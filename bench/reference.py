@@ -1,0 +1,308 @@
+"""A straightforward per-pair reference implementation of Singular Vector Tracing, for the benchmark.
+
+Written the way a first implementation (and the paper authors' own code) would be: Omega is built dense,
+(d+1) x (d+1), for every head and decomposed with `torch.linalg.svd`, once per head; then, per prompt,
+Algorithm 1 recurses from each root with a visited set (memoisation), and for each firing event computes
+its r slice terms from x~_i, x~_j and that head's U, S, V, the set S_ij, the signed sqrt(sigma) weights,
+then loops over every upstream head, computing its output z @ W_O at the token and its contribution eq. (8)
+divided by the downstream LayerNorm scale, and selects by the mass rule. Arithmetic is float64 numpy.
+
+It reads only the cached activations and the bridge's weights (not the engine's geometry, slices or
+decomposition code) and implements the engine's definitions independently, so the two are a check on
+each other:
+
+- firing (section 4.3): attention A_ij > threshold, src j != 0, model score > 0, both tokens inside the
+  prompt;
+- S_ij (section 4.1): drop the largest set of slice terms whose sum is <= 0, i.e. the longest tail of
+  the terms sorted by decreasing value that sums to <= 0;
+- signs (appendix): u_k oriented to a positive inner product with x~_i, v_k flipped with it; weights
+  sign_k sqrt(sigma_k) for k in S_ij;
+- eq. (8): c = sum_k w_k u_k . o / scale_i (v_k and scale_j through the source), o = z W_O of the upstream
+  head at that token, the homogeneous coordinate of u_k, v_k dropped (o carries no homogeneous 1);
+- selection (section 5.3): sorted decreasing, keep up to the first position where the running sum
+  exceeds mass x (sum of all contributions), and every contribution tied with that one;
+- recursion (Algorithm 1, lines 18-27): into every firing of a selected upstream head whose destination
+  is the token it was selected through; each event is computed once per prompt.
+
+The aggregation over prompts is the engine's own `graph.aggregate` (the comparison is about the tracing).
+Only GPT-2-style models (no rotary positions, no q/k or post-attention norms) are supported.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+from typing import Sequence
+
+import networkx as nx
+import numpy as np
+import torch
+
+from circuitlang.data.prompts import PromptSet
+from circuitlang.engine.forward import Activations
+from circuitlang.engine.graph import aggregate
+from circuitlang.engine.results import TracedEdges, TracedEvents
+from circuitlang.lang.plan import Root
+
+# Per-prompt fields of Activations and the axis that indexes prompts.
+_PROMPT_AXIS = {
+    "tokens": 0, "lengths": 0, "x": 1, "scale": 1, "pattern": 1, "scores": 1, "z": 0, "final_scale": 0,
+    "logit_diff": 0, "q_scale": 1, "k_scale": 1, "post_scale": 1, "embed": 0, "mlp_out": 1,
+}
+
+
+def first_prompts(acts: Activations, k: int) -> Activations:
+    """The activations of the first `k` prompts (same padding; `lengths` masks it)."""
+    sliced = {}
+    for name, axis in _PROMPT_AXIS.items():
+        value = getattr(acts, name)
+        if value is not None:
+            sliced[name] = value.narrow(axis, 0, k).clone()
+    return replace(acts, **sliced)
+
+
+@dataclass
+class ReferenceResult:
+    events: TracedEvents
+    edges: TracedEdges
+    graph: nx.DiGraph
+    firing_counts: np.ndarray
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def omega_svd(model) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(layer, head) -> (U [(d+1), r], S [r], V [(d+1), r]): the dense Omega of eq. (2), torch.linalg.svd."""
+    b = model.bridge
+    W_Q, b_Q = b.W_Q.detach().double().cpu(), b.b_Q.detach().double().cpu()
+    W_K, b_K = b.W_K.detach().double().cpu(), b.b_K.detach().double().cpu()
+    L, H, d, r = W_Q.shape
+    if W_K.shape[1] != H:
+        raise ValueError("the reference supports GPT-2-style models only (one key head per query head)")
+    out = {}
+    for layer in range(L):
+        for head in range(H):
+            wq, bq, wk, bk = W_Q[layer, head], b_Q[layer, head], W_K[layer, head], b_K[layer, head]
+            omega = torch.zeros(d + 1, d + 1, dtype=torch.float64)
+            omega[:d, :d] = wq @ wk.T
+            omega[:d, d] = wq @ bk
+            omega[d, :d] = bq @ wk.T
+            omega[d, d] = bq @ bk
+            U, S, Vh = torch.linalg.svd(omega)
+            out[layer, head] = (U[:, :r].numpy(), S[:r].numpy(), Vh[:r].T.numpy())
+    return out
+
+
+def sparse_set(terms: np.ndarray) -> list[int]:
+    """S_ij: the slices outside the largest set of terms whose sum is <= 0, by decreasing term."""
+    order = sorted(range(len(terms)), key=lambda k: terms[k], reverse=True)
+    size, tail = len(order), 0.0
+    for m in range(len(order) - 1, -1, -1):  # tail = sum of the sorted terms from m on
+        tail += terms[order[m]]
+        if tail <= 0:
+            size = m
+    return order[:size]
+
+
+def select(contributions: list[float], mass: float) -> list[int]:
+    """Indices of the smallest set of contributions holding `mass` of their sum (ties with the last kept)."""
+    ranked = sorted(contributions, reverse=True)
+    target = mass * sum(contributions)
+    running, cutoff = 0.0, ranked[-1]
+    for c in ranked:
+        running += c
+        if running > target:
+            cutoff = c
+            break
+    return [k for k, c in enumerate(contributions) if c >= cutoff]
+
+
+def reference_trace(
+    model,
+    prompts: PromptSet,
+    roots: Sequence[Root],
+    acts: Activations,
+    threshold: float = 0.5,
+    mass: float = 0.7,
+    *,
+    edge_order_chunk: int | None = None,
+) -> ReferenceResult:
+    """Singular Vector Tracing of `prompts` (the first len(prompts) prompts of `acts`) from `roots`.
+
+    edge_order_chunk: list the edges in the engine's order (layer down, events by (prompt, head, dest,
+    src) in chunks of this size, dest side before src side) before aggregating, so that `aggregate`'s
+    per-prompt first-seen side (the `type` of an edge reached through both tokens) is decided alike.
+    """
+    if any(getattr(acts, f) is not None for f in ("q_scale", "k_scale", "post_scale", "cos")):
+        raise ValueError("the reference supports GPT-2-style models only (no rotary positions or extra norms)")
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    svd = omega_svd(model)
+    timings["svd"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    P = len(prompts)
+    x = acts.x[:, :P].double().numpy()  # [L, P, n, d]
+    scale = acts.scale[:, :P].double().numpy()  # [L, P, n]
+    pattern = acts.pattern[:, :P].numpy()  # [L, P, H, n, n], float32 as cached
+    scores = acts.scores[:, :P].numpy()
+    z = acts.z[:P].double().numpy()  # [P, n, L, H, r]
+    W_O = model.bridge.W_O.detach().double().cpu().numpy()  # [L, H, r, d]
+    lengths = acts.lengths[:P].tolist()
+    L, _, H, n, _ = pattern.shape
+    d = x.shape[-1]
+
+    events: list[tuple] = []
+    edges: list[tuple] = []
+
+    def fires(p: int, layer: int, head: int, dest: int, src: int) -> bool:
+        return (src != 0 and dest < lengths[p] and src < lengths[p]
+                and pattern[layer, p, head, dest, src] > threshold and scores[layer, p, head, dest, src] > 0)
+
+    for p in range(P):
+        visited: set[tuple[int, int, int, int]] = set()
+
+        def svt(layer: int, head: int, dest: int, src: int) -> None:
+            if (layer, head, dest, src) in visited or not fires(p, layer, head, dest, src):
+                return
+            visited.add((layer, head, dest, src))
+            U, S, V = svd[layer, head]
+            xi = np.append(x[layer, p, dest], 1.0)
+            xj = np.append(x[layer, p, src], 1.0)
+            xu, xv = xi @ U, xj @ V
+            terms = xu * S * xv  # the r slice terms; they sum to A'_ij
+            chosen = sparse_set(terms)
+            weights = np.array([(-1.0 if xu[k] < 0 else 1.0) * math.sqrt(S[k]) for k in chosen])
+            event = len(events)
+            events.append((p, layer, head, dest, src, float(terms.sum()), float(pattern[layer, p, head, dest, src]),
+                           len(chosen), np.array(chosen), float(weights @ xu[chosen]), float(weights @ xv[chosen])))
+            if layer == 0:
+                return
+            for side, token, vectors in (("d", dest, U), ("s", src, V)):
+                reader = vectors[:d, chosen] @ weights  # sum_k w_k u_k, without the homogeneous coordinate
+                contributions = []
+                for up_layer in range(layer):
+                    for up_head in range(H):
+                        o = z[p, token, up_layer, up_head] @ W_O[up_layer, up_head]
+                        contributions.append(float(reader @ o) / scale[layer, p, token])
+                for k in select(contributions, mass):
+                    up_layer, up_head = divmod(k, H)
+                    edges.append((event, p, up_layer, up_head, layer, head, dest, src, side, contributions[k]))
+                    for up_src in range(token + 1):
+                        svt(up_layer, up_head, token, up_src)
+
+        for root in roots:
+            svt(root.layer, root.head, prompts[p].role(root.dest), prompts[p].role(root.src))
+    timings["walk"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    inside = np.arange(n)[None, :] < np.array(lengths)[:, None]  # [P, n]
+    firing = (pattern > threshold) & (scores > 0) & inside[None, :, None, :, None] & inside[None, :, None, None, :]
+    firing[..., 0] = False
+    firing_counts = firing.sum(axis=(1, 3, 4))
+    if edge_order_chunk:
+        edges = _engine_order(events, edges, edge_order_chunk)
+    ev = _events_table(events)
+    ed = _edges_table(edges)
+    graph = aggregate(ev, ed, tuple(p.labels for p in prompts), firing_counts)
+    timings["graph"] = time.perf_counter() - t0
+    return ReferenceResult(ev, ed, graph, firing_counts, timings)
+
+
+def _engine_order(events: list[tuple], edges: list[tuple], chunk: int) -> list[tuple]:
+    rank: dict[int, tuple] = {}
+    by_layer: dict[int, list[int]] = {}
+    for e, (p, layer, head, dest, src, *_) in enumerate(events):
+        by_layer.setdefault(layer, []).append(e)
+    for layer, rows in by_layer.items():
+        rows.sort(key=lambda e: (events[e][0], events[e][2], events[e][3], events[e][4]))
+        for position, e in enumerate(rows):
+            rank[e] = (-layer, position // chunk, position)
+    return sorted(edges, key=lambda ed: (rank[ed[0]][:2], ed[8] != "d", rank[ed[0]][2], ed[2], ed[3]))
+
+
+def _events_table(events: list[tuple]) -> TracedEvents:
+    cols = list(zip(*events)) if events else [()] * 11
+    ints = lambda c: np.array(c, dtype=np.int64)  # noqa: E731
+    floats = lambda c: np.array(c, dtype=np.float64)  # noqa: E731
+    return TracedEvents(prompt=ints(cols[0]), layer=ints(cols[1]), head=ints(cols[2]), dest=ints(cols[3]),
+                        src=ints(cols[4]), score=floats(cols[5]), attention=floats(cols[6]), n_slices=ints(cols[7]),
+                        slices=tuple(cols[8]), signal_dest=floats(cols[9]), signal_src=floats(cols[10]))
+
+
+def _edges_table(edges: list[tuple]) -> TracedEdges:
+    cols = list(zip(*edges)) if edges else [()] * 10
+    ints = lambda c: np.array(c, dtype=np.int64)  # noqa: E731
+    return TracedEdges(event=ints(cols[0]), prompt=ints(cols[1]), up_layer=ints(cols[2]), up_head=ints(cols[3]),
+                       layer=ints(cols[4]), head=ints(cols[5]), dest=ints(cols[6]), src=ints(cols[7]),
+                       side=np.array(cols[8], dtype=np.str_), contribution=np.array(cols[9], dtype=np.float64))
+
+
+# --- Comparison -----------------------------------------------------------------------------------
+
+
+def compare(engine, ref: ReferenceResult, rtol: float = 1e-4) -> dict:
+    """Compare the engine's Trace with the reference: graph first, then events and edges (diagnostics).
+
+    The graphs agree when they have the same communication edges with the same type and count, totals
+    equal to `rtol` relative, the same attention edges and counts, and the same head node attributes.
+    Returns {"equal": bool, "problems": [str], and sizes and the worst relative total difference}.
+    """
+    problems: list[str] = []
+    ga, gb = engine.graph, ref.graph
+
+    def comm(g):
+        return {(u, v): d for u, v, d in g.edges(data=True) if d["kind"] == "communication"}
+
+    def attn(g):
+        return {(u, v): d["count"] for u, v, d in g.edges(data=True) if d["kind"] == "attention"}
+
+    ca, cb = comm(ga), comm(gb)
+    for key in sorted(set(ca) - set(cb)):
+        problems.append(f"communication edge {key} only in the engine's graph ({ca[key]})")
+    for key in sorted(set(cb) - set(ca)):
+        problems.append(f"communication edge {key} only in the reference's graph ({cb[key]})")
+    worst = 0.0
+    for key in sorted(set(ca) & set(cb)):
+        a, b = ca[key], cb[key]
+        if a["count"] != b["count"]:
+            problems.append(f"edge {key}: count {a['count']} (engine) != {b['count']} (reference)")
+        if a["type"] != b["type"]:
+            problems.append(f"edge {key}: type {a['type']} (engine) != {b['type']} (reference)")
+        rel = abs(a["total"] - b["total"]) / max(abs(a["total"]), abs(b["total"]), 1e-30)
+        worst = max(worst, rel)
+        if rel > rtol:
+            problems.append(f"edge {key}: total {a['total']:.8g} (engine) vs {b['total']:.8g} (reference), rel {rel:.2e}")
+    aa, ab = attn(ga), attn(gb)
+    if aa != ab:
+        diff = sorted(set(aa.items()) ^ set(ab.items()))
+        problems.append(f"attention edges differ: {diff[:5]}{' ...' if len(diff) > 5 else ''}")
+    heads_a = {n: (d.get("firing"), d.get("traced")) for n, d in ga.nodes(data=True) if d.get("kind") == "head"}
+    heads_b = {n: (d.get("firing"), d.get("traced")) for n, d in gb.nodes(data=True) if d.get("kind") == "head"}
+    if heads_a != heads_b:
+        diff = sorted(set(heads_a.items()) ^ set(heads_b.items()))
+        problems.append(f"head nodes (firing, traced) differ: {diff[:5]}{' ...' if len(diff) > 5 else ''}")
+
+    # Diagnostics on the raw tables, to point at the first differing event when the graphs differ.
+    ea, eb = engine.events, ref.events
+    ka = {k: e for e, k in enumerate(zip(ea.prompt.tolist(), ea.layer.tolist(), ea.head.tolist(), ea.dest.tolist(), ea.src.tolist()))}
+    kb = {k: e for e, k in enumerate(zip(eb.prompt.tolist(), eb.layer.tolist(), eb.head.tolist(), eb.dest.tolist(), eb.src.tolist()))}
+    if set(ka) != set(kb):
+        only_a, only_b = sorted(set(ka) - set(kb)), sorted(set(kb) - set(ka))
+        problems.append(f"traced events differ: {len(only_a)} only in the engine {only_a[:3]}, "
+                        f"{len(only_b)} only in the reference {only_b[:3]} (prompt, layer, head, dest, src)")
+    slice_diffs = [k for k in set(ka) & set(kb) if sorted(ea.slices[ka[k]].tolist()) != sorted(eb.slices[kb[k]].tolist())]
+    if slice_diffs:
+        k = sorted(slice_diffs)[0]
+        problems.append(f"S_ij differs on {len(slice_diffs)} events, e.g. {k}: engine {sorted(ea.slices[ka[k]].tolist())} "
+                        f"reference {sorted(eb.slices[kb[k]].tolist())}")
+    return {
+        "equal": not problems,
+        "problems": problems,
+        "communication_edges": len(ca),
+        "attention_edges": len(aa),
+        "events": len(ka),
+        "edges": len(engine.edges),
+        "reference_edges": len(ref.edges),
+        "max_rel_total_diff": worst,
+    }
