@@ -17,18 +17,17 @@ def aggregate(events: TracedEvents, edges: TracedEdges, labels: tuple[tuple[str,
     prompts of different templates aggregate. An edge counts once per prompt however many events or
     roots reach it (as the paper's graph does); its per-prompt contribution is the sum over that
     prompt's events, `total` sums prompts and `mean` = total / count. `type` is the side ("s"/"d") the
-    edge was traced through in most prompts.
+    edge was traced through in more prompts ("s" on a tie), whatever the order of the rows.
     """
     per_prompt: dict[tuple, float] = defaultdict(float)
-    sides: dict[tuple, dict[str, int]] = defaultdict(lambda: {"s": 0, "d": 0})
+    sides: dict[tuple, dict[str, set[int]]] = defaultdict(lambda: {"s": set(), "d": set()})
     for p, ul, uh, l, h, i, j, side, c in zip(
         edges.prompt.tolist(), edges.up_layer.tolist(), edges.up_head.tolist(), edges.layer.tolist(),
         edges.head.tolist(), edges.dest.tolist(), edges.src.tolist(), edges.side.tolist(), edges.contribution.tolist(),
     ):
         role = labels[p][i if side == "d" else j]
         key = ((ul, uh), (l, h, role))
-        if (key, p) not in per_prompt:
-            sides[key][side] += 1
+        sides[key][side].add(p)
         per_prompt[key, p] += c
 
     graph = nx.DiGraph()
@@ -40,7 +39,7 @@ def aggregate(events: TracedEvents, edges: TracedEdges, labels: tuple[tuple[str,
         attention[key[1]].add(p)
 
     for (up, token), values in sorted(comm.items()):
-        side = "s" if sides[(up, token)]["s"] >= sides[(up, token)]["d"] else "d"
+        side = "s" if len(sides[up, token]["s"]) >= len(sides[up, token]["d"]) else "d"
         total = float(sum(values))
         graph.add_edge(up, token, kind="communication", type=side, count=len(values), total=total, mean=total / len(values))
     for token, prompts in sorted(attention.items()):
