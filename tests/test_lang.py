@@ -401,7 +401,7 @@ def test_the_unmutated_seed_spec_compiles():
 def test_shipped_specs():
     ioi = parse_spec(REPO / "specs" / "ioi.circ")
     assert ioi.model == ModelSpec("gemma-3-270m")
-    assert (ioi.prompts, ioi.roots, ioi.show_min_count) == (IOIPrompts(256, "mixed", 0), AutoRoots(3), 65)
+    assert (ioi.prompts, ioi.roots, ioi.show_min_count) == (IOIPrompts(256, "mixed", 0), AutoRoots(3), 200)
     assert (ioi.threshold, ioi.slices, ioi.mass) == (0.3, SliceRule("paper"), 0.7)
     assert ioi.output == Output("runs/ioi", ("json", "graphml", "svg", "png"))
     assert ioi.interventions == (InterventionSet(
@@ -409,6 +409,7 @@ def test_shipped_specs():
 
     gpt2 = parse_spec(REPO / "specs" / "paper" / "gpt2-ioi.circ")
     assert (gpt2.model, gpt2.roots, gpt2.compare, gpt2.threshold) == (ModelSpec("gpt2"), PAPER_ROOTS, "ioi", 0.5)
+    assert gpt2.show_min_count == 65
     assert gpt2.output.directory == "runs/gpt2-ioi"
     assert gpt2.interventions[0].edges == (EdgeSelector("into", down=(9, 9), root=1, role="end"),)
 
