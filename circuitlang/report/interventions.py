@@ -68,20 +68,21 @@ def _num(x: float | None, digits: str = ".3g") -> str:
 
 def render_interventions(results: InterventionResults, console: Console) -> None:
     """Per (set, place, kind, control): dF and the score change over the intervened prompts; then the verdicts."""
-    table = Table(title="Interventions (section 5.4): dF = F(X, e, h) - F(X), dA' = change of the downstream score",
-                  box=box.SIMPLE_HEAD, caption="median [IQR] over the intervened prompts; cos and norm: x vs x+h at the "
-                  "downstream head's input")
-    for name in ("set", "place", "kind", "n", "dF mean", "dF median [IQR]", "dA' mean", "cos", "norm"):
-        table.add_column(name, justify="left" if name in ("set", "place", "kind") else "right")
-    sets = {name: k for k, name in enumerate(dict.fromkeys(s.set for s in results.summaries))}
+    sets = list(dict.fromkeys(s.set for s in results.summaries))
     order = {(kind, control): k for k, (kind, control, _, _) in enumerate(CONDITIONS)}
-    rank = lambda s: (sets[s.set], s.place != "global", order.get((s.kind, s.control), 9))  # noqa: E731
-    for s in sorted(results.summaries, key=rank):
-        kind = s.kind if s.control == "signal" else f"random {s.kind}"
-        table.add_row(s.set, s.place, kind, str(s.n_prompts), _num(s.delta_f_mean),
-                      f"{_num(s.delta_f_median)} [{_num(s.delta_f_q25, '.2g')}, {_num(s.delta_f_q75, '.2g')}]",
-                      _num(s.delta_score_mean), _num(s.cosine_mean, ".4f"), _num(s.norm_ratio_mean, ".3f"))
-    console.print(table)
+    rank = lambda s: (s.place != "global", order.get((s.kind, s.control), 9))  # noqa: E731
+    for name in sets:  # one table per set, so that its name is never squeezed into a column
+        table = Table(title=f'intervene "{name}" (section 5.4): dF = F(X, e, h) - F(X), dA\' = change of the '
+                      "downstream score", box=box.SIMPLE_HEAD, caption="median [IQR] over the intervened prompts; "
+                      "cos and norm: x vs x+h at the downstream head's input")
+        for column in ("place", "kind", "n", "dF mean", "dF median [IQR]", "dA' mean", "cos", "norm"):
+            table.add_column(column, justify="left" if column in ("place", "kind") else "right")
+        for s in sorted((s for s in results.summaries if s.set == name), key=rank):
+            kind = s.kind if s.control == "signal" else f"random {s.kind}"
+            table.add_row(s.place, kind, str(s.n_prompts), _num(s.delta_f_mean),
+                          f"{_num(s.delta_f_median)} [{_num(s.delta_f_q25, '.2g')}, {_num(s.delta_f_q75, '.2g')}]",
+                          _num(s.delta_score_mean), _num(s.cosine_mean, ".4f"), _num(s.norm_ratio_mean, ".3f"))
+        console.print(table)
     verdicts = Table(title="Verdict: does ablation lower F and boosting raise it, more than the random control?",
                      box=box.SIMPLE_HEAD)
     for name in ("set", "place", "ablate", "random", "boost", "random ", "verdict"):
