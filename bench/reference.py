@@ -1,18 +1,28 @@
 """A straightforward per-pair reference implementation of Singular Vector Tracing, for the benchmark.
 
-Written the way a first implementation (and the paper authors' own code) would be: Omega is built dense,
-(d+1) x (d+1), for every head and decomposed with `torch.linalg.svd`, once per head; then, per prompt,
-Algorithm 1 recurses from each root with a visited set (memoisation), and for each firing event computes
-its r slice terms from x~_i, x~_j and that head's U, S, V, the set S_ij, the signed sqrt(sigma) weights,
-then loops over every upstream head, computing its output z @ W_O at the token and its contribution eq. (8)
-divided by the downstream LayerNorm scale, and selects by the mass rule. Arithmetic is float64 numpy.
+Written the way a first implementation (and the paper authors' own code) would be, and computing the same
+outputs as the engine's `trace`: the firing statistics of every head (Figs. 2-3) and the walk of
+Algorithm 1 with its graph (Fig. 5). Arithmetic is float64 numpy.
+
+1. Omega is built dense, (d+1) x (d+1), for every head and decomposed with `torch.linalg.svd`, once per
+   head.
+2. Firing statistics, as the authors' data-collection script (`full_tracing_data_collection.py`) loops:
+   over prompts, layers, heads, dest tokens and src tokens; per pair it checks firing, and per firing
+   pair it computes the r slice terms from x~_i, x~_j and that head's U, S, V, and S_ij. It counts the
+   firing events, the |S_ij| of each and how often each slice is in S_ij (their script also computes
+   every upstream contribution of every firing event; this one does not).
+3. The walk: per prompt, Algorithm 1 recurses from each root with a visited set (memoisation). For each
+   firing event it reaches it decomposes the event again (step 2 keeps only the statistics), takes the
+   signed sqrt(sigma) weights, then loops over every upstream head, computing its output z @ W_O at the
+   token and its contribution eq. (8) divided by the downstream LayerNorm scale, and selects by the
+   mass rule; edges are listed in the order the depth-first walk finds them.
 
 It reads only the cached activations and the bridge's weights (not the engine's geometry, slices or
 decomposition code) and implements the engine's definitions independently, so the two are a check on
 each other:
 
 - firing (section 4.3): attention A_ij > threshold, src j != 0, model score > 0, both tokens inside the
-  prompt;
+  prompt (attention is causal, so src <= dest);
 - S_ij (section 4.1): drop the largest set of slice terms whose sum is <= 0, i.e. the longest tail of
   the terms sorted by decreasing value that sums to <= 0;
 - signs (appendix): u_k oriented to a positive inner product with x~_i, v_k flipped with it; weights
@@ -24,7 +34,8 @@ each other:
 - recursion (Algorithm 1, lines 18-27): into every firing of a selected upstream head whose destination
   is the token it was selected through; each event is computed once per prompt.
 
-The aggregation over prompts is the engine's own `graph.aggregate` (the comparison is about the tracing).
+The aggregation over prompts is the engine's own `graph.aggregate` (the comparison is about the tracing);
+it does not depend on the order of the edge rows, so the reference's depth-first order gives the same graph.
 Only GPT-2-style models (no rotary positions, no q/k or post-attention norms) are supported.
 """
 
@@ -42,7 +53,7 @@ import torch
 from circuitlang.data.prompts import PromptSet
 from circuitlang.engine.forward import Activations
 from circuitlang.engine.graph import aggregate
-from circuitlang.engine.results import TracedEdges, TracedEvents
+from circuitlang.engine.results import FiringStats, TracedEdges, TracedEvents
 from circuitlang.lang.plan import Root
 
 # Per-prompt fields of Activations and the axis that indexes prompts.
@@ -67,12 +78,14 @@ class ReferenceResult:
     events: TracedEvents
     edges: TracedEdges
     graph: nx.DiGraph
-    firing_counts: np.ndarray
+    firing: FiringStats
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def omega_svd(model) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(layer, head) -> (U [(d+1), r], S [r], V [(d+1), r]): the dense Omega of eq. (2), torch.linalg.svd."""
+def omega_svd(model, heads: Sequence[tuple[int, int]] | None = None) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(layer, head) -> (U [(d+1), r], S [r], V [(d+1), r]): the dense Omega of eq. (2), torch.linalg.svd.
+
+    Every head, or only `heads`."""
     b = model.bridge
     W_Q, b_Q = b.W_Q.detach().double().cpu(), b.b_Q.detach().double().cpu()
     W_K, b_K = b.W_K.detach().double().cpu(), b.b_K.detach().double().cpu()
@@ -80,16 +93,15 @@ def omega_svd(model) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.n
     if W_K.shape[1] != H:
         raise ValueError("the reference supports GPT-2-style models only (one key head per query head)")
     out = {}
-    for layer in range(L):
-        for head in range(H):
-            wq, bq, wk, bk = W_Q[layer, head], b_Q[layer, head], W_K[layer, head], b_K[layer, head]
-            omega = torch.zeros(d + 1, d + 1, dtype=torch.float64)
-            omega[:d, :d] = wq @ wk.T
-            omega[:d, d] = wq @ bk
-            omega[d, :d] = bq @ wk.T
-            omega[d, d] = bq @ bk
-            U, S, Vh = torch.linalg.svd(omega)
-            out[layer, head] = (U[:, :r].numpy(), S[:r].numpy(), Vh[:r].T.numpy())
+    for layer, head in heads if heads is not None else [(l, h) for l in range(L) for h in range(H)]:
+        wq, bq, wk, bk = W_Q[layer, head], b_Q[layer, head], W_K[layer, head], b_K[layer, head]
+        omega = torch.zeros(d + 1, d + 1, dtype=torch.float64)
+        omega[:d, :d] = wq @ wk.T
+        omega[:d, d] = wq @ bk
+        omega[d, :d] = bq @ wk.T
+        omega[d, d] = bq @ bk
+        U, S, Vh = torch.linalg.svd(omega)
+        out[layer, head] = (U[:, :r].numpy(), S[:r].numpy(), Vh[:r].T.numpy())
     return out
 
 
@@ -117,6 +129,13 @@ def select(contributions: list[float], mass: float) -> list[int]:
     return [k for k, c in enumerate(contributions) if c >= cutoff]
 
 
+def decompose(xi: np.ndarray, xj: np.ndarray, U: np.ndarray, S: np.ndarray, V: np.ndarray):
+    """One event from x~_i, x~_j (with the homogeneous 1): (slice terms [r], S_ij, x~_i U [r], x~_j V [r])."""
+    xu, xv = xi @ U, xj @ V
+    terms = xu * S * xv  # the r slice terms; they sum to A'_ij
+    return terms, sparse_set(terms), xu, xv
+
+
 def reference_trace(
     model,
     prompts: PromptSet,
@@ -124,14 +143,11 @@ def reference_trace(
     acts: Activations,
     threshold: float = 0.5,
     mass: float = 0.7,
-    *,
-    edge_order_chunk: int | None = None,
 ) -> ReferenceResult:
     """Singular Vector Tracing of `prompts` (the first len(prompts) prompts of `acts`) from `roots`.
 
-    edge_order_chunk: list the edges in the engine's order (layer down, events by (prompt, head, dest,
-    src) in chunks of this size, dest side before src side) before aggregating, so that `aggregate`'s
-    per-prompt first-seen side (the `type` of an edge reached through both tokens) is decided alike.
+    Returns the engine's outputs: the firing statistics of every head, the traced events and edges, and
+    the graph. timings: "svd" (step 1), "stats" (step 2), "walk" (step 3), "graph" (aggregation).
     """
     if any(getattr(acts, f) is not None for f in ("q_scale", "k_scale", "post_scale", "cos")):
         raise ValueError("the reference supports GPT-2-style models only (no rotary positions or extra norms)")
@@ -140,7 +156,6 @@ def reference_trace(
     svd = omega_svd(model)
     timings["svd"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
     P = len(prompts)
     x = acts.x[:, :P].double().numpy()  # [L, P, n, d]
     scale = acts.scale[:, :P].double().numpy()  # [L, P, n]
@@ -151,14 +166,39 @@ def reference_trace(
     lengths = acts.lengths[:P].tolist()
     L, _, H, n, _ = pattern.shape
     d = x.shape[-1]
-
-    events: list[tuple] = []
-    edges: list[tuple] = []
+    r = W_O.shape[2]
 
     def fires(p: int, layer: int, head: int, dest: int, src: int) -> bool:
         return (src != 0 and dest < lengths[p] and src < lengths[p]
                 and pattern[layer, p, head, dest, src] > threshold and scores[layer, p, head, dest, src] > 0)
 
+    # Step 2: the firing statistics, every (prompt, layer, head, dest, src) pair.
+    t0 = time.perf_counter()
+    counts = np.zeros((L, H), dtype=np.int64)
+    sizes: list[list[list[int]]] = [[[] for _ in range(H)] for _ in range(L)]
+    usage = np.zeros((L, H, r), dtype=np.int64)
+    for p in range(P):
+        for layer in range(L):
+            for head in range(H):
+                U, S, V = svd[layer, head]
+                for dest in range(lengths[p]):
+                    for src in range(1, dest + 1):
+                        if not fires(p, layer, head, dest, src):
+                            continue
+                        xi = np.append(x[layer, p, dest], 1.0)
+                        xj = np.append(x[layer, p, src], 1.0)
+                        _, chosen, _, _ = decompose(xi, xj, U, S, V)
+                        counts[layer, head] += 1
+                        sizes[layer][head].append(len(chosen))
+                        usage[layer, head, chosen] += 1
+    firing = FiringStats(counts=counts, slice_usage=usage,
+                         slice_counts=tuple(tuple(np.array(s, dtype=np.int64) for s in row) for row in sizes))
+    timings["stats"] = time.perf_counter() - t0
+
+    # Step 3: the walk of Algorithm 1, depth first from each root, per prompt.
+    t0 = time.perf_counter()
+    events: list[tuple] = []
+    edges: list[tuple] = []
     for p in range(P):
         visited: set[tuple[int, int, int, int]] = set()
 
@@ -169,9 +209,7 @@ def reference_trace(
             U, S, V = svd[layer, head]
             xi = np.append(x[layer, p, dest], 1.0)
             xj = np.append(x[layer, p, src], 1.0)
-            xu, xv = xi @ U, xj @ V
-            terms = xu * S * xv  # the r slice terms; they sum to A'_ij
-            chosen = sparse_set(terms)
+            terms, chosen, xu, xv = decompose(xi, xj, U, S, V)
             weights = np.array([(-1.0 if xu[k] < 0 else 1.0) * math.sqrt(S[k]) for k in chosen])
             event = len(events)
             events.append((p, layer, head, dest, src, float(terms.sum()), float(pattern[layer, p, head, dest, src]),
@@ -196,29 +234,11 @@ def reference_trace(
     timings["walk"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    inside = np.arange(n)[None, :] < np.array(lengths)[:, None]  # [P, n]
-    firing = (pattern > threshold) & (scores > 0) & inside[None, :, None, :, None] & inside[None, :, None, None, :]
-    firing[..., 0] = False
-    firing_counts = firing.sum(axis=(1, 3, 4))
-    if edge_order_chunk:
-        edges = _engine_order(events, edges, edge_order_chunk)
     ev = _events_table(events)
     ed = _edges_table(edges)
-    graph = aggregate(ev, ed, tuple(p.labels for p in prompts), firing_counts)
+    graph = aggregate(ev, ed, tuple(p.labels for p in prompts), firing.counts)
     timings["graph"] = time.perf_counter() - t0
-    return ReferenceResult(ev, ed, graph, firing_counts, timings)
-
-
-def _engine_order(events: list[tuple], edges: list[tuple], chunk: int) -> list[tuple]:
-    rank: dict[int, tuple] = {}
-    by_layer: dict[int, list[int]] = {}
-    for e, (p, layer, head, dest, src, *_) in enumerate(events):
-        by_layer.setdefault(layer, []).append(e)
-    for layer, rows in by_layer.items():
-        rows.sort(key=lambda e: (events[e][0], events[e][2], events[e][3], events[e][4]))
-        for position, e in enumerate(rows):
-            rank[e] = (-layer, position // chunk, position)
-    return sorted(edges, key=lambda ed: (rank[ed[0]][:2], ed[8] != "d", rank[ed[0]][2], ed[2], ed[3]))
+    return ReferenceResult(ev, ed, graph, firing, timings)
 
 
 def _events_table(events: list[tuple]) -> TracedEvents:
@@ -241,13 +261,50 @@ def _edges_table(edges: list[tuple]) -> TracedEdges:
 # --- Comparison -----------------------------------------------------------------------------------
 
 
-def compare(engine, ref: ReferenceResult, rtol: float = 1e-4) -> dict:
-    """Compare the engine's Trace with the reference: graph first, then events and edges (diagnostics).
+def compare_firing(a: FiringStats, b: FiringStats) -> tuple[list[str], list[tuple[int, int]]]:
+    """Differences between two FiringStats, exactly: counts equal, |S_ij| equal per head as multisets (the
+    order of the events within a head is not part of the statistics), slice_usage equal.
 
-    The graphs agree when they have the same communication edges with the same type and count, totals
-    equal to `rtol` relative, the same attention edges and counts, and the same head node attributes.
-    Returns {"equal": bool, "problems": [str], and sizes and the worst relative total difference}.
+    Returns the problems and the heads (layer, head) whose slice_counts or slice_usage differ."""
+    problems: list[str] = []
+    differing: set[tuple[int, int]] = set()
+    if a.counts.shape != b.counts.shape or not np.array_equal(a.counts, b.counts):
+        bad = np.argwhere(a.counts != b.counts).tolist() if a.counts.shape == b.counts.shape else "shapes"
+        problems.append(f"firing counts differ (layer, head): {bad[:5] if isinstance(bad, list) else bad}")
+    heads = [(l, h) for l in range(len(a.slice_counts)) for h in range(len(a.slice_counts[l]))]
+    if len(b.slice_counts) != len(a.slice_counts) or any(len(b.slice_counts[l]) != len(a.slice_counts[l]) for l in range(len(a.slice_counts))):
+        problems.append("slice_counts: different numbers of layers or heads")
+    else:
+        bad = [(l, h) for l, h in heads
+               if not np.array_equal(np.sort(a.slice_counts[l][h]), np.sort(b.slice_counts[l][h]))]
+        differing.update(bad)
+        if bad:
+            l, h = bad[0]
+            sa, sb = np.sort(a.slice_counts[l][h]), np.sort(b.slice_counts[l][h])
+            detail = (f"{len(sa)} vs {len(sb)} events" if len(sa) != len(sb)
+                      else f"{int((sa != sb).sum())} of {len(sa)} sorted sizes differ")
+            problems.append(f"slice_counts (|S_ij| per head, as multisets) differ on {len(bad)} heads, e.g. {l}.{h}: {detail}")
+    if a.slice_usage.shape != b.slice_usage.shape or not np.array_equal(a.slice_usage, b.slice_usage):
+        if a.slice_usage.shape == b.slice_usage.shape:
+            bad = [tuple(lh) for lh in np.argwhere((a.slice_usage != b.slice_usage).any(-1)).tolist()]
+            differing.update(bad)
+            diff = np.abs(a.slice_usage - b.slice_usage).sum()
+            problems.append(f"slice_usage differs on {len(bad)} heads {bad[:5]} (total absolute difference {diff})")
+        else:
+            problems.append("slice_usage: different shapes")
+    return problems, sorted(differing)
+
+
+def compare(engine, ref: ReferenceResult, rtol: float = 1e-4) -> dict:
+    """Compare the engine's Trace with the reference: firing statistics, graph, then events (diagnostics).
+
+    The firing statistics agree when they are equal exactly (`compare_firing`). The graphs agree when
+    they have the same communication edges with the same type and count, totals equal to `rtol`
+    relative, the same attention edges and counts, and the same head node attributes.
+    Returns {"equal": bool (both), "firing_equal", "graph_equal", "problems": [str], and sizes and the
+    worst relative total difference}.
     """
+    firing_problems, firing_heads = compare_firing(engine.firing, ref.firing)
     problems: list[str] = []
     ga, gb = engine.graph, ref.graph
 
@@ -297,8 +354,15 @@ def compare(engine, ref: ReferenceResult, rtol: float = 1e-4) -> dict:
         problems.append(f"S_ij differs on {len(slice_diffs)} events, e.g. {k}: engine {sorted(ea.slices[ka[k]].tolist())} "
                         f"reference {sorted(eb.slices[kb[k]].tolist())}")
     return {
-        "equal": not problems,
-        "problems": problems,
+        "equal": not problems and not firing_problems,
+        "firing_equal": not firing_problems,
+        "graph_equal": not problems,
+        "firing_heads": firing_heads,
+        "counts_equal": engine.firing.counts.shape == ref.firing.counts.shape
+                        and bool(np.array_equal(engine.firing.counts, ref.firing.counts)),
+        "problems": firing_problems + problems,
+        "firing_events": int(engine.firing.counts.sum()),
+        "reference_firing_events": int(ref.firing.counts.sum()),
         "communication_edges": len(ca),
         "attention_edges": len(aa),
         "events": len(ka),
