@@ -12,7 +12,7 @@ import torch
 from circuitlang.data.ioi import ioi_prompts
 from circuitlang.data.prompts import PromptSet, load_prompt_file
 from circuitlang.engine.forward import Activations, capture
-from circuitlang.engine.geometry import attention_geometry
+from circuitlang.engine.geometry import AttentionGeometry, attention_geometry
 from circuitlang.engine.intervene import InterventionResults, run_interventions
 from circuitlang.engine.model import LoadedModel, load_model
 from circuitlang.engine.roots import RootChoice, auto_roots, direct_effects, last_token_writes
@@ -73,14 +73,16 @@ def run_plan(plan: Plan, *, model: LoadedModel | None = None, device: str | None
 
     chosen: tuple[RootChoice, ...] = ()
     t0 = time.perf_counter()
+    geometry = attention_geometry(model)
     if isinstance(plan.roots, AutoRoots):
-        chosen = choose_roots(model, acts, prompts, plan.roots.k, plan.threshold)
+        chosen = choose_roots(model, acts, prompts, plan.roots.k, plan.threshold, geometry)
         roots = [c.root for c in chosen]
     else:
         roots = list(plan.roots)
     roots_time = time.perf_counter() - t0
 
-    result = trace(model, prompts, roots, plan.threshold, plan.mass, plan.slices, activations=acts, progress=progress)
+    result = trace(model, prompts, roots, plan.threshold, plan.mass, plan.slices, activations=acts, geometry=geometry,
+                   progress=progress)
     timings = {"load": load_time, "forward": forward_time, "roots": roots_time, **{k: v for k, v in result.timings.items() if k != "forward"}}
     diffs = tuple(acts.logit_diff.tolist()) if acts.logit_diff is not None else ()
     run = RunResult(plan=plan, trace=result, auto_roots=chosen, logit_diff=diffs)
@@ -104,13 +106,14 @@ def run_plan_interventions(plan: Plan, run: RunResult, *, model: LoadedModel | N
     return dataclasses.replace(run, interventions=results)
 
 
-def choose_roots(model: LoadedModel, acts: Activations, prompts: PromptSet, k: int, threshold: float) -> tuple[RootChoice, ...]:
+def choose_roots(model: LoadedModel, acts: Activations, prompts: PromptSet, k: int, threshold: float,
+                 geometry: AttentionGeometry | None = None) -> tuple[RootChoice, ...]:
     """`trace from auto k` (see circuitlang.engine.roots)."""
     from circuitlang.engine.roots import RootError
 
     if any(p.target is None or p.distractor is None for p in prompts):
         raise RootError("`trace from auto` needs prompts with a target and a distractor answer")
-    W_O = attention_geometry(model).W_O
+    W_O = (geometry or attention_geometry(model)).W_O
     W_U = model.bridge.W_U.detach().to("cpu", torch.float32)
     targets = torch.tensor([p.target for p in prompts])
     distractors = torch.tensor([p.distractor for p in prompts])
