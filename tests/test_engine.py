@@ -14,6 +14,7 @@ from circuitlang.engine.omega import OmegaSlices, omega_matrix
 from circuitlang.engine.geometry import attention_geometry, layer_slices
 from circuitlang.engine.trace import TraceError, trace, writer_contributions
 from circuitlang.lang.plan import Root, SliceRule
+from checks import assert_writers_complete, busiest_roots
 from tiny_models import build_gpt2
 
 SHAPES = {  # name: (layers, heads, width, seed)
@@ -45,19 +46,6 @@ def model_slices(model) -> OmegaSlices:
     geometry = attention_geometry(model)
     per_layer = [layer_slices(geometry, l) for l in range(model.n_layers)]
     return OmegaSlices(*(torch.stack([getattr(s, f) for s in per_layer]) for f in ("Q_a", "Q_b", "U", "S", "V")))
-
-
-def busiest_roots(acts, prompts, layer, k=3):
-    """The k (head, dest role, src role) pairs that fire most often at `layer`: roots that surely fire."""
-    fires = dc.firing_mask(acts.pattern, acts.scores, acts.lengths, 0.5)[layer]
-    counts = {}
-    for p, h, i, j in fires.nonzero().tolist():
-        dest, src = prompts[p].labels[i], prompts[p].labels[j]
-        if dest in prompts.role_names and src in prompts.role_names and dest != src:
-            counts[h, dest, src] = counts.get((h, dest, src), 0) + 1
-    ranked = sorted(counts, key=lambda key: (-counts[key], key))[:k]
-    assert ranked, "no root fires in this tiny model"
-    return [Root(layer, h, dest, src) for h, dest, src in ranked]
 
 
 # --- Omega and its slices (eqs. 2, 5) --------------------------------------------------------------
@@ -155,15 +143,9 @@ def test_all_writers_sum_to_the_signal_projection(tiny, acts, prompts):
     roots = busiest_roots(acts, prompts, tiny.n_layers - 1)
     t = trace(tiny, prompts, roots, activations=acts)
     assert len(t.events) > len(roots)
-    geometry = attention_geometry(tiny)
-    for side, signal in (("d", t.events.signal_dest), ("s", t.events.signal_src)):
-        parts = writer_contributions(acts, geometry, t.events, side)
-        total = np.sum(list(parts.values()), axis=0)
-        np.testing.assert_allclose(total, signal, rtol=1e-4, atol=1e-4 * np.abs(signal).max())
-        # Signals are positive by the sign convention: every slice term in S_ij is positive.
-        assert (signal > 0).all()
+    assert_writers_complete(tiny, acts, t.events)
     # The edges the trace reports are those heads' contributions, from the same events.
-    parts = writer_contributions(acts, geometry, t.events, "d")
+    parts = writer_contributions(acts, attention_geometry(tiny), t.events, "d")
     d = t.edges.side == "d"
     expected = [parts[f"head {l}.{h}"][e] for e, l, h in zip(t.edges.event[d], t.edges.up_layer[d], t.edges.up_head[d])]
     np.testing.assert_allclose(t.edges.contribution[d], expected, rtol=1e-4, atol=1e-6)

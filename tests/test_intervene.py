@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import subprocess
@@ -27,6 +26,7 @@ from circuitlang.engine.intervene import (
 from circuitlang.engine.model import load_model
 from circuitlang.engine.trace import trace
 from circuitlang.lang.plan import EdgeSelector, InterventionSet, Root
+from checks import busiest_roots
 from tiny_models import build_handbuilt
 
 # The hand-built circuit tuned so that interventions act on F: small markers (the norm barely rescales when
@@ -178,7 +178,6 @@ def tiny(tmp_path_factory, gpt2_tokenizer):
 @pytest.fixture(scope="module")
 def tiny_run(tiny, gpt2_tokenizer):
     from circuitlang.data.ioi import ioi_prompts
-    from test_engine import busiest_roots
 
     ps = ioi_prompts(gpt2_tokenizer, n=8, seed=3)
     acts = capture(tiny, ps)
@@ -317,18 +316,12 @@ def test_local_intervention_on_a_rotary_gqa_model_matches_the_bilinear_form(tmp_
     from circuitlang.engine.trace import slices_for
     from tiny_models import build_rotary
 
-    from circuitlang.engine import decompose as dc
 
     model = load_model(str(build_rotary(tmp_path, gpt2_tokenizer, "llama")))
     ps = ioi_prompts(gpt2_tokenizer, n=8, seed=5, prepend_bos=model.prepend_bos)
     acts = capture(model, ps)
     top = model.n_layers - 1
-    counts = {}
-    for p, h, i, j in dc.firing_mask(acts.pattern, acts.scores, acts.lengths, 0.5)[top].nonzero().tolist():
-        key = (h, ps[p].labels[i], ps[p].labels[j])
-        if key[1] in ps.role_names and key[2] in ps.role_names:
-            counts[key] = counts.get(key, 0) + 1
-    roots = [Root(top, h, d, s) for h, d, s in sorted(counts, key=lambda k: (-counts[k], k))[:3]]
+    roots = busiest_roots(acts, ps, top, distinct=False)
     t = trace(model, ps, roots, activations=acts)
     e = t.edges
     assert len(e) > 0

@@ -1,7 +1,6 @@
 """The .circ language: every statement, extends, errors (verbatim), robustness, the shipped specs."""
 
 import dataclasses
-import os
 import subprocess
 import sys
 from pathlib import Path

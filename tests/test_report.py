@@ -16,12 +16,10 @@ import pytest
 from rich.console import Console
 
 from circuitlang.data.ioi import ioi_prompts
-from circuitlang.engine import decompose as dc
 from circuitlang.engine.forward import capture
 from circuitlang.engine.model import load_model
 from circuitlang.engine.results import FiringStats, Trace, TraceConfig, TracedEdges, TracedEvents
 from circuitlang.engine.trace import trace
-from circuitlang.lang.plan import Root
 from circuitlang.report import (
     atomic_path,
     atomic_write,
@@ -37,6 +35,7 @@ from circuitlang.report import (
     write_trace_json,
 )
 from circuitlang.report.draw import SIDE_COLOURS
+from checks import busiest_roots
 from tiny_models import build_gpt2
 
 PLAN = "model tiny\ntrace from 3.6 IO->IO-1\n"
@@ -49,13 +48,7 @@ def setup(tmp_path_factory, gpt2_tokenizer):
     model = load_model(str(path))
     prompts = ioi_prompts(gpt2_tokenizer, n=16, seed=3)
     acts = capture(model, prompts)
-    layer = model.n_layers - 1
-    counts: dict[tuple, int] = {}
-    for p, h, i, j in dc.firing_mask(acts.pattern, acts.scores, acts.lengths, 0.5)[layer].nonzero().tolist():
-        dest, src = prompts[p].labels[i], prompts[p].labels[j]
-        if dest in prompts.role_names and src in prompts.role_names and dest != src:
-            counts[h, dest, src] = counts.get((h, dest, src), 0) + 1
-    roots = [Root(layer, h, d, s) for h, d, s in sorted(counts, key=lambda k: (-counts[k], k))[:3]]
+    roots = busiest_roots(acts, prompts, model.n_layers - 1)
     return model, prompts, roots
 
 

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from circuitlang.data.ioi import ioi_prompts
-from circuitlang.engine import decompose as dc
 from circuitlang.engine.forward import capture
 from circuitlang.engine.geometry import attention_geometry
 from circuitlang.engine.model import load_model
-from circuitlang.engine.trace import decompose_layer, slices_for, trace, writer_contributions
-from circuitlang.lang.plan import Root, SliceRule
+from circuitlang.engine.trace import decompose_layer, slices_for, trace
+from circuitlang.lang.plan import SliceRule
+from checks import assert_writers_complete, busiest_roots
 from tiny_models import build_rotary
 
 FAMILIES = ("llama", "neox", "gemma3")
@@ -64,20 +63,7 @@ def test_omega_depends_on_the_offset(model, acts):
 
 
 def test_all_writers_sum_to_the_signal_projection(model, acts, prompts):
-    fires = dc.firing_mask(acts.pattern, acts.scores, acts.lengths, 0.5)
-    top = model.n_layers - 1
-    counts = {}
-    for p, h, i, j in fires[top].nonzero().tolist():
-        key = (h, prompts[p].labels[i], prompts[p].labels[j])
-        if key[1] in prompts.role_names and key[2] in prompts.role_names:
-            counts[key] = counts.get(key, 0) + 1
-    roots = [Root(top, h, d, s) for h, d, s in sorted(counts, key=lambda k: -counts[k])[:3]]
-    assert roots
+    roots = busiest_roots(acts, prompts, model.n_layers - 1, distinct=False)
     t = trace(model, prompts, roots, activations=acts)
     assert len(t.edges) > 0
-    geometry = attention_geometry(model)
-    for side, signal in (("d", t.events.signal_dest), ("s", t.events.signal_src)):
-        parts = writer_contributions(acts, geometry, t.events, side)
-        total = np.sum(list(parts.values()), axis=0)
-        np.testing.assert_allclose(total, signal, rtol=1e-4, atol=1e-4 * np.abs(signal).max())
-        assert (signal > 0).all()
+    assert_writers_complete(model, acts, t.events)
