@@ -318,7 +318,7 @@ def print_row(row: dict) -> None:
               f"engine-only {d['engine_only']}; float64 {terms}; engine's float32 rounding on this event's terms "
               f"{d['err']:.2g}: {'a tie within float32 rounding' if d['explained'] else 'NOT a float32 tie'}")
     c64 = c["float64"]
-    print(f"  check of the engine in float64 (untimed) against the reference: "
+    print("  check of the engine in float64 (untimed) against the reference: "
           + ("SAME FIRING STATISTICS" if c64["firing_equal"] else "FIRING STATISTICS DIFFER") + ", "
           + ("SAME GRAPH" if c64["graph_equal"] else "GRAPHS DIFFER")
           + f"; worst relative total difference {c64['max_rel_total_diff']:.1e}")

@@ -459,7 +459,6 @@ def run_interventions(
     if geometry is None:
         geometry = attention_geometry(model)
     centre = _norm_centres(model)
-    n = acts.tokens.shape[1]
     raw_scale = float(model.attn_scale)
     f_base = acts.logit_diff.double().numpy() if acts.logit_diff is not None else np.full(len(prompts), np.nan)
     answers = None
