@@ -50,7 +50,7 @@ from circuitlang.engine.model import load_model  # noqa: E402
 from circuitlang.engine.trace import decompose_layer, parse_root, slices_for, trace  # noqa: E402
 from circuitlang.lang.plan import Root, SliceRule  # noqa: E402
 
-TOKENIZER = REPO.parent / "shared" / "data" / "gpt2-tokenizer"
+TOKENIZER = REPO / "tests" / "data" / "gpt2-tokenizer"  # vendored: GPT-2's vocab.json + merges.txt
 PAPER_ROOTS = ("9.6 end->IO", "9.9 end->IO", "10.0 end->IO")
 
 

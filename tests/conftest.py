@@ -4,12 +4,14 @@ from pathlib import Path
 
 import pytest
 
-GPT2_TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt2-tokenizer"
+# Vendored in the repository (tests/data/gpt2-tokenizer/README.md: source, licence, checksums): the tests
+# read nothing outside it.
+GPT2_TOKENIZER_DIR = Path(__file__).resolve().parent / "data" / "gpt2-tokenizer"
 
 
 @pytest.fixture(scope="session")
 def gpt2_tokenizer():
-    """GPT-2's real tokenizer, built offline from shared/data/gpt2-tokenizer (vocab.json + merges.txt)."""
+    """GPT-2's real tokenizer, built offline from tests/data/gpt2-tokenizer (vocab.json + merges.txt)."""
     from transformers import GPT2TokenizerFast
 
     # from_pretrained on the folder: with transformers 5, GPT2TokenizerFast(vocab_file=..., merges_file=...)
