@@ -91,6 +91,7 @@ class Trace:
     (l, b) -> (layer, head, role) with attributes type ("s"/"d"), count (prompts), total and mean
     contribution; attention edges (layer, head, role) -> (layer, head) with count. Head nodes carry
     `firing` (all firing events of that head) and `traced` (events the trace reached).
+    token_text[p][t]: the text of token t of prompt p (empty for a trace read from an older trace.json).
     """
 
     config: TraceConfig
@@ -103,5 +104,6 @@ class Trace:
     events: TracedEvents
     edges: TracedEdges
     graph: nx.DiGraph
+    token_text: tuple[tuple[str, ...], ...] = ()  # per prompt, each token decoded (the viewer's prompt text)
     timings: dict[str, float] = field(default_factory=dict, compare=False)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)

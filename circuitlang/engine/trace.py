@@ -189,6 +189,7 @@ def trace(
         events=events,
         edges=edges,
         graph=graph,
+        token_text=tuple(tuple(model.tokenizer.decode([t]) for t in p.token_ids) for p in prompts),
         timings=timings,
     )
 

@@ -82,6 +82,7 @@ def trace_to_dict(trace: Trace, plan_text: str | None = None, *, include_timings
         "n_heads": trace.n_heads,
         "prompts": trace.prompts,
         "labels": trace.labels,
+        "token_text": trace.token_text,
         "firing": {"counts": trace.firing.counts, "slice_counts": trace.firing.slice_counts, "slice_usage": trace.firing.slice_usage},
         "events": _columns(trace.events),
         "edges": _columns(trace.edges),
@@ -141,6 +142,7 @@ def trace_from_dict(data: dict) -> Trace:
         events=_table(TracedEvents, data["events"]),
         edges=_table(TracedEdges, data["edges"]),
         graph=graph,
+        token_text=tuple(tuple(row) for row in data.get("token_text", ())),  # absent before the viewer
         timings=data.get("timings", {}),
         extra=data["extra"] | ({"plan": data["plan"]} if data["plan"] is not None else {}),
     )
