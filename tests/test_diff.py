@@ -158,3 +158,15 @@ def test_drawing_colours_each_side_and_scales_widths_by_the_change(tmp_path):
     else:
         assert names == ["diff.dot", "diff.json", "diff.png", "diff.svg"] and drawing.message is None
         assert (tmp_path / "diff.png").read_bytes().startswith(b"\x89PNG") and ONLY_B in (tmp_path / "diff.svg").read_text()
+
+
+def test_no_change_prints_none_not_empty_tables_and_heads_read_layer_dot_head():
+    a = hand_trace([((0, 0), (1, 2, "IO"), "s", 9, 4.0)])
+    diff = diff_traces(a, a, min_count=1)
+    console = Console(record=True, width=110, file=io.StringIO())
+    render_diff(diff, console)
+    text = console.export_text()
+    assert "Largest changes of total contribution (B - A): none" in text
+    assert "Largest changes of prompt count (B - A): none" in text and "count A" not in text
+    source = build_diff_dot(diff).source
+    assert re.search(r'h0_0 \[label="?0\.0"?[ \]]', source) and "(0, 0)" not in source

@@ -165,10 +165,16 @@ def test_dot_encodes_sides_widths_known_heads_and_layers():
     assert source.count("rank=same") == 3
     assert set(re.findall(r"\b[ht]\d_\d\w*(?= \[)", _block(source, "layer0_heads"))) == {"h0_0", "h0_1"}
     assert set(re.findall(r'label="([^"]+)"', _block(source, "layer1_tokens"))) == {"1.2 IO", "1.2 end"}
-    assert re.search(r'h1_2 \[label="\(1, 2\)"', _block(source, "layer1_heads"))
+    assert re.search(r'h1_2 \[label="?1\.2"?[ \]]', _block(source, "layer1_heads"))  # the paper's notation, as token boxes
     assert source.index("layer0_heads") < source.index("layer1_tokens") < source.index("layer1_heads")
     assert "hand" in source and "1.2 end-&gt;IO" in source and "≥ 3 of 10 prompts" in source
     assert source == build_dot(hand_trace(hand_graph()), min_count=3, known={(0, 0)}).source
+
+
+def test_head_nodes_read_layer_dot_head_and_the_legend_names_known_heads_only_when_marked():
+    plain, marked = (build_dot(hand_trace(hand_graph()), min_count=3, known=k).source for k in ((), {(0, 0)}))
+    assert "(0, 0)" not in plain and "(1, 2)" not in plain and re.search(r'h0_0 \[label="?0\.0"?[ \]]', plain)
+    assert "green border: known head" not in plain and "green border: known head" in marked
 
 
 @pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz's dot program is not installed")

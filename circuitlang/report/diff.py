@@ -21,7 +21,8 @@ from rich.table import Table
 from circuitlang.engine.results import Trace
 from circuitlang.lang import SpecError, parse_spec, parse_text
 from circuitlang.report.atomic import atomic_write
-from circuitlang.report.draw import DRAWING_FORMATS, PENWIDTH, Drawing, digraph, layered_nodes, render_dot, token_attrs
+from circuitlang.report.draw import (DRAWING_FORMATS, PENWIDTH, Drawing, digraph, head_label, layered_nodes, render_dot,
+                                     token_attrs)
 from circuitlang.report.export import dumps, edge_filter, node_id, plain, read_trace_json
 
 FORMAT = "circuitlang.diff/1"
@@ -173,6 +174,9 @@ def render_diff(diff: TraceDiff, console: Console, top: int = 15) -> None:
     for title, key in (("Largest changes of total contribution (B - A)", lambda c: abs(c.delta_total)),
                        ("Largest changes of prompt count (B - A)", lambda c: abs(c.delta_count))):
         changed = sorted((c for c in diff.changes if key(c) > 0), key=lambda c: (-key(c), c.up, c.down))
+        if not changed:  # a table of headers and no rows reads like a rendering fault
+            console.print(f"[italic]{title}[/italic]: none", highlight=False)
+            continue
         table = Table(title=title, box=box.SIMPLE_HEAD,
                       caption=f"{len(changed) - top} more changed edges not shown" if len(changed) > top else None)
         for name in ("up", "down token", "type", "count A", "count B", "total A", "total B", "change"):
@@ -224,7 +228,7 @@ def build_diff_dot(diff: TraceDiff):
         colour = where[n]
         if len(n) == 3:
             return {**token_attrs(n), "color": colour, "penwidth": "1.5"}
-        return {"label": f"({n[0]}, {n[1]})", "shape": "ellipse", "style": "filled", "fillcolor": FILL[colour],
+        return {"label": head_label(n), "shape": "ellipse", "style": "filled", "fillcolor": FILL[colour],
                 "color": colour, "penwidth": "2", "tooltip": f"head {n[0]}.{n[1]}"}
 
     ids = layered_nodes(dot, where, style)

@@ -38,8 +38,9 @@ def shade(fraction: float) -> tuple[str, str]:
     return "#{:02x}{:02x}{:02x}".format(*rgb), "white" if fraction > 0.5 else "black"
 
 
-def _title(trace: Trace, min_count: int) -> str:
-    """An HTML-like label: model, prompts, roots, filter, and the legend of Fig. 5's encoding."""
+def _title(trace: Trace, min_count: int, known: bool = False) -> str:
+    """An HTML-like label: model, prompts, roots, filter, and the legend of Fig. 5's encoding (the green
+    border only when known heads are marked)."""
     c, e = trace.config, html.escape
     s, d = SIDE_COLOURS["s"], SIDE_COLOURS["d"]
     rows = [
@@ -48,7 +49,8 @@ def _title(trace: Trace, min_count: int) -> str:
         f"edges seen in ≥ {min_count} of {len(trace.labels)} prompts  ·  threshold {c.threshold}  ·  mass {c.mass}  ·  slices {e(c.slices)}",
         f'<font color="{s}">━ into a source token (s)</font>   <font color="{d}">━ into a destination token (d)</font>'
         f'   <font color="{ATTENTION_COLOUR}">━ attention</font>',
-        f'width: accumulated contribution  ·  darker: more events traced  ·  <font color="{KNOWN_TEXT}">green border: known head</font>',
+        'width: accumulated contribution  ·  darker: more events traced'
+        + (f'  ·  <font color="{KNOWN_TEXT}">green border: known head</font>' if known else ""),
     ]
     return "<" + '<table border="0" cellspacing="1">' + "".join(f'<tr><td align="left">{r}</td></tr>' for r in rows) + "</table>>"
 
@@ -59,6 +61,11 @@ def digraph(name: str, title: str) -> graphviz.Digraph:
         "rankdir": "TB", "label": title, "labelloc": "t", "labeljust": "l", "fontname": "Helvetica",
         "fontsize": "12", "nodesep": "0.25", "ranksep": "0.4", "bgcolor": "white", "pad": "0.3",
     }, node_attr={"fontname": "Helvetica", "fontsize": "11"}, edge_attr={"arrowsize": "0.6"})
+
+
+def head_label(n: tuple) -> str:
+    """A head as the paper writes it, `layer.head` (`9.6`), as token boxes (`9.6 end`) and the tables do."""
+    return f"{n[0]}.{n[1]}"
 
 
 def token_attrs(n: tuple) -> dict:
@@ -98,7 +105,7 @@ def build_dot(trace: Trace, min_count: int = 1, known: Iterable[Head] = ()) -> g
     """The DOT graph of the trace's edges seen in >= min_count prompts; nodes and edges in sorted order."""
     g = edge_filter(trace.graph, min_count)
     known = set(known)
-    dot = digraph("trace", _title(trace, min_count))
+    dot = digraph("trace", _title(trace, min_count, bool(known)))
     traced = [g.nodes[n]["traced"] for n in g.nodes if len(n) == 2]
     most = math.log1p(max(traced, default=1))
 
@@ -107,7 +114,7 @@ def build_dot(trace: Trace, min_count: int = 1, known: Iterable[Head] = ()) -> g
             return token_attrs(n)
         fill, font = shade(math.log1p(g.nodes[n]["traced"]) / most if most else 0.0)
         border = {"color": KNOWN_BORDER, "penwidth": "3"} if n[:2] in known else {"color": "#444444", "penwidth": "1"}
-        return {"label": f"({n[0]}, {n[1]})", "shape": "ellipse", "style": "filled", "fillcolor": fill, "fontcolor": font,
+        return {"label": head_label(n), "shape": "ellipse", "style": "filled", "fillcolor": fill, "fontcolor": font,
                 "tooltip": f"head {n[0]}.{n[1]}: {g.nodes[n]['traced']} events traced, {g.nodes[n]['firing']} firings", **border}
 
     ids = layered_nodes(dot, g.nodes, style)
