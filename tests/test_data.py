@@ -7,7 +7,16 @@ from collections import Counter
 
 import pytest
 
-from circuitlang.data import IOI_ROLES, DataError, PromptSet, ioi_prompts, known_heads, load_prompt_file
+from circuitlang.data import (
+    IOI_ROLES,
+    DataError,
+    PromptFileError,
+    PromptSet,
+    ioi_prompts,
+    known_heads,
+    load_prompt_file,
+    read_prompt_file,
+)
 
 
 class WordTokenizer:
@@ -182,17 +191,20 @@ def test_prompt_file_happy_path(tmp_path, gpt2_tokenizer):
 @pytest.mark.parametrize(
     "line, message",
     [
-        ('{"text": "The cat sat",}', r"prompts.jsonl:2: bad JSON"),
-        ('["The cat sat"]', r"prompts.jsonl:2: expected a JSON object"),
-        ('{"roles": {"IO": 1}}', r"prompts.jsonl:2: missing 'text'"),
-        ('{"text": "The cat sat", "taget": " cat"}', r"prompts.jsonl:2: unknown keys \['taget'\]"),
-        ('{"text": "The cat sat", "roles": {"IO": "dog"}}', r"prompts.jsonl:2: role 'IO': word 'dog' not found"),
+        ('{"text": "The cat sat",}', r"prompts.jsonl:2:24: bad JSON"),
+        ('["The cat sat"]', r"prompts.jsonl:2:1: expected a JSON object"),
+        ('{"roles": {"IO": 1}}', r"prompts.jsonl:2:1: missing 'text'"),
+        ('{"text": "The cat sat", "taget": " cat"}', r"prompts.jsonl:2:25: unknown key 'taget'.*did you mean 'target'"),
+        ('{"text": "The cat sat", "roles": {"IO": "dog"}}', r"prompts.jsonl:2:35: role 'IO': word 'dog' not found"),
         (
             '{"text": "The cat sat", "roles": {"IO": {"word": "cat", "occurrence": 2}}}',
-            r"prompts.jsonl:2: role 'IO': word 'cat' occurs 1 time\(s\), not 2",
+            r"prompts.jsonl:2:35: role 'IO': word 'cat' occurs 1 time\(s\) in the text, not 2",
+        ),
+        (  # found in the text, but not as a token of its own: known only once tokenized
+            '{"text": "The cat sat", "roles": {"IO": "ca"}}', r"prompts.jsonl:2: role 'IO': word 'ca' not found among the text's tokens",
         ),
         ('{"text": "The cat sat", "roles": {"end": 3}}', r"prompts.jsonl:2: role 'end' position 3 out of range"),
-        ('{"text": "The cat sat", "roles": {"end": 2.5}}', r"prompts.jsonl:2: role 'end' must be a token position"),
+        ('{"text": "The cat sat", "roles": {"end": 2.5}}', r"prompts.jsonl:2:35: role 'end': must be a token position"),
         ('{"text": "The cat sat", "target": " Xzyqwv"}', r"prompts.jsonl:2: target ' Xzyqwv' is not a single token"),
     ],
 )
@@ -205,5 +217,51 @@ def test_prompt_file_errors_name_file_and_line(tmp_path, gpt2_tokenizer, line, m
 def test_prompt_file_empty_or_missing(tmp_path, gpt2_tokenizer):
     with pytest.raises(DataError, match="no prompts in file"):
         load_prompt_file(write(tmp_path, "# only a comment", ""), gpt2_tokenizer)
-    with pytest.raises(DataError, match="cannot read prompt file"):
+    with pytest.raises(DataError, match="missing.jsonl: no such prompt file"):
         load_prompt_file(tmp_path / "missing.jsonl", gpt2_tokenizer)
+
+
+# --- Prompt files checked without a tokenizer (circ check) ----------------------------------------------
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"text": "The cat sat",}', r"p.jsonl:2:24: bad JSON: Expecting property name"),
+    ("[" * 100_000, r"p.jsonl:2: bad JSON: nested too deeply"),
+    ('{"text": "a", "roles": {"end": ' + "9" * 5000 + "}}", r"p.jsonl:2: bad JSON: .*digits"),
+    ("42", r"p.jsonl:2:1: expected a JSON object .*, got an integer 42"),
+    ('{"txt": "The cat"}', r"p.jsonl:2:2: unknown key 'txt'.*did you mean 'text'\?"),
+    ('{"text": ""}', r"p.jsonl:2:2: 'text' must be a non-empty string, got a string \"\""),
+    ('{"text": 7}', r"p.jsonl:2:2: 'text' must be a non-empty string, got an integer 7"),
+    ('{"text": "The cat", "roles": ["IO"]}', r"p.jsonl:2:21: 'roles' must be an object .*, got an array"),
+    ('{"text": "The cat", "roles": {"my role": 1}}', r"p.jsonl:2:31: role name 'my role' can't be written in a spec"),
+    ('{"text": "The cat", "roles": {"IO": -1}}', r"p.jsonl:2:31: role 'IO': position -1 is negative"),
+    ('{"text": "The cat", "roles": {"IO": true}}', r"p.jsonl:2:31: role 'IO': must be a token position .*got a boolean"),
+    ('{"text": "The cat", "roles": {"IO": {"word": "cat", "occurence": 2}}}', r"role 'IO': unknown key 'occurence'"),
+    ('{"text": "The cat", "roles": {"IO": {"word": "cat", "occurrence": 0}}}', r"role 'IO': occurrence must be a positive"),
+    ('{"text": "The cat", "roles": {"IO": "dog"}}', r"p.jsonl:2:31: role 'IO': word 'dog' not found in the text"),
+    ('{"text": "The cat", "target": 3}', r"p.jsonl:2:21: 'target' must be a non-empty string"),
+])
+def test_prompt_file_structure_is_checked_without_a_tokenizer(tmp_path, line, message):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"text": "The cat sat", "roles": {"IO": "cat"}}\n' + line + "\n")
+    with pytest.raises(PromptFileError, match=message):
+        read_prompt_file(path)
+
+
+def test_prompt_file_encoding_directory_and_bom(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')  # Latin-1, not UTF-8
+    with pytest.raises(PromptFileError, match=r"p.jsonl:2:14: not UTF-8 text \(byte 0xe9\)"):
+        read_prompt_file(path)
+    with pytest.raises(PromptFileError, match=r"is a directory, not a prompt file"):
+        read_prompt_file(tmp_path)
+    path.write_bytes('\ufeff{"text": "a\u2028b", "roles": {"x": "b"}}\r\n'.encode())  # BOM, CRLF, U+2028 inside a string
+    (record,) = read_prompt_file(path)
+    assert record.text == "a\u2028b" and record.roles == (("x", "b"),) and record.line == 1
+
+
+def test_prompt_file_role_names_are_the_grammars_words():
+    from circuitlang.data.prompts import ROLE_NAME
+    from circuitlang.lang.parser import BARE_WORD
+
+    assert ROLE_NAME.pattern == BARE_WORD.pattern

@@ -124,7 +124,7 @@ def test_ioi_prompts(text, prompts):
     assert parse_text(text).prompts == prompts
 
 
-def test_prompts_file_is_relative_to_the_spec_and_allows_any_role():
+def test_prompts_file_is_relative_to_the_spec_and_allows_the_files_roles():
     plan = parse_spec("specs/file-prompts.circ")
     assert plan.prompts == FilePrompts(str(TESTS / "specs" / "tiny.jsonl"))
     assert plan.roots == (Root(3, 1, "end", "giver"),)
@@ -259,6 +259,32 @@ BAD = [
     ('intervene "x" {\n  top 1 edges\n  ablate\n  boost\n}', "t.circ:4:3: a second actions line; put all actions of a block on one line"),
     ('intervene "x" {\n  top 1 edges\n  ablate\n}\nintervene "x" {\n  top 2 edges\n  boost\n}',
      't.circ:5:1: duplicate intervene "x" block; the first is on line 1'),
+    # limits (docs/language.md, "Limits")
+    ("prompts ioi 99999999999999999999", "t.circ:1:13: the number of prompts must be at most 100000, got 99999999999999999999"),
+    ("prompts ioi 100001", "t.circ:1:13: the number of prompts must be at most 100000, got 100001"),
+    ("prompts ioi " + "9" * 5000, "t.circ:1:13: the number of prompts must be at most 100000, got 999999999999... (5000 digits)"),
+    ("prompts ioi 8 seed 9223372036854775808", "t.circ:1:20: the seed must be at most 9223372036854775807, got 9223372036854775808"),
+    ("seed 9223372036854775808", "t.circ:1:6: the seed must be at most 9223372036854775807, got 9223372036854775808"),
+    ("trace from auto 1000", "t.circ:1:17: trace from auto 1000: gemma-3-270m has only 72 heads (18 layers x 4 heads)"),
+    ("model gpt2\ntrace from auto 145", "t.circ:2:17: trace from auto 145: gpt2 has only 144 heads (12 layers x 12 heads)"),
+    ("model my/model\ntrace from auto 10001", "t.circ:2:17: the number of roots must be at most 10000, got 10001"),
+    ("slices top 100001", "t.circ:1:12: the number of slices must be at most 100000, got 100001"),
+    ("show edges in >= 100001 prompts", "t.circ:1:18: the prompt count of show must be at most 100000, got 100001"),
+    ('intervene "x" {\n  top 1000001 edges\n  ablate\n}', "t.circ:2:7: the number of edges must be at most 1000000, got 1000001"),
+    ('intervene "x" {\n  edges into root 99999999999999999999\n  ablate\n}',
+     "t.circ:2:19: there is no root 99999999999999999999; the trace has 3 roots, numbered from 1"),
+    ("model my/model\ntrace from 100000.0 end->IO", "t.circ:2:12: head 100000.0: layer and head numbers go up to 99999"),
+    ("model my/model\ncompare heads 1.1" + "1" * 5000, "t.circ:2:15: head 1." + "1" * 5001 + ": layer and head numbers go up to 99999"),
+    # near misses of a built-in model
+    ("model gemma-3-27m", 't.circ:1:7: unknown model "gemma-3-27m"; did you mean "gemma-3-270m"? '
+                          "(a hub model is named org/name, e.g. openai-community/gpt2)"),
+    ("model gemma-3-270M", 't.circ:1:7: unknown model "gemma-3-270M"; did you mean "gemma-3-270m"? '
+                           "(a hub model is named org/name, e.g. openai-community/gpt2)"),
+    ("model gpt-2", 't.circ:1:7: unknown model "gpt-2"; did you mean "gpt2"? (a hub model is named org/name, e.g. openai-community/gpt2)'),
+    ("model gemm\u0430-3-270m", 't.circ:1:11: model name "gemm\u0430-3-270m" has the non-ASCII character "\u0430" (U+0430, '
+                               'cyrillic small letter a); hub names are ASCII; did you mean "gemma-3-270m"?'),
+    ('model "google/gemm\u0430-3-270m"', 't.circ:1:19: model name "google/gemm\u0430-3-270m" has the non-ASCII character '
+                                        '"\u0430" (U+0430, cyrillic small letter a); hub names are ASCII'),
 ]
 
 
@@ -288,6 +314,81 @@ def test_check_against_model_points_at_the_head():
     check_against_model(plan, n_layers=8, n_heads=2)
     with pytest.raises(SpecError, match=r"^t\.circ:3:15: head 7\.1 is out of range for my/model \(4 layers"):
         check_against_model(plan, n_layers=4, n_heads=2)
+
+
+def test_auto_roots_beyond_the_models_heads_fail_once_its_shape_is_known():
+    plan = parse_text("model my/model\ntrace from auto 9", "t.circ")
+    check_against_model(plan, n_layers=3, n_heads=3)
+    with pytest.raises(SpecError, match=r"^t\.circ:2:1: trace from auto 9: my/model has only 8 heads \(4 layers x 2 heads\)$"):
+        check_against_model(plan, n_layers=4, n_heads=2)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "openai-community/gpt2", "gemma-3-270m", "gpt2-xl", "gpt2-medium", "distilgpt2",
+                                  "google/gemma-3-270m", "openai-community/GPT2", "./gemma-3-27m", "/models/gemma-3-270M"])
+def test_other_hub_names_and_paths_are_left_to_the_loader(name):
+    assert parse_text(f'model "{name}"').model.name == name
+
+
+def test_every_embedded_model_has_a_known_shape():
+    from circuitlang.engine.embedded import EMBEDDED
+    from circuitlang.lang.compiler import MODEL_SHAPES
+
+    assert set(EMBEDDED) <= set(MODEL_SHAPES)
+
+
+def test_a_byte_order_mark_is_ignored(tmp_path):
+    assert parse_text("\ufeffmodel gpt2\n").model == ModelSpec("gpt2")
+    path = tmp_path / "bom.circ"
+    path.write_bytes(b"\xef\xbb\xbfmodel gpt2\nslice paper\n")
+    assert parse_text("\ufeffmodel gpt2").model.name == "gpt2"
+    with pytest.raises(SpecError, match=r"bom\.circ:2:1: unknown statement \"slice\""):  # positions as the editor shows them
+        parse_spec(path)
+
+
+# prompt files: checked by `circ check`, all but the tokens
+
+def prompt_spec(tmp_path, lines: list[str], spec: str = "trace from 1.1 end->giver") -> Path:
+    (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n")
+    path = tmp_path / "s.circ"
+    path.write_text(f'model my/model\nprompts file "p.jsonl"\n{spec}\n')
+    return path
+
+
+def test_prompt_file_roles_are_checked_against_the_file(tmp_path):
+    lines = ['{"text": "Alice gave Bob a book", "roles": {"giver": "Alice", "end": 4, "book": "book"}}',
+             '{"text": "Carol gave Dan a pen", "roles": {"giver": "Carol", "end": 4}}']
+    assert parse_spec(prompt_spec(tmp_path, lines)).roots == (Root(1, 1, "end", "giver"),)
+    with pytest.raises(SpecError, match=r's\.circ:3:21: unknown role "givr"; roles of every prompt of p\.jsonl are giver, '
+                                        r'end; did you mean "giver"\?$'):
+        parse_spec(prompt_spec(tmp_path, lines, "trace from 1.1 end->givr"))
+    with pytest.raises(SpecError, match=r'unknown role "book"; roles of every prompt of p\.jsonl are giver, end$'):
+        parse_spec(prompt_spec(tmp_path, lines, "trace from 1.1 end->book"))
+    # `at ROLE` needs the role in some prompt (a prompt without it is matched by its token labels)
+    block = 'intervene "x" {\n  edges into 1.1 at book\n  ablate\n}'
+    assert parse_spec(prompt_spec(tmp_path, lines, block)).interventions[0].edges[0].role == "book"
+    with pytest.raises(SpecError, match=r's\.circ:4:21: unknown role "bok"; roles of the prompts of p\.jsonl are book, end, giver'):
+        parse_spec(prompt_spec(tmp_path, lines, block.replace("book", "bok")))
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"text": "Alice gave Bob a book", "roles": {"giver": "Alise"}}'], r"p\.jsonl:1:45: role 'giver': word 'Alise' not found in the text"),
+    (['{"text": "a"}', '{"text": "b",}'], r"p\.jsonl:2:14: bad JSON: Expecting property name enclosed in double quotes"),
+    (['# only a comment'], r"p\.jsonl: no prompts in file"),
+])
+def test_prompt_file_errors_fail_circ_check_with_file_and_line(tmp_path, lines, message):
+    with pytest.raises(SpecError, match=message):
+        parse_spec(prompt_spec(tmp_path, lines, ""))
+
+
+def test_prompt_file_not_utf8_or_a_directory(tmp_path):
+    spec = prompt_spec(tmp_path, [], "")
+    (tmp_path / "p.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "\xff"}\n')
+    with pytest.raises(SpecError, match=r"p\.jsonl:2:11: not UTF-8 text \(byte 0xff\); save the file as UTF-8$"):
+        parse_spec(spec)
+    (tmp_path / "p.jsonl").unlink()
+    (tmp_path / "p.jsonl").mkdir()
+    with pytest.raises(SpecError, match=r"s\.circ:2:14: .*p\.jsonl is a directory, not a prompts file$"):
+        parse_spec(spec)
 
 
 # format_plan

@@ -8,14 +8,35 @@ templates differ. This module is pure Python: the engine turns token ids into te
 
 from __future__ import annotations
 
+import difflib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+MAX_PROMPTS = 100_000
+"""The most prompts a run takes (`prompts ioi N`, or the prompts of one file)."""
+
+ROLE_NAME = re.compile(r"[A-Za-z_.\/][\w.:\/]*([+-][\w.:\/]+)*")
+"""A role name a spec can write: the `.circ` grammar's bare WORD (tests check they agree)."""
+
 
 class DataError(ValueError):
     """A problem with prompt data, stated in one sentence."""
+
+
+class PromptFileError(DataError):
+    """A problem with a prompt file found where it was written: `file:line:column: message` (column 0: none
+    is meaningful; line 0: the file as a whole)."""
+
+    def __init__(self, file: str, line: int, column: int, message: str):
+        self.file, self.line, self.column, self.message = str(file), line, column, message
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        place = self.file + (f":{self.line}" if self.line else "") + (f":{self.column}" if self.line and self.column else "")
+        return f"{place}: {self.message}"
 
 
 @dataclass(frozen=True)
@@ -97,66 +118,175 @@ def bos_id(tokenizer: Any) -> int:
     return tokenizer.bos_token_id
 
 
-_KEYS = {"text", "roles", "target", "distractor"}
+_KEYS = ("text", "roles", "target", "distractor")
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """One line of a prompt file, checked for everything that needs no tokenizer."""
+
+    line: int
+    text: str
+    roles: tuple[tuple[str, Any], ...]  # (name, int | word | {"word": ..., "occurrence": n}), as written
+    target: str | None
+    distractor: str | None
+
+
+def read_prompt_file(path: str | Path) -> tuple[PromptRecord, ...]:
+    """The prompts of a JSONL prompt file, checked without a tokenizer: the file exists and is UTF-8 text,
+    each line is a JSON object with a non-empty string `text`, known keys only, `roles` an object of valid
+    role names and values, `target`/`distractor` strings, at least one and at most MAX_PROMPTS prompts.
+
+    Raises PromptFileError naming `file:line:column`. Token-level checks (a role's word is a token, a
+    position is inside the text's tokens, an answer is one token) need the tokenizer: `load_prompt_file`.
+    """
+    name = str(path)
+    path = Path(path)
+    if path.is_dir():
+        raise PromptFileError(name, 0, 0, "is a directory, not a prompt file (a JSONL file, one prompt a line)")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise PromptFileError(name, 0, 0, "no such prompt file") from None
+    except OSError as err:
+        raise PromptFileError(name, 0, 0, f"cannot read the prompt file: {(err.strerror or str(err)).lower()}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise PromptFileError(name, line, column, f"not UTF-8 text (byte 0x{data[err.start]:02x}); "
+                              "save the file as UTF-8") from None
+    records = []
+    # split on \n only: JSON strings may hold U+2028 and other characters str.splitlines() breaks at
+    for number, line in enumerate(text.removeprefix("\ufeff").split("\n"), start=1):
+        line = line.removesuffix("\r")
+        if line.strip() and not line.lstrip().startswith("#"):
+            if len(records) == MAX_PROMPTS:
+                raise PromptFileError(name, number, 0, f"more than {MAX_PROMPTS} prompts; split the file")
+            records.append(_record(line, name, number))
+    if not records:
+        raise PromptFileError(name, 0, 0, "no prompts in file (blank lines and # comments only)")
+    return tuple(records)
+
+
+def common_roles(records: tuple[PromptRecord, ...]) -> tuple[str, ...]:
+    """The role names every prompt defines, in the first prompt's order: the roles a trace root may name."""
+    common = set.intersection(*({name for name, _ in r.roles} for r in records))
+    return tuple(name for name, _ in records[0].roles if name in common)
+
+
+def _record(line: str, file: str, number: int) -> PromptRecord:
+    """One prompt line checked without a tokenizer."""
+    def error(message: str, column: int = 0) -> PromptFileError:
+        return PromptFileError(file, number, column, message)
+
+    def column_of(key: str) -> int:
+        return line.find(json.dumps(key)) + 1  # 0 (none) when the key is written with escapes
+
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise error(f"bad JSON: {err.msg}", err.colno) from None
+    except (ValueError, RecursionError) as err:  # an integer of over 4300 digits; nesting too deep
+        raise error(f"bad JSON: {err if isinstance(err, ValueError) else 'nested too deeply'}") from None
+    if not isinstance(record, dict):
+        raise error(f"expected a JSON object like {{\"text\": ...}}, got {_json_type(record)}", 1)
+    for key in record:
+        if key not in _KEYS:
+            close = difflib.get_close_matches(key, _KEYS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise error(f"unknown key {key!r}; keys are {', '.join(map(repr, _KEYS))}{hint}", column_of(key))
+    text = record.get("text")
+    if "text" not in record:
+        raise error("missing 'text' (the prompt, a non-empty string)", 1)
+    if not isinstance(text, str) or not text.strip():
+        raise error(f"'text' must be a non-empty string, got {_json_type(text)}", column_of("text"))
+    raw_roles = record.get("roles", {})
+    if not isinstance(raw_roles, dict):
+        raise error(f"'roles' must be an object mapping role names to positions or words, got {_json_type(raw_roles)}",
+                    column_of("roles"))
+    roles = []
+    for role, value in raw_roles.items():
+        if not ROLE_NAME.fullmatch(role):
+            raise error(f"role name {role!r} can't be written in a spec: use letters, digits and _ . : / "
+                        "(+ or - between parts), starting with a letter or _", column_of(role))
+        problem = _role_problem(value, text)
+        if problem:
+            raise error(f"role {role!r}: {problem}", column_of(role))
+        roles.append((role, value))
+    answers = {}
+    for key in ("target", "distractor"):
+        value = record.get(key)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise error(f"{key!r} must be a non-empty string (one token of the answer, e.g. \" Mary\"), "
+                        f"got {_json_type(value)}", column_of(key))
+        answers[key] = value
+    return PromptRecord(number, text, tuple(roles), answers["target"], answers["distractor"])
+
+
+def _role_problem(value: Any, text: str) -> str | None:
+    """What is wrong with one role value, as far as can be known without a tokenizer; None if nothing."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return None if value >= 0 else f"position {value} is negative (positions count the text's tokens from 0)"
+    occurrence = 1
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - {"word", "occurrence"})
+        if unknown:
+            return f"unknown key {unknown[0]!r} in {{\"word\": ..., \"occurrence\": n}}"
+        occurrence = value.get("occurrence", 1)
+        if not isinstance(occurrence, int) or isinstance(occurrence, bool) or occurrence < 1:
+            return f"occurrence must be a positive integer, got {_json_type(occurrence)}"
+        value = value.get("word")
+    if not isinstance(value, str) or not value.strip():
+        return ("must be a token position (an integer), a word (a string) or {\"word\": ..., \"occurrence\": n}, "
+                f"got {_json_type(value)}")
+    word = value.strip()
+    found = text.count(word)  # a token equal to the word is an occurrence of it in the text
+    if not found:
+        return f"word {word!r} not found in the text"
+    if found < occurrence:
+        return f"word {word!r} occurs {found} time(s) in the text, not {occurrence}"
+    return None
+
+
+def _json_type(value: Any) -> str:
+    """How a JSON value is described in an error: its type, and the value itself when short."""
+    kind = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+    shown = json.dumps(value, ensure_ascii=False)
+    return f"{kind} {shown}" if len(shown) <= 30 and not isinstance(value, (dict, list)) and value is not None else kind
 
 
 def load_prompt_file(path: str | Path, tokenizer: Any, *, prepend_bos: bool = False) -> PromptSet:
-    """Read prompts from a JSONL file, one JSON object a line.
+    """Read prompts from a JSONL file, one JSON object a line (docs/language.md, "Prompt files").
 
     Each line is ``{"text": ..., "roles": {...}, "target": " Mary", "distractor": " John"}``; ``roles``,
     ``target`` and ``distractor`` are optional. A role value is an int (a position in the text's own
     tokens, before any BOS), a word (the first token whose text, stripped, equals the word stripped) or
     ``{"word": "John", "occurrence": 2}`` (its 2nd such token). ``target``/``distractor`` must each be a
     single token. Blank lines and lines starting with ``#`` are skipped. ``role_names`` are the roles common
-    to all prompts, in the first prompt's order. Every problem raises DataError naming ``file:line``.
+    to all prompts, in the first prompt's order. Every problem raises DataError naming ``file:line``:
+    `read_prompt_file` checks what needs no tokenizer (so `circ check` can), this the tokens.
     """
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as err:
-        raise DataError(f"cannot read prompt file {path}: {err.strerror or err}") from None
-    prompts = []
-    for number, line in enumerate(lines, start=1):
-        if line.strip() and not line.lstrip().startswith("#"):
-            prompts.append(_file_prompt(line, f"{path}:{number}", tokenizer, prepend_bos))
-    if not prompts:
-        raise DataError(f"{path}: no prompts in file")
-    common = set.intersection(*({name for name, _ in p.roles} for p in prompts))
-    role_names = tuple(name for name, _ in prompts[0].roles if name in common)
-    return PromptSet(tuple(prompts), role_names, f"file {path.name} ({len(prompts)} prompts)")
+    records = read_prompt_file(path)
+    prompts = tuple(_file_prompt(r, f"{path}:{r.line}", tokenizer, prepend_bos) for r in records)
+    return PromptSet(prompts, common_roles(records), f"file {Path(path).name} ({len(prompts)} prompts)")
 
 
-def _file_prompt(line: str, where: str, tokenizer: Any, prepend_bos: bool) -> Prompt:
-    """One prompt from one JSONL line; ``where`` is ``file:line`` for error messages."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{where}: bad JSON ({err.msg} at column {err.colno})") from None
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    unknown = sorted(set(record) - _KEYS)
-    if unknown:
-        raise DataError(f"{where}: unknown keys {unknown}; allowed: {sorted(_KEYS)}")
-    text = record.get("text")
-    if not isinstance(text, str) or not text:
-        raise DataError(f"{where}: missing 'text' (a non-empty string)")
-    raw_roles = record.get("roles", {})
-    if not isinstance(raw_roles, dict):
-        raise DataError(f"{where}: 'roles' must be an object mapping role names to positions or words")
-
-    ids = encode(tokenizer, text)
+def _file_prompt(record: PromptRecord, where: str, tokenizer: Any, prepend_bos: bool) -> Prompt:
+    """One prompt from one checked line; ``where`` is ``file:line`` for error messages."""
+    ids = encode(tokenizer, record.text)
     offset = 1 if prepend_bos else 0
-    roles = tuple(
-        (name, _role_position(value, name, ids, tokenizer, where) + offset) for name, value in raw_roles.items()
-    )
+    roles = tuple((name, _role_position(value, name, ids, tokenizer, where) + offset) for name, value in record.roles)
     token_ids = tuple(([bos_id(tokenizer)] if prepend_bos else []) + ids)
     return Prompt(
-        text=text,
+        text=record.text,
         token_ids=token_ids,
         roles=roles,
         labels=token_labels(token_ids, roles, tokenizer, bos=prepend_bos),
-        target=_answer_id(record, "target", tokenizer, where),
-        distractor=_answer_id(record, "distractor", tokenizer, where),
+        target=_answer_id(record.target, "target", tokenizer, where),
+        distractor=_answer_id(record.distractor, "distractor", tokenizer, where),
         meta=(("source", where),),
     )
 
@@ -186,12 +316,11 @@ def _role_position(value: Any, name: str, ids: list[int], tokenizer: Any, where:
     return hits[occurrence - 1]
 
 
-def _answer_id(record: Mapping[str, Any], key: str, tokenizer: Any, where: str) -> int | None:
-    """The single token id of ``record[key]`` (None if absent)."""
-    word = record.get(key)
+def _answer_id(word: str | None, key: str, tokenizer: Any, where: str) -> int | None:
+    """The single token id of an answer (None if absent)."""
     if word is None:
         return None
-    ids = encode(tokenizer, word) if isinstance(word, str) else []
+    ids = encode(tokenizer, word)
     if len(ids) != 1:
         raise DataError(f"{where}: {key} {word!r} is not a single token for this tokenizer ({len(ids)} tokens)")
     return ids[0]

@@ -7,13 +7,16 @@ checked as a whole, so an error names the file and line where the offending stat
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+import unicodedata
 from decimal import Decimal
 
 from lark import Token, Tree
 
 from circuitlang.data.ioi import IOI_ROLES, known_heads
+from circuitlang.data.prompts import MAX_PROMPTS, PromptFileError, common_roles, read_prompt_file
 from circuitlang.lang.errors import SpecError, did_you_mean, listing
 from circuitlang.lang.parser import BARE_WORD, KEYWORDS, STATEMENTS, parse_statements
 from circuitlang.lang.plan import (
@@ -31,8 +34,18 @@ from circuitlang.lang.plan import (
     Where,
 )
 
-# (layers, heads) of the built-in model aliases, so that specs for them are checked before loading
+# (layers, heads) of the built-in model aliases, so that specs for them are checked before loading.
+# Every embedded model (circuitlang.engine.embedded.EMBEDDED, which imports torch) is here: a test checks.
 MODEL_SHAPES = {"gpt2": (12, 12), "openai-community/gpt2": (12, 12), "gemma-3-270m": (18, 4)}
+# Limits on the numbers of a spec (docs/language.md, "Limits"), so a slip of the finger fails `circ check`.
+MAX_AUTO_ROOTS = 10_000  # and at most the model's heads, once its shape is known
+MAX_SLICES = 100_000
+MAX_TOP_EDGES = 1_000_000
+MAX_SEED = 2**63 - 1
+MAX_INDEX = 99_999  # a layer or head number
+# Letters that look like ASCII ones (Cyrillic, Greek), for "did you mean" on a model name typed with one.
+_HOMOGLYPHS = str.maketrans("аеорсухіјѕԁԛԝАВЕКМНОРСТХІЈЅαοντΑΒΕΗΙΚΜΝΟΡΤΧΥΖ",
+                            "aeopcyxijsdqwABEKMHOPCTXIJSaovtABEHIKMNOPTXYZ")
 KNOWN_LISTS = ("ioi",)  # `compare known NAME`: the lists circuitlang.data.ioi.known_heads has
 DTYPES = ("float32", "float16", "bfloat16")
 _DEVICE = re.compile(r"cpu|mps|cuda(:\d+)?")
@@ -70,6 +83,9 @@ def check_against_model(plan: Plan, n_layers: int, n_heads: int) -> None:
         if not inside(layer, head):
             at = where.get(f"{layer}.{head}", fallback)
             raise SpecError.at(at, f"head {layer}.{head} is out of range for {shape}")
+    if isinstance(plan.roots, AutoRoots) and plan.roots.k > n_layers * n_heads:
+        raise SpecError.at(where.get("trace", fallback), f"trace from auto {plan.roots.k}: "
+                           f"{plan.model.name} has only {n_layers * n_heads} heads ({n_layers} layers x {n_heads} heads)")
     if isinstance(plan.compare, str):
         for layer, head in (_head(h) for heads in known_heads(plan.compare).values() for h in heads):
             if not inside(layer, head):
@@ -166,7 +182,10 @@ class _Compiler:
     def __init__(self):
         self.file = ""
         self.where: dict[str, Where] = {}
-        self.roles: tuple[str, ...] | None = IOI_ROLES  # None: any role (a prompts file)
+        self.roles: tuple[str, ...] = IOI_ROLES  # the roles every prompt defines
+        self.prompt_file: str | None = None  # the prompts file's name, once `prompts file` is read
+        self.any_roles: set[str] = set()  # with a prompts file: the roles some prompt defines
+        self.model_name = Plan.model.name  # the default model
         self.roots: tuple[Root, ...] | AutoRoots = AutoRoots()
 
     def error(self, token: Token, message: str) -> SpecError:
@@ -186,21 +205,32 @@ class _Compiler:
                 raise self.error(value, f'unknown dtype "{value}"; dtypes are {listing(DTYPES, "and")}'
                                  + did_you_mean(value, DTYPES))
             given[str(key)] = str(value)
-        return {"model": ModelSpec(_text(name), **given)}
+        self.model_name = _text(name)
+        _check_model_name(name, self.file)
+        return {"model": ModelSpec(self.model_name, **given)}
 
     def _prompts_ioi(self, n, kind, seed):
         self.roles = IOI_ROLES
         return {"prompts": IOIPrompts(
-            self.count(n, "the number of prompts") if n else IOIPrompts.n,
+            self.count(n, "the number of prompts", MAX_PROMPTS) if n else IOIPrompts.n,
             str(kind.children[0]) if kind else IOIPrompts.kind,
-            int(seed) if seed else IOIPrompts.seed,
+            self.count(seed, "the seed", MAX_SEED, least=0) if seed else IOIPrompts.seed,
         )}
 
     def _prompts_file(self, path):
-        self.roles = None
-        absolute = os.path.abspath(os.path.join(os.path.dirname(self.file), _text(path)))
+        shown = os.path.normpath(os.path.join(os.path.dirname(self.file), _text(path)))
+        absolute = os.path.abspath(shown)
+        if os.path.isdir(absolute):
+            raise self.error(path, f"{absolute} is a directory, not a prompts file")
         if not os.path.isfile(absolute):
             raise self.error(path, f"no such prompts file: {absolute}")
+        try:  # everything but the tokens, checked now rather than after the model has loaded
+            records = read_prompt_file(shown)
+        except PromptFileError as e:
+            raise SpecError(e.file, e.line, e.column, e.message) from None
+        self.roles = common_roles(records)
+        self.prompt_file = os.path.basename(shown)
+        self.any_roles = {name for r in records for name, _ in r.roles}
         return {"prompts": FilePrompts(absolute)}
 
     def _trace_roots(self, *trees):
@@ -214,7 +244,12 @@ class _Compiler:
         return {"roots": self.roots}
 
     def _trace_auto(self, k):
-        self.roots = AutoRoots(self.count(k, "the number of roots")) if k else AutoRoots()
+        self.roots = AutoRoots(self.count(k, "the number of roots", MAX_AUTO_ROOTS)) if k else AutoRoots()
+        if self.model_name in MODEL_SHAPES:  # any other model: once loaded (check_against_model)
+            layers, heads = MODEL_SHAPES[self.model_name]
+            if self.roots.k > layers * heads:
+                raise self.error(k, f"trace from auto {k}: {self.model_name} has only {layers * heads} heads "
+                                 f"({layers} layers x {heads} heads)")
         return {"roots": self.roots}
 
     def _firing(self, number):
@@ -223,13 +258,13 @@ class _Compiler:
     def _slices(self, rule):
         if isinstance(rule, Tree):
             return {"slices": SliceRule(str(rule.children[0]))}
-        return {"slices": SliceRule("top", self.count(rule, "the number of slices"))}
+        return {"slices": SliceRule("top", self.count(rule, "the number of slices", MAX_SLICES))}
 
     def _keep(self, number):
         return {"mass": self.fraction(number.children[0], "the kept mass")}
 
     def _show(self, n):
-        return {"show_min_count": self.count(n, "the prompt count of show")}
+        return {"show_min_count": self.count(n, "the prompt count of show", MAX_PROMPTS)}
 
     def _compare_known(self, tree):
         name = tree.children[0]
@@ -250,7 +285,7 @@ class _Compiler:
         return {"output": Output(_text(directory), formats)}
 
     def _seed(self, seed):
-        return {"seed": int(seed)}
+        return {"seed": self.count(seed, "the seed", MAX_SEED, least=0)}
 
     # intervene blocks
 
@@ -287,7 +322,7 @@ class _Compiler:
 
     def _into_root(self, k, via):
         n = self.roots.k if isinstance(self.roots, AutoRoots) else len(self.roots)
-        if not 1 <= int(k) <= n:
+        if len(k) > 6 or not 1 <= int(k) <= n:
             raise self.error(k, f"there is no root {k}; "
                              f"the trace has {n} root{'s' * (n != 1)}, numbered from 1")
         root = None if isinstance(self.roots, AutoRoots) else self.roots[int(k) - 1]
@@ -298,34 +333,74 @@ class _Compiler:
         return EdgeSelector("from", up=self.head(head), **self.via(via))
 
     def _top(self, k):
-        return EdgeSelector("top", k=self.count(k, "the number of edges"))
+        return EdgeSelector("top", k=self.count(k, "the number of edges", MAX_TOP_EDGES))
 
     # pieces
 
     def via(self, tree):
         role, side = tree.children
-        return {"role": role and self.role(role), "side": side and str(side.children[0])}
+        return {"role": role and self.role(role, anywhere=True), "side": side and str(side.children[0])}
 
     def head(self, token) -> tuple[int, int]:
+        if any(len(part) > len(str(MAX_INDEX)) for part in token.split(".")):
+            raise self.error(token, f"head {token}: layer and head numbers go up to {MAX_INDEX}")
         layer, head = _head(token)
         self.where.setdefault(f"{layer}.{head}", Where(self.file, token.line, token.column))
         return layer, head
 
-    def role(self, token) -> str:
-        if self.roles is not None and token not in self.roles:
-            raise self.error(token, f'unknown role "{token}"; roles of the ioi prompts are '
-                             f"{', '.join(self.roles)}" + did_you_mean(token, self.roles))
+    def role(self, token, anywhere: bool = False) -> str:
+        """A role the prompts define: for a root, every prompt; for `at` (anywhere), some prompt."""
+        if self.prompt_file is None:
+            known, whose = self.roles, "the ioi prompts"
+        elif anywhere:
+            known, whose = tuple(sorted(self.any_roles)), f"the prompts of {self.prompt_file}"
+        else:
+            known, whose = self.roles, f"every prompt of {self.prompt_file}"
+        if token not in known:
+            listed = ", ".join(known) if known else "none"
+            raise self.error(token, f'unknown role "{token}"; roles of {whose} are {listed}' + did_you_mean(token, known))
         return str(token)
 
-    def count(self, token, what) -> int:
-        if int(token) < 1:
-            raise self.error(token, f"{what} must be at least 1, got {token}")
+    def count(self, token, what, most: int, least: int = 1) -> int:
+        """A whole number in [least, most]; its digits are counted first (int() refuses 4300 of them)."""
+        if len(token) > len(str(most)) or int(token) > most:
+            raise self.error(token, f"{what} must be at most {most}, got {_short(token)}")
+        if int(token) < least:
+            raise self.error(token, f"{what} must be at least {least}, got {token}")
         return int(token)
 
     def fraction(self, token, what) -> float:
         if not 0 < float(token) <= 1:
             raise self.error(token, f"{what} must be in (0, 1], got {token}")
         return float(token)
+
+
+def _check_model_name(token: Token, file: str) -> None:
+    """A model name that can only be a typo of a built-in one is an error with "did you mean": one that
+    differs in case, one with a non-ASCII letter (hub names are ASCII; a Cyrillic "а" looks like an "a"), or
+    an org-less name within a letter or two of a built-in. Paths and other hub names are left to the loader."""
+    name = _text(token)
+    if name in MODEL_SHAPES or name.startswith((".", "/", "~")) or os.path.exists(os.path.expanduser(name)):
+        return
+    builtins = list(MODEL_SHAPES)
+    skeleton = unicodedata.normalize("NFKC", name).translate(_HOMOGLYPHS)
+    close = [b for b in builtins if b.lower() == skeleton.lower()] or difflib.get_close_matches(
+        skeleton.lower(), builtins, n=1, cutoff=0.8)
+    hint = f'; did you mean "{close[0]}"?' if close else ""
+    offset = 1 if token.type == "STRING" else 0
+    for i, char in enumerate(name):
+        if not char.isascii():
+            what = unicodedata.name(char, f"U+{ord(char):04X}").lower()
+            raise SpecError(file, token.line, token.column + offset + i,
+                            f'model name "{name}" has the non-ASCII character "{char}" (U+{ord(char):04X}, {what}); '
+                            f"hub names are ASCII{hint}")
+    if close and "/" not in name:  # an org-less name: a built-in, or one of the hub's few legacy names
+        raise SpecError(file, token.line, token.column,
+                        f'unknown model "{name}"{hint} (a hub model is named org/name, e.g. openai-community/gpt2)')
+
+
+def _short(digits: str) -> str:
+    return digits if len(digits) <= 24 else f"{digits[:12]}... ({len(digits)} digits)"
 
 
 def _text(token: Token) -> str:

@@ -20,8 +20,8 @@ class SpecError(Exception):
         return cls(*where, message)
 
     def __str__(self) -> str:
-        if self.line:
-            return f"{self.file}:{self.line}:{self.column}: {self.message}"
+        if self.line:  # column 0: the line as a whole (a prompt file's line, say)
+            return f"{self.file}:{self.line}" + (f":{self.column}" if self.column else "") + f": {self.message}"
         return f"{self.file}: {self.message}"
 
 

@@ -37,6 +37,7 @@ _BEFORE_ROLE = {"DECIMAL"} | {name for name, value in _LITERALS.items() if value
 
 def parse_statements(text: str, filename: str) -> list[Tree]:
     """The statements of one spec file, in order; each tree's `meta` has its line and column."""
+    text = text.removeprefix("\ufeff")  # a UTF-8 byte order mark, as some Windows editors write one
     try:
         return _PARSER.parse(text + "\n").children
     except UnexpectedInput as e:
