@@ -44,12 +44,39 @@ def _parser() -> argparse.ArgumentParser:
                                "Writes diff.json and a drawing of both graphs.")
     diff.add_argument("a", metavar="A", help="a .circ spec or a trace.json")
     diff.add_argument("b", metavar="B", help="a .circ spec or a trace.json")
-    diff.add_argument("--min-count", type=int, metavar="N",
+    diff.add_argument("--min-count", type=_at_least_one, metavar="N",
                       help="compare edges seen in >= N prompts (default: the larger of the two specs' `show` filters)")
     diff.add_argument("--out", metavar="DIR", default="runs/diff", help="write diff.json and the drawing here (default: runs/diff)")
     diff.add_argument("--device", metavar="DEVICE", help="override the specs' device (cpu, cuda, cuda:0, mps)")
     diff.add_argument("--no-cache", action="store_true", help="recompute both traces; read and write no cache")
     return parser
+
+
+def _at_least_one(text: str) -> int:
+    """argparse type of a count: a whole number >= 1 (argparse turns the ValueError into a usage error)."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
+def _writable(directory: str, errors: Console) -> bool:
+    """Whether results can go to `directory`, checked before any model loads; if not, says why in one line."""
+    from circuitlang.report.outdir import OutputDirError, check_writable
+
+    try:
+        check_writable(directory)
+    except OutputDirError as err:
+        errors.print(f"[red]error[/red]: {err}", highlight=False, soft_wrap=True)
+        return False
+    return True
+
+
+def _write_failed(err: OSError, directory: str, rerun: str, errors: Console) -> int:
+    """Writing failed after the work was done (a full disk, say): one line, and how to get the results."""
+    reason = (err.strerror or str(err)) + (f" ({err.filename})" if getattr(err, "filename", None) else "")
+    errors.print(f"[red]error[/red]: could not write the results to {directory}: {reason}; {rerun}",
+                 highlight=False, soft_wrap=True, markup=True)
+    return EXIT_RUN
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +119,8 @@ def _run(plan: Plan, args, console: Console) -> int:
     from circuitlang.engine.trace import TraceError
 
     errors = Console(stderr=True)
+    if not _writable(plan.output.directory, errors):  # before the model loads, not after the trace
+        return EXIT_SPEC
     with _progress(args.quiet) as bars:
         try:
             result, reused = cached_run(plan, device=args.device, progress=bars, use_cache=not args.no_cache)
@@ -105,7 +134,12 @@ def _run(plan: Plan, args, console: Console) -> int:
             return EXIT_RUN
     if reused:
         errors.print(REUSED.format(key=reused), highlight=False, soft_wrap=True)
-    written, notes = _write_outputs(plan, result)
+    try:
+        written, notes = _write_outputs(plan, result)
+    except OSError as err:
+        kept = ("this run used --no-cache, so a rerun computes the trace again" if args.no_cache else
+                f"the trace is in the run cache, so `circ run {args.spec} --out DIR` with a writable DIR reuses it at once")
+        return _write_failed(err, plan.output.directory, kept, errors)
     if not args.quiet:
         _report(plan, result, console)
         for path in written:
@@ -124,6 +158,8 @@ def _diff(args, console: Console) -> int:
     from circuitlang.report.diff import diff_inputs, render_diff, write_diff
 
     errors = Console(stderr=True)
+    if not _writable(args.out, errors):  # before any spec is traced
+        return EXIT_SPEC
     notes: list[str] = []  # printed once the progress bars are done
 
     def load(path: str):
@@ -144,7 +180,12 @@ def _diff(args, console: Console) -> int:
     for note in notes:
         errors.print(note, highlight=False, soft_wrap=True)
     render_diff(diff, console)
-    drawing = write_diff(diff, args.out)
+    try:
+        drawing = write_diff(diff, args.out)
+    except OSError as err:
+        kept = ("this diff used --no-cache, so a rerun traces the specs again" if args.no_cache else
+                "the specs' traces are in the run cache, so a rerun with a writable --out takes seconds")
+        return _write_failed(err, args.out, kept, errors)
     for path in drawing.paths:
         console.print(f"wrote {path}", highlight=False)
     if drawing.message:
@@ -153,7 +194,13 @@ def _diff(args, console: Console) -> int:
 
 
 class _Bars:
-    """Rich progress bars for the engine's progress callback (stage, done, total)."""
+    """Rich progress bars for the engine's progress callback (stage, done, total).
+
+    The model build reports its steps ("model: assembling", ...) only as they start, at 0 of 1: each is
+    shown done (and its clock stopped) when the next stage starts.
+    """
+
+    STEPS = "model: "
 
     def __init__(self, progress: Progress | None):
         self.progress = progress
@@ -163,6 +210,9 @@ class _Bars:
         if self.progress is None:
             return
         if stage not in self.tasks:
+            for name, task in self.tasks.items():
+                if name.startswith(self.STEPS):
+                    self.progress.update(task, completed=1, total=1)
             self.tasks[stage] = self.progress.add_task(stage, total=total)
         self.progress.update(self.tasks[stage], completed=done, total=total)
 

@@ -23,6 +23,10 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # GPT-2's IOI prompts carry no BOS token (paper, section 4.3 and its footnote 2).
 _NO_BOS_MODEL_TYPES = {"gpt2"}
 
+HUB_PROBE_TIMEOUT_S = 3.0
+"""How long `load_model` waits to learn whether the Hugging Face hub answers, before loading a hub name that
+is not in the local cache (without the probe, an unreachable hub costs over a minute of retries)."""
+
 
 class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message is one sentence a user can act on."""
@@ -48,6 +52,127 @@ class LoadedModel:
 def _is_local(name: str) -> bool:
     """A path (existing, or written as one: ./x, ../x, /x, ~/x); `org/model` is a hub name."""
     return Path(name).expanduser().exists() or name.startswith((".", "/", "~"))
+
+
+def _offline_env() -> bool:
+    """HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE set to a true value, now or when huggingface_hub was imported."""
+    from huggingface_hub import constants
+
+    now = any(os.environ.get(v, "").strip().upper() in {"1", "ON", "YES", "TRUE"} for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return now or bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """Whether the hub's endpoint (HF_ENDPOINT, proxies honoured) answers HTTP within `timeout` seconds. The
+    request runs in a daemon thread, so a name lookup that hangs (which no socket timeout bounds) can't stall us."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    answered: list[bool] = []
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(_endpoint(), method="HEAD"), timeout=timeout).close()
+        except urllib.error.HTTPError:  # it answered, if not with 200
+            pass
+        except (OSError, ValueError):  # URLError, a timeout, a refused connection, a malformed endpoint
+            return
+        answered.append(True)
+
+    thread = threading.Thread(target=probe, name="circuitlang-hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return bool(answered)
+
+
+def _in_hub_cache(name: str) -> bool:
+    """Whether the local Hugging Face cache holds `name`'s config (under its TransformerLens alias, too)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    names = [name]
+    try:
+        from transformer_lens.tools.model_registry.registry_io import resolve_model_alias
+
+        names.append(resolve_model_alias(name))
+    except Exception:  # noqa: BLE001 - an optional refinement; the registry may move between versions
+        pass
+    for repo in filter(None, names):
+        try:
+            if isinstance(try_to_load_from_cache(repo, "config.json"), str):
+                return True
+        except ValueError:  # not a valid repo id; reported below
+            continue
+    return False
+
+
+def _near_builtin(name: str) -> str:
+    """'; did you mean "gemma-3-270m"?' when `name` looks like a built-in alias mistyped, else ''."""
+    import difflib
+    import unicodedata
+
+    from circuitlang.engine.embedded import EMBEDDED
+
+    builtins = [*EMBEDDED, "gpt2", "openai-community/gpt2"]
+    plain = unicodedata.normalize("NFKC", name).lower()
+    close = [b for b in builtins if b == plain] or difflib.get_close_matches(plain, builtins, n=1, cutoff=0.8)
+    return f'; did you mean "{close[0]}"?' if close and close[0] != name else ""
+
+
+def _check_hub_name(name: str) -> bool:
+    """Before booting hub name `name`: fail at once, with the sentence a user acts on, when it is not in the
+    local cache and the hub can't be asked (offline mode set, or no answer within HUB_PROBE_TIMEOUT_S).
+    Returns True when the cached copy must be loaded offline (the hub is unreachable)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise ModelLoadError(f"model {name!r} is neither a local directory nor a valid Hugging Face hub name "
+                             f"(org/name, ASCII letters, digits, - _ .){_near_builtin(name)}") from None
+    cached = _in_hub_cache(name)
+    if _offline_env():
+        if cached:
+            return True
+        why = "offline mode is set (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)"
+    elif _hub_reachable():
+        return False
+    elif cached:
+        return True
+    else:
+        why = f"the hub ({_endpoint()}) cannot be reached"
+    raise ModelLoadError(
+        f"model {name!r} is not in the local Hugging Face cache and {why}; "
+        f"download it where you have a network, or point `model` at a local directory in Hugging Face "
+        f'format (e.g. model "/path/to/{name.split("/")[-1]}")' + _near_builtin(name)
+    )
+
+
+def _endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool):
+    """Load from the local cache only (no retries against an unreachable hub) while `offline`."""
+    if not offline:
+        yield
+        return
+    from huggingface_hub import constants
+
+    saved, env = constants.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE")
+    constants.HF_HUB_OFFLINE = True
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+        if env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = env
 
 
 @contextlib.contextmanager
@@ -90,8 +215,9 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32", *, hf_mod
         raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     if _is_local(name) and not Path(name).expanduser().is_dir():
         raise ModelLoadError(f"model directory {name!r} does not exist")
+    offline = False if _is_local(name) or hf_model is not None else _check_hub_name(name)
     try:
-        with _quiet():
+        with _quiet(), _hub_offline(offline):
             bridge = TransformerBridge.boot_transformers(
                 name, device=device, dtype=DTYPES[dtype], hf_model=hf_model
             )
@@ -99,10 +225,11 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32", *, hf_mod
     except (OSError, ValueError) as err:
         if _is_local(name):
             raise ModelLoadError(f"could not load the model in {name!r}: {err}") from err
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(
-            f"model {name!r} is not in the local Hugging Face cache and the hub cannot be reached; "
-            f"download it where you have a network, or point `model` at a local directory in Hugging Face "
-            f'format (e.g. model "/path/to/{name.split("/")[-1]}")'
+            f"model {name!r} could not be loaded from the Hugging Face hub ({first}); check "
+            f'the name, or point `model` at a local directory in Hugging Face format (e.g. model "/path/to/'
+            f'{name.split("/")[-1]}")' + _near_builtin(name)
         ) from err
     cfg = bridge.cfg
     tokenizer = bridge.tokenizer
