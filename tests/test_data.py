@@ -4,6 +4,7 @@ import re
 import subprocess
 import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -265,3 +266,12 @@ def test_prompt_file_role_names_are_the_grammars_words():
     from circuitlang.lang.parser import BARE_WORD
 
     assert ROLE_NAME.pattern == BARE_WORD.pattern
+
+
+def test_the_worked_example_prompt_file_loads(gpt2_tokenizer):
+    """specs/examples/my-task.jsonl, the prompt file docs/language.md walks through, passes the token checks too."""
+    ps = load_prompt_file(Path(__file__).resolve().parents[1] / "specs" / "examples" / "my-task.jsonl", gpt2_tokenizer)
+    assert len(ps) == 5 and ps.role_names == ("person", "city", "other", "end")
+    first = ps[0]
+    assert (first.role("city"), first.role("person"), first.role("end")) == (3, 10, len(first.token_ids) - 1)
+    assert gpt2_tokenizer.decode([first.target]) == " Paris" and gpt2_tokenizer.decode([first.distractor]) == " Rome"

@@ -513,6 +513,10 @@ def test_shipped_specs():
     assert gpt2.output.directory == "runs/gpt2-ioi"
     assert gpt2.interventions[0].edges == (EdgeSelector("into", down=(9, 9), root=1, role="end"),)
 
+    mine = parse_spec(REPO / "specs" / "examples" / "file-prompts.circ")  # the prompt-file example of docs/language.md
+    assert mine.prompts == FilePrompts(str(REPO / "specs" / "examples" / "my-task.jsonl"))
+    assert mine.interventions[0].edges == (EdgeSelector("into", root=1, role="end"),)
+
     ablation = parse_spec(REPO / "specs" / "ablations" / "all-slices.circ")
     assert ablation.slices == SliceRule("all")
     assert dataclasses.replace(ablation, slices=ioi.slices, output=ioi.output) == ioi
