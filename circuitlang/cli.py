@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     diff = commands.add_parser("diff", help="compare the traces of two specs or trace.json files",
                                description="Compare the traces of A and B (.circ specs, traced or reused from the cache, "
                                "or trace.json files): nodes and edges only in one, Jaccard overlaps, the largest changes. "
-                               "Writes diff.json and a drawing of both graphs.")
+                               "Writes diff.json, a drawing of both graphs and diff.html (the interactive viewer).")
     diff.add_argument("a", metavar="A", help="a .circ spec or a trace.json")
     diff.add_argument("b", metavar="B", help="a .circ spec or a trace.json")
     diff.add_argument("--min-count", type=_at_least_one, metavar="N",
@@ -49,6 +49,14 @@ def _parser() -> argparse.ArgumentParser:
     diff.add_argument("--out", metavar="DIR", default="runs/diff", help="write diff.json and the drawing here (default: runs/diff)")
     diff.add_argument("--device", metavar="DEVICE", help="override the specs' device (cpu, cuda, cuda:0, mps)")
     diff.add_argument("--no-cache", action="store_true", help="recompute both traces; read and write no cache")
+    view = commands.add_parser("view", help="open a run in the interactive viewer (trace.html)",
+                               description="Open the interactive viewer of a run in the browser. TARGET is a run directory "
+                               "(holding trace.json), a trace.json, or a .circ spec (its output directory, traced first as "
+                               "`circ run` would when that holds no trace.json). trace.html is written beside trace.json "
+                               "when it is missing or older than trace.json or interventions.json; its path is printed.")
+    view.add_argument("target", metavar="TARGET", help="a run directory, a trace.json or a .circ spec")
+    view.add_argument("--no-open", action="store_true", help="write and print the path only; open no browser")
+    view.add_argument("--device", metavar="DEVICE", help="a spec's device if it must be traced (cpu, cuda, cuda:0, mps)")
     return parser
 
 
@@ -83,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console(stderr=False)
     errors = Console(stderr=True)
+    if args.command == "view":
+        return _view(args, console)
     if args.command == "diff":
         try:
             return _diff(args, console)
@@ -156,6 +166,7 @@ def _diff(args, console: Console) -> int:
     from circuitlang.engine.roots import RootError
     from circuitlang.engine.trace import TraceError
     from circuitlang.report.diff import diff_inputs, render_diff, write_diff
+    from circuitlang.report.viewer import write_diff_viewer
 
     errors = Console(stderr=True)
     if not _writable(args.out, errors):  # before any spec is traced
@@ -182,6 +193,7 @@ def _diff(args, console: Console) -> int:
     render_diff(diff, console)
     try:
         drawing = write_diff(diff, args.out)
+        drawing.paths.append(write_diff_viewer(diff, Path(args.out) / "diff.html"))
     except OSError as err:
         kept = ("this diff used --no-cache, so a rerun traces the specs again" if args.no_cache else
                 "the specs' traces are in the run cache, so a rerun with a writable --out takes seconds")
@@ -190,6 +202,44 @@ def _diff(args, console: Console) -> int:
         console.print(f"wrote {path}", highlight=False)
     if drawing.message:
         errors.print(drawing.message, highlight=False, soft_wrap=True)
+    return 0
+
+
+def _view(args, console: Console) -> int:
+    """`circ view TARGET`: trace.html of a run directory, a trace.json or a spec's output directory, opened."""
+    import webbrowser
+
+    from circuitlang.report.viewer import viewer_for_run
+
+    errors = Console(stderr=True)
+    target = Path(args.target)
+    if target.suffix == ".circ":
+        try:
+            plan = parse_spec(target)
+        except SpecError as err:
+            errors.print(f"[red]error[/red] {err}", highlight=False, soft_wrap=True)
+            return EXIT_SPEC
+        target = Path(plan.output.directory)
+        if not (target / "trace.json").exists():  # trace it as `circ run` would, writing at least json and html
+            formats = tuple(dict.fromkeys(plan.output.formats + ("json", "html")))
+            plan = dataclasses.replace(plan, output=dataclasses.replace(plan.output, formats=formats))
+            run_args = argparse.Namespace(spec=args.target, device=args.device, quiet=True, no_cache=False)
+            code = _run(plan, run_args, console)
+            if code:
+                return code
+    trace_json = target / "trace.json" if target.is_dir() else target
+    if not trace_json.is_file():
+        errors.print(f"[red]error[/red] {args.target}: no trace.json there (give a run directory, a trace.json or a .circ spec)",
+                     highlight=False, soft_wrap=True)
+        return EXIT_SPEC
+    try:
+        path, written = viewer_for_run(trace_json)
+    except (OSError, ValueError, KeyError) as err:  # unreadable JSON, not a trace
+        errors.print(f"[red]error[/red] {trace_json}: {err}", highlight=False, soft_wrap=True)
+        return EXIT_RUN
+    console.print(f"{'wrote' if written else 'viewer'} {path}", highlight=False, soft_wrap=True)
+    if not args.no_open and not webbrowser.open(path.resolve().as_uri()):
+        errors.print(f"no browser to open it with; open {path} in one", highlight=False, soft_wrap=True)
     return 0
 
 
@@ -250,6 +300,11 @@ def _write_outputs(plan: Plan, result) -> tuple[list[Path], list[str]]:
     written += drawing.paths
     if drawing.message:
         notes.append(drawing.message)
+    if "html" in formats:
+        from circuitlang.report.viewer import write_trace_viewer
+
+        written.append(write_trace_viewer(result.trace, out / "trace.html", min_count=plan.show_min_count,
+                                          compare=plan.compare, interventions=result.interventions, plan=plan))
     if result.interventions is not None:
         from circuitlang.report.interventions import write_intervention_plots, write_interventions_json
 

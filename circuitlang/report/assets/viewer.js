@@ -1,4 +1,4 @@
-// circuitlang viewer: hand-written, no library, no network. Reads the JSON in <script id="data">, lays the
+// circuitlang viewer: hand-written, no library, no network. Reads the JSON embedded in the page (#data), lays the
 // circuit out as the paper's Fig. 5 (layers top to bottom, a row of token boxes above a row of head ovals
 // per layer) and keeps the view state (threshold, edge types, search, selection) in the URL fragment.
 "use strict";
@@ -16,7 +16,7 @@
   const headOf = (id) => id.split(":")[0];
   const roleOf = (id) => { const k = id.indexOf(":"); return k < 0 ? null : id.slice(k + 1); };
   const parseHead = (id) => headOf(id).split(".").map(Number);
-  const label = (id) => { const r = roleOf(id); return r === null ? `(${parseHead(id).join(", ")})` : `${headOf(id)} ${r}`; };
+  const label = (id) => { const r = roleOf(id); return r === null ? id : `${headOf(id)} ${r}`; };  // the paper's 9.6, 9.6 end
   const edgeKey = (e) => `${e.u}>${e.v}`;
   const el = (tag, attrs = {}, parent = null) => {
     const n = document.createElementNS(SVGNS, tag);
@@ -413,7 +413,7 @@
       ? `<div><span class="swatch" style="background:${S.only_a}"></span> only in A &nbsp; <span class="swatch" style="background:${S.only_b}"></span> only in B &nbsp; <span class="swatch" style="background:${S.both}"></span> in both</div>
          <div>solid: into a source token (s) · dashed: into a destination token (d) · width: |change of total contribution|</div>`
       : `<div><span class="swatch" style="background:${S.s}"></span> into a source token (s) &nbsp; <span class="swatch" style="background:${S.d}"></span> into a destination token (d) &nbsp; <span class="swatch" style="background:${S.attention}"></span> attention</div>
-         <div>width: accumulated contribution · darker: more events traced · <span style="color:green">green border: known head</span> · <span style="color:#a07800">dashed gold ring: root</span></div>`;
+         <div>width: accumulated contribution · darker: more events traced${D.compare ? ` · <span style="color:green">green border: known head (${esc(D.compare)})</span>` : ""} · <span style="color:#a07800">dashed gold ring: root</span></div>`;
     graphBox.appendChild(box);
     const z = document.createElement("div");
     z.id = "zoom";
@@ -523,7 +523,7 @@
     }
     const order = e.p.map((p, n) => n);
     const shown = order.slice(0, PROMPT_LIMIT);
-    const list = shown.map((n) => `<div class="prompt" data-p="${e.p[n]}"><span class="pc" title="contribution in this prompt">${fmt(e.c[n])}</span><span class="pn">#${e.p[n]}</span>${promptHtml(e.p[n], e.i[n], e.j[n], e.s[n])}</div>`).join("");
+    const list = shown.map((n) => `<div class="prompt" data-p="${e.p[n]}"><span class="pc" data-c="${e.c[n]}" title="contribution in this prompt">${fmt(e.c[n])}</span><span class="pn">#${e.p[n]}</span>${promptHtml(e.p[n], e.i[n], e.j[n], e.s[n])}</div>`).join("");
     return head + `<dl class="kv">
         <dt>type</dt><dd id="edge-type"><span style="color:${S[e.type]}">${e.type}</span> (${e.type === "s" ? "into the source token" : "into the destination token"})</dd>
         <dt>prompts</dt><dd id="edge-count">${fmtInt(e.count)}</dd>
