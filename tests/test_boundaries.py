@@ -225,3 +225,11 @@ def test_model_build_rows_show_done_when_the_next_stage_starts():
     assert all(rows[s].finished for s in ("model: assembling", "model: dequantizing", "model: saving"))
     assert not rows["forward"].finished
     assert all(rows[s].finished_time is not None for s in ("model: assembling", "model: saving"))  # the clock stops
+
+
+def test_run_checks_the_prompt_file_before_loading_the_model(tmp_path, capsys):
+    (tmp_path / "p.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
+    path = missing_model_spec(tmp_path)
+    path.write_text(path.read_text().replace("prompts ioi 4", 'prompts file "p.jsonl"'))
+    assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 2  # the model's error would be exit 1
+    assert capsys.readouterr().err.strip() == f"error {tmp_path / 'p.jsonl'}:1:14: not UTF-8 text (byte 0xe9); save the file as UTF-8"
