@@ -233,7 +233,7 @@ BAD = [
     ("firing attention > 1.5", "t.circ:1:20: the firing threshold must be in (0, 1], got 1.5"),
     ("firing attention > 0", "t.circ:1:20: the firing threshold must be in (0, 1], got 0"),
     ("keep mass 0.0", "t.circ:1:11: the kept mass must be in (0, 1], got 0.0"),
-    ("output runs jsn svg", 't.circ:1:13: unknown output format "jsn"; formats are json, graphml, dot, svg and png; '
+    ("output runs jsn svg", 't.circ:1:13: unknown output format "jsn"; formats are json, graphml, dot, svg, png and html; '
                             'did you mean "json"?'),
     ("model gpt2 device gpu", 't.circ:1:19: unknown device "gpu"; devices are cpu, cuda, cuda:N and mps; did you mean "cpu"?'),
     ("model gpt2 dtype float61", 't.circ:1:18: unknown dtype "float61"; dtypes are float32, float16 and bfloat16; '
@@ -503,7 +503,7 @@ def test_shipped_specs():
     assert ioi.model == ModelSpec("gemma-3-270m")
     assert (ioi.prompts, ioi.roots, ioi.show_min_count) == (IOIPrompts(256, "mixed", 0), AutoRoots(3), 200)
     assert (ioi.threshold, ioi.slices, ioi.mass) == (0.3, SliceRule("paper"), 0.7)
-    assert ioi.output == Output("runs/ioi", ("json", "graphml", "svg", "png"))
+    assert ioi.output == Output("runs/ioi", ("json", "graphml", "svg", "png", "html"))
     assert ioi.interventions == (InterventionSet(
         "into the strongest root", (EdgeSelector("into", root=1, role="end"),), line=12),)
 
