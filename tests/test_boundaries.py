@@ -15,7 +15,6 @@ from circuitlang.cli import _Bars, main
 from circuitlang.report.outdir import OutputDirError, check_writable
 from tiny_models import build_gpt2
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
