@@ -16,7 +16,6 @@ from circuitlang.report.outdir import OutputDirError, check_writable
 from tiny_models import build_gpt2
 
 
-
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("CIRCUITLANG_CACHE", str(tmp_path / "cache"))
