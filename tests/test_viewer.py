@@ -190,7 +190,7 @@ def test_clicking_an_edge_lists_the_prompts_it_was_traced_in(browser, runs, trac
         shown = page.page.eval_on_selector_all("#prompts .prompt .pc", "els => els.map(e => [+e.dataset.c, +e.textContent])")
         np.testing.assert_allclose([c for c, _ in shown], [expected[p] for p in listed], rtol=1e-3, atol=1e-6)
         np.testing.assert_allclose([c for _, c in shown], [expected[p] for p in listed], rtol=5e-3, atol=1e-6)  # 3 digits
-        np.testing.assert_allclose(float(page.text("#edge-total")), d["total"], rtol=1e-3)
+        np.testing.assert_allclose(float(page.text("#edge-total").replace(",", "")), d["total"], rtol=1e-3)
         # the prompt text, with the downstream event's dest and src tokens marked
         first = page.page.locator("#prompts .prompt").first
         text = "".join(trace.token_text[listed[0]])

@@ -11,7 +11,8 @@
 
   // --- helpers ------------------------------------------------------------------------------------------
   const esc = (s) => String(s).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
-  const fmt = (x, d = 3) => (x === null || x === undefined || !isFinite(x) ? "—" : Number(x).toPrecision(d).replace(/\.?0+(e|$)/, "$1"));
+  const fmt = (x, d = 3) => (x === null || x === undefined || !isFinite(x) ? "—"
+    : Math.abs(x) >= 1000 ? Math.round(x).toLocaleString("en-US") : Number(Number(x).toPrecision(d)).toString());
   const fmtInt = (x) => Number(x).toLocaleString("en-US");
   const headOf = (id) => id.split(":")[0];
   const roleOf = (id) => { const k = id.indexOf(":"); return k < 0 ? null : id.slice(k + 1); };
@@ -85,7 +86,7 @@
   // --- layout: Fig. 5, computed here ----------------------------------------------------------------------
   const measure = document.createElement("canvas").getContext("2d");
   measure.font = "11px -apple-system, Segoe UI, Helvetica, Arial, sans-serif";
-  const HEAD_RX = 30, HEAD_RY = 14, TOKEN_H = 22, GAP = 10, GROUP_GAP = 26, ROW_GAP = 46, LAYER_GAP = 74;
+  const HEAD_RX = 30, HEAD_RY = 14, TOKEN_H = 22, GAP = 10, GROUP_GAP = 26, ROW_GAP = 42, LAYER_GAP = 64;
 
   function layout(vis) {
     const nodes = new Map();
@@ -328,10 +329,23 @@
   }
 
   // --- pan and zoom (the viewBox) --------------------------------------------------------------------------
-  function fit() {
-    const bb = world.getBBox();
-    const m = 30;
-    view = { x: bb.x - m, y: bb.y - m, w: Math.max(bb.width + 2 * m, 200), h: Math.max(bb.height + 2 * m, 150) };
+  // fit(true): the whole circuit; fit(): readable, as wide as the pane allows (up to 1.25x) and from the
+  // top, so a tall circuit (18 layers of Gemma) starts legible and is panned down, not shrunk to dots.
+  function fit(all) {
+    const bb = world.getBBox(), m = 30, r = svg.getBoundingClientRect();
+    const W = r.width || 800, H = r.height || 600;
+    const bw = Math.max(bb.width + 2 * m, 200), bh = Math.max(bb.height + 2 * m + 50, 150);  // + room for the legend
+    let scale = Math.min(W / bw, H / bh, 1.6);
+    if (!all) scale = Math.max(scale, Math.min(W / bw, 1.25));
+    const w = W / scale, h = H / scale;
+    view = { x: bb.x - m - (w - bw) / 2, y: bh <= h ? bb.y - m - (h - bh) / 2 : bb.y - m, w, h };
+    applyView();
+  }
+  // bring node `id` into the middle of the view if it is outside it (a selection from the URL or a table)
+  function reveal(id) {
+    const n = current.nodes.get(id);
+    if (!n || (n.x > view.x + 40 && n.x < view.x + view.w - 40 && n.y > view.y + 40 && n.y < view.y + view.h - 40)) return;
+    view = { ...view, x: n.x - view.w / 2, y: n.y - view.h / 2 };
     applyView();
   }
   function applyView() { svg.setAttribute("viewBox", `${view.x} ${view.y} ${view.w} ${view.h}`); }
@@ -421,7 +435,7 @@
     graphBox.appendChild(z);
     z.querySelector("#zoom-in").onclick = () => zoom(1 / 1.3);
     z.querySelector("#zoom-out").onclick = () => zoom(1.3);
-    z.querySelector("#fit").onclick = () => fit();
+    z.querySelector("#fit").onclick = () => fit(true);
   }
 
   // --- the side panel -------------------------------------------------------------------------------------
@@ -443,7 +457,7 @@
     return `<svg class="chart ${cls}" viewBox="0 0 ${W} ${H}" width="100%">
       <line x1="${L}" y1="${H - B}" x2="${W - 2}" y2="${H - B}" stroke="#aab1bd"/>
       <text x="${L - 4}" y="${T + 8}" text-anchor="end">${fmtInt(max)}</text><text x="${L - 4}" y="${H - B}" text-anchor="end">0</text>
-      ${bars}${ticks}<text x="${W - 2}" y="${H}" text-anchor="end">${esc(xLabel)}</text></svg>`;
+      ${bars}${ticks}<text x="${W - 2}" y="${T + 8}" text-anchor="end">${esc(xLabel)}</text></svg>`;
   }
 
   function edgeRows(ks, cols) {
@@ -621,6 +635,11 @@
     state.edge = what.edge || null;
     if (state.head || state.edge) state.set = null;
     decorate(); renderPanel(); writeHash();
+    revealSelection();
+  }
+  function revealSelection() {
+    if (state.head) reveal(state.head);
+    else if (state.edge) reveal(edges[byKey.get(state.edge)].v);
   }
 
   function refresh() {
@@ -634,7 +653,8 @@
   legend();
   syncControls();
   refresh();
-  window.addEventListener("hashchange", () => { readHash(); syncControls(); refresh(); });
+  revealSelection();
+  window.addEventListener("hashchange", () => { readHash(); syncControls(); refresh(); revealSelection(); });
   window.__viewer = { ready: performance.now(), state, visibleEdges: () => current.vis.map((k) => edgeKey(edges[k])) };
   document.body.setAttribute("data-ready", "1");
 })();
