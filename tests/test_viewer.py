@@ -150,6 +150,7 @@ def test_clicking_a_head_shows_its_firing_statistics(browser, runs, trace):
         page.page.click(f'svg .node.head[data-id="{l}.{h}"]')
         assert int(page.text("#head-firing").replace(",", "")) == trace.firing.counts[l, h]
         assert int(page.text("#head-traced").replace(",", "")) == traced[l, h]
+        assert (page.text("#head-class") == "compared") == (f"{l}.{h}" in KNOWN)  # `compare heads ...`
         bars = page.page.eval_on_selector_all(".chart.hist .bar", "els => els.map(e => [+e.dataset.k, +e.dataset.n])")
         assert {k: n for k, n in bars if n} == dict(Counter(trace.firing.slice_counts[l][h].tolist()))
         usage = page.page.eval_on_selector_all(".chart.usage .bar", "els => els.map(e => [+e.dataset.k, +e.dataset.n])")
@@ -305,6 +306,20 @@ def test_circ_view_writes_when_needed_and_opens(runs, monkeypatch, capsys):
     assert opened == [html.resolve().as_uri()]
     assert main(["view", str(runs / "nowhere"), "--no-open"]) == 2
     assert "no trace.json" in capsys.readouterr().err
+
+
+def test_circ_view_of_a_spec(runs, tmp_path, monkeypatch, capsys):
+    """A spec: its output directory as `circ run` left it; traced first (json and html) when it holds none."""
+    monkeypatch.setenv("CIRCUITLANG_CACHE", str(tmp_path / "cache"))
+    spec = tmp_path / "v.circ"
+    spec.write_text((runs / "a.circ").read_text() + f'output "{runs / "a"}" json\n')
+    assert main(["view", str(spec), "--no-open"]) == 0
+    assert capsys.readouterr().out.strip().endswith(str(runs / "a" / "trace.html"))
+    spec.write_text((runs / "b.circ").read_text() + f'output "{tmp_path / "fresh"}" json\n')
+    assert main(["view", str(spec), "--no-open"]) == 0
+    assert capsys.readouterr().out.strip().endswith(str(tmp_path / "fresh" / "trace.html"))
+    assert (tmp_path / "fresh" / "trace.html").exists()
+    assert read_trace_json(tmp_path / "fresh" / "trace.json").graph.edges == read_trace_json(runs / "b" / "trace.json").graph.edges
 
 
 def test_html_is_an_output_format(tmp_path, capsys):

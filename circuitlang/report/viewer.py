@@ -110,7 +110,7 @@ def _selectors(plan: Plan | None, trace: Trace) -> dict[str, tuple]:
 
         try:
             plan = parse_text(trace.extra["plan"])
-        except SpecError:  # e.g. a prompts file that is not here: fall back to the sets' heads
+        except (SpecError, ValueError, OSError):  # e.g. a prompts file that is not here: the sets' heads
             plan = None
     return {s.name: s.edges for s in plan.interventions} if plan is not None else {}
 
@@ -272,7 +272,7 @@ def _run_settings(trace: Trace) -> tuple[int, str | tuple[str, ...] | None]:
 
     try:
         plan = parse_text(trace.extra["plan"])
-    except (KeyError, TypeError, SpecError):  # no plan, or one naming a prompts file that is not here
+    except (KeyError, TypeError, ValueError, OSError, SpecError):  # no plan, or a prompts file not here
         return 1, None
     return plan.show_min_count, plan.compare
 
