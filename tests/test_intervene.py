@@ -259,24 +259,41 @@ def test_magnitudes_are_cosines_and_norm_ratios_of_the_downstream_input(reader, 
     assert (rows_of(res, kind="ablate", place="global", control="random")["cosine"] > 1 - 1e-6).all()
 
 
-def test_one_forward_pass_per_set_kind_place_and_control(reader, prompts, monkeypatch):
+def test_variants_of_a_set_stack_into_one_pass_per_start_layer(reader, prompts, monkeypatch):
     acts, t = traced(reader, prompts)
     bridge = reader.bridge
     calls = []
     forward = bridge.forward
 
     def counting(*args, **kwargs):
-        calls.append(args[0].shape[0] if args else None)
+        calls.append((args[0].shape[0] if args else None, kwargs.get("start_at_layer")))
         return forward(*args, **kwargs)
 
     monkeypatch.setattr(bridge, "forward", counting)
     sets = [one_set("a", random_control=True), one_set("b", (EdgeSelector("into", down=(1, 0)),), ("ablate",), ("local",), False)]
     res = run_interventions(reader, prompts, t, sets, [ROOT], seed=0, acts=acts)
-    assert len(calls) == 2 * 2 * 2 + 1 == res.passes
-    assert calls == [3] * len(calls), "every pass runs all the prompts the set touches at once"
+    # One capture for the residual where the passes start (acts came without it), then per set and start
+    # layer one pass of variants x prompts rows: "a" global from 0.0's layer (4 variants), "a" local and "b"
+    # from 1.0's layer, skipping layer 0.
+    assert calls == [(4, None), (4 * 3, None), (4 * 3, 1), (3, 1)] and res.passes == 3
+    assert len(res.rows) == 3 * (8 + 1)
     calls.clear()
-    res = run_interventions(reader, prompts, t, sets[:1], [ROOT], seed=0, acts=acts, batch_size=2)
-    assert len(calls) == 8 * 2 == res.passes
+    res = run_interventions(reader, prompts, t, sets[:1], [ROOT], seed=0, acts=acts, batch_rows=8)
+    assert [rows for rows, _ in calls[1:]] == [8, 4, 8, 4] == [4 * 2, 4 * 1] * 2 and res.passes == 4
+
+
+def test_partial_passes_equal_whole_model_passes(reader, tiny, tiny_run, prompts):
+    """Starting each variant at its first changed layer from the captured residual gives the numbers of a
+    pass through the whole model, on the hand-built reader and on a random GPT-2."""
+    acts, t = traced(reader, prompts)
+    ps, tiny_acts, roots, tiny_trace = tiny_run
+    cases = ((reader, prompts, t, acts, [ROOT], [one_set("a", random_control=True)]),
+             (tiny, ps, tiny_trace, tiny_acts, roots, [one_set("x", (EdgeSelector("into", root=1),), random_control=True)]))
+    for model, p, tr, a, rs, sets in cases:
+        partial, whole = (run_interventions(model, p, tr, sets, rs, seed=0, acts=a, partial=flag) for flag in (True, False))
+        assert len(partial.rows) > 0 and np.isfinite(partial.rows.f_after).all()
+        for f in ("f_after", "score_after", "cosine", "norm_ratio"):
+            np.testing.assert_allclose(getattr(partial.rows, f), getattr(whole.rows, f), rtol=1e-4, atol=1e-5)
 
 
 # --- selecting edges --------------------------------------------------------------------------------------

@@ -2,12 +2,16 @@
 
 Prompts are right-padded; causal attention keeps every position inside a prompt independent of the
 padding after it, and `lengths` masks the padding out of every later step.
+
+No pass computes the full-vocabulary logits: F(X) needs two of them at one token, so every pass stops at
+the final norm (`ln_final.hook_normalized`) and reads the two unembedding columns there.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -16,6 +20,9 @@ from circuitlang.data.prompts import PromptSet
 from circuitlang.engine.model import LoadedModel
 
 Progress = Callable[[int, int], None]
+Hook = tuple[str, Callable]
+
+FINAL = "ln_final.hook_normalized"  # the residual after the final norm: what the unembedding reads
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,7 @@ class Activations:
     [L, P, n] (the post-attention norm's scale), cos and sin [L, n, rotary_dim].
     writers=True only: embed [P, n, d] (the residual before layer 0) and mlp_out [L, P, n, d] (each MLP
     block's write to the residual), for the completeness check.
+    resid: {l: [P, n, d]} the residual entering block l, for the layers asked for (partial passes start there).
     """
 
     tokens: Tensor
@@ -50,6 +58,7 @@ class Activations:
     sin: Tensor | None = None
     embed: Tensor | None = None
     mlp_out: Tensor | None = None
+    resid: dict[int, Tensor] | None = None
 
 
 _PER_LAYER = {  # field: hook under blocks.{l}, kept when the model has it
@@ -67,13 +76,82 @@ _PER_LAYER = {  # field: hook under blocks.{l}, kept when the model has it
 _MLP_WRITE = ("ln2_post.hook_out", "hook_mlp_out")  # after the post-MLP norm where there is one
 
 
-def batch_tokens(prompts: PromptSet, pad_id: int) -> tuple[Tensor, Tensor]:
-    """Right-padded token ids [P, n] and lengths [P]."""
+def batch_tokens(prompts: PromptSet, pad_id: int, length: int | None = None) -> tuple[Tensor, Tensor]:
+    """Right-padded token ids [P, n] and lengths [P]; n = `length` (at least the longest prompt) if given."""
     lengths = torch.tensor([len(p.token_ids) for p in prompts], dtype=torch.long)
-    tokens = torch.full((len(prompts), int(lengths.max())), pad_id, dtype=torch.long)
+    tokens = torch.full((len(prompts), max(int(lengths.max()), length or 0)), pad_id, dtype=torch.long)
     for row, prompt in enumerate(prompts):
         tokens[row, : len(prompt.token_ids)] = torch.tensor(prompt.token_ids)
     return tokens, lengths
+
+
+def answer_logits(final: Tensor, W_U: Tensor, b_U: Tensor | None, answers: Tensor, transform: Callable[[Tensor], Tensor]) -> Tensor:
+    """[B, 2]: the logits of answers [B, 2] (target, distractor) read off the final-norm residual final [B, d].
+
+    The unembedding's two columns instead of all of them; `transform` is the model's elementwise
+    post-unembedding map (Gemma's soft cap; the identity elsewhere), so the two values equal the model's.
+    """
+    logits = torch.einsum("bd,dbk->bk", final, W_U[:, answers].to(final.dtype))
+    if b_U is not None:
+        logits = logits + b_U[answers].to(final.dtype)
+    return transform(logits)
+
+
+def logit_diff(model: LoadedModel, final_last: Tensor, answers: Tensor) -> Tensor:
+    """[B]: F(X) = logit(target) - logit(distractor) from the final-norm residual at the last token [B, d]."""
+    b = model.bridge
+    b_U = getattr(b, "b_U", None)
+    pair = answer_logits(final_last.float(), b.W_U.detach().float(), None if b_U is None else b_U.detach().float(), answers.to(final_last.device),
+                         b.adapter.apply_output_logits_transform)
+    return (pair[:, 0] - pair[:, 1]).cpu()
+
+
+class _Stop(Exception):
+    pass
+
+
+def run_to_final_norm(model: LoadedModel, tokens: Tensor, hooks: Sequence[Hook] = (), *, start: int = 0,
+                      resid: Tensor | None = None) -> Tensor:
+    """[B, n, d]: the final-norm residual of a pass with `hooks`, stopping before the unembedding.
+
+    start > 0 runs only blocks start..L-1 from `resid` [B, n, d], the residual entering block `start`
+    (captured from a clean pass): the bridge's `start_at_layer` swaps it in at that block, and the
+    blocks below it are skipped outright (the bridge would otherwise run them on the injected tensor
+    and discard their output).
+    """
+    from transformer_lens.model_bridge.exceptions import StopAtLayerException
+
+    def stop(tensor, hook):
+        raise StopAtLayerException(tensor)
+
+    fwd = list(hooks) + [(FINAL, stop)]
+    with torch.inference_mode():
+        if start == 0:
+            out = model.bridge.run_with_hooks(tokens.to(model.device), fwd_hooks=fwd)
+        else:
+            with _skip_blocks_below(model, start):
+                out = model.bridge.run_with_hooks(resid.to(model.device, model.dtype), fwd_hooks=fwd, start_at_layer=start)
+    return out
+
+
+@contextlib.contextmanager
+def _skip_blocks_below(model: LoadedModel, start: int) -> Iterator[None]:
+    """Blocks 0..start-1 pass their input through unchanged (block `start` replaces it anyway)."""
+    blocks = list(model.bridge.blocks)[:start]
+
+    def passthrough(*args, **kwargs):
+        return args[0] if args else kwargs["hidden_states"]
+
+    for block in blocks:  # an instance attribute shadows the method (the bridge's __setattr__ would forward it)
+        object.__setattr__(block, "forward", passthrough)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            object.__delattr__(block, "forward")
+        for block in model.bridge.blocks:  # the bridge leaves its start-at-layer marks on the blocks
+            block._start_at_layer_idx = None
+            block._start_residual = None
 
 
 @torch.inference_mode()
@@ -83,35 +161,45 @@ def capture(
     *,
     batch_size: int = 64,
     writers: bool = False,
+    length: int | None = None,
+    resid_layers: Sequence[int] = (),
     progress: Progress | None = None,
 ) -> Activations:
-    """Run the model once over `prompts` in batches and keep what the trace needs."""
+    """Run the model once over `prompts` in batches of `batch_size` and keep what the trace needs.
+
+    length: pad to this many positions (chunks of one prompt set padded alike give identical numbers);
+    resid_layers: also keep the residual entering these blocks (where partial passes start).
+    """
     pad = model.tokenizer.pad_token_id
-    tokens, lengths = batch_tokens(prompts, 0 if pad is None else pad)
+    tokens, lengths = batch_tokens(prompts, 0 if pad is None else pad, length)
     available = set(model.bridge.hook_dict)
     L = model.n_layers
     fields = {f: hook for f, hook in _PER_LAYER.items() if f"blocks.0.{hook}" in available}
     if writers:
         fields["mlp_out"] = next(h for h in _MLP_WRITE if f"blocks.0.{h}" in available)
     names = {f"blocks.{l}.{hook}" for hook in fields.values() for l in range(L)} | {"ln_final.hook_scale"}
+    names |= {f"blocks.{l}.hook_resid_pre" for l in resid_layers}
     if writers:
         names.add("blocks.0.hook_resid_pre")
     answers = [(p.target, p.distractor) for p in prompts]
     has_answers = all(t is not None and d is not None for t, d in answers)
     parts: dict[str, list[Tensor]] = {name: [] for name in names}
+
+    def keeper(name: str) -> Callable:  # by the name asked for: the bridge calls hooks by their canonical alias
+        def keep(tensor, hook):
+            parts[name].append(tensor.detach().to("cpu", torch.float32, copy=True))  # later blocks may write in place
+        return keep
+
     diffs = []
     total = tokens.shape[0]
     for start in range(0, total, batch_size):
-        chunk = tokens[start : start + batch_size].to(model.device)
-        logits, cache = model.bridge.run_with_cache(chunk, names_filter=lambda name: name in names)
-        for name in names:
-            parts[name].append(cache[name].detach().to("cpu", torch.float32))
+        chunk = tokens[start : start + batch_size]
+        final = run_to_final_norm(model, chunk, [(name, keeper(name)) for name in sorted(names)])
         if has_answers:
             rows = torch.arange(chunk.shape[0])
-            last = logits[rows, lengths[start : start + batch_size] - 1].float().cpu()
-            pair = torch.tensor(answers[start : start + batch_size])
-            diffs.append(last[rows, pair[:, 0]] - last[rows, pair[:, 1]])
-        del cache, logits
+            last = final[rows.to(final.device), (lengths[start : start + batch_size] - 1).to(final.device)]
+            diffs.append(logit_diff(model, last, torch.tensor(answers[start : start + batch_size])))
+        del final
         if progress is not None:
             progress(min(start + batch_size, total), total)
 
@@ -133,5 +221,6 @@ def capture(
         final_scale=torch.cat(parts["ln_final.hook_scale"]).squeeze(-1),
         logit_diff=torch.cat(diffs) if has_answers else None,
         embed=torch.cat(parts["blocks.0.hook_resid_pre"]) if writers else None,
+        resid={l: torch.cat(parts[f"blocks.{l}.hook_resid_pre"]) for l in resid_layers} or None,
         **{field: layers(field) for field in fields},
     )

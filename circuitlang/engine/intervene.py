@@ -258,16 +258,38 @@ def select_edges(trace: Trace, prompts: PromptSet, selector: EdgeSelector, roots
 
 
 @dataclass(frozen=True)
-class EdgeGroups:
-    """A set's selected edge rows merged per intervened signal, and their deltas.
+class GroupPlan:
+    """A set's selected edge rows merged per intervened signal; what needs no activations.
 
     One group per (prompt, upstream head, downstream head, side, token m, offset): the rows of several
     traced events that read the same upstream write at the same token through the same subspace basis
-    are merged, their S_ij united, so a signal is never subtracted twice. h, h_random [G, d]: the
-    signal and the random control in residual units (centred where the model's norm centres);
-    scale [G]: the downstream norm's clean scale at m; slices, random_slices [G, r]: the slices
-    projected on (the random set has the same size, or all the slices outside S_ij if fewer).
+    are merged, their S_ij united, so a signal is never subtracted twice. slices, random_slices [G, r]:
+    the slices projected on (the random set has the same size, or all the slices outside S_ij if fewer),
+    drawn here, once for the whole prompt set, so that chunking the prompts cannot change a draw.
     """
+
+    prompt: Tensor
+    up_layer: Tensor
+    up_head: Tensor
+    layer: Tensor
+    head: Tensor
+    side: np.ndarray
+    token: Tensor
+    offset: Tensor
+    slices: Tensor
+    random_slices: Tensor
+
+    def __len__(self) -> int:
+        return len(self.prompt)
+
+    def take(self, idx: Tensor) -> GroupPlan:
+        return GroupPlan(**{f.name: getattr(self, f.name)[idx.numpy() if f.name == "side" else idx] for f in fields(self)})
+
+
+@dataclass(frozen=True)
+class EdgeGroups:
+    """A GroupPlan with its deltas. h, h_random [G, d]: the signal and the random control in residual
+    units (centred where the model's norm centres); scale [G]: the downstream norm's clean scale at m."""
 
     prompt: Tensor
     up_layer: Tensor
@@ -291,90 +313,101 @@ def set_seed(seed: int, name: str) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(name.encode("utf-8"))) % (2**63)
 
 
-def edge_groups(acts: Activations, geometry: AttentionGeometry, trace: Trace, rows: np.ndarray, seed: int, centre: bool,
-                homogeneous: bool = False) -> EdgeGroups:
-    """Merge the edge rows `rows` (indices into trace.edges) into groups and compute h and h_random.
-
-    homogeneous=False projects [o; 0], the upstream write as the displacement it is (as eq. 8 reads it);
-    True projects [o; 1] as the authors' code does, adding the projection of the homogeneous axis onto
-    the subspace, which is not the upstream head's and dominates h where the residual stream is small.
-    """
+def plan_groups(trace: Trace, rows: np.ndarray, r: int, seed: int, rotary: bool) -> GroupPlan:
+    """Merge the edge rows `rows` (indices into trace.edges) into groups, first-seen order, and draw the controls."""
     import torch
-
-    from circuitlang.engine import decompose as dc
-    from circuitlang.engine.trace import slices_for
 
     e = trace.edges
     rows = np.asarray(rows, dtype=np.int64)
     side = e.side[rows]
     token = np.where(side == "d", e.dest[rows], e.src[rows])
-    offset = (e.dest[rows] - e.src[rows]) if geometry.rotary else np.zeros(len(rows), dtype=np.int64)
+    offset = (e.dest[rows] - e.src[rows]) if rotary else np.zeros(len(rows), dtype=np.int64)
     columns = (e.prompt[rows], e.up_layer[rows], e.up_head[rows], e.layer[rows], e.head[rows], side, token, offset)
-    keys = list(zip(*(c.tolist() for c in columns)))
-    r = geometry.W_Q.shape[-1]
     group_of: dict[tuple, int] = {}
     masks: list[np.ndarray] = []
-    for key, event in zip(keys, e.event[rows].tolist()):
+    for key, event in zip(zip(*(c.tolist() for c in columns)), e.event[rows].tolist()):
         g = group_of.setdefault(key, len(group_of))
         if g == len(masks):
             masks.append(np.zeros(r, dtype=bool))
         masks[g][trace.events.slices[event]] = True
-    order = sorted(group_of, key=group_of.get)  # first-seen order: deterministic for a trace
+    order = sorted(group_of, key=group_of.get)
     G = len(order)
     p, ul, uh, l, a, sd, m, off = (list(c) for c in zip(*order)) if G else ([],) * 8
     mask = torch.from_numpy(np.stack(masks)) if G else torch.zeros(0, r, dtype=torch.bool)
-
     generator = torch.Generator().manual_seed(seed)
     random_mask = torch.zeros_like(mask)
     for g in range(G):
         outside = (~mask[g]).nonzero().flatten()
         k = min(int(mask[g].sum()), len(outside))
         random_mask[g, outside[torch.randperm(len(outside), generator=generator)[:k]]] = True
-
     P_, UL, UH, L_, A, M, OFF = (torch.tensor(x, dtype=torch.long) for x in (p, ul, uh, l, a, m, off))
-    d = geometry.W_O.shape[-1]
+    return GroupPlan(P_, UL, UH, L_, A, np.array(sd, dtype=np.str_), M, OFF, mask, random_mask)
+
+
+def group_signals(acts: Activations, geometry: AttentionGeometry, plan: GroupPlan, centre: bool, homogeneous: bool = False,
+                  rows: Tensor | None = None) -> EdgeGroups:
+    """h and h_random of every group, read from `acts` at row `rows[g]` (default: the group's prompt).
+
+    h = (P [o; 0])[:d] with P the projector on the group's slices and o the upstream head's write at m;
+    homogeneous=True projects [o; 1] as the authors' code does, adding the projection of the homogeneous
+    axis onto the subspace, which is not the upstream head's and dominates h where the residual is small.
+    """
+    import torch
+
+    from circuitlang.engine import decompose as dc
+    from circuitlang.engine.trace import slices_for
+
+    G, d = len(plan), geometry.W_O.shape[-1]
+    R = plan.prompt if rows is None else rows
+    M, OFF = plan.token, plan.offset
     # o: the upstream head's residual write at m (W_O carries any post-attention norm gain).
     o = torch.zeros(G, d, dtype=torch.float64)
-    for lb in sorted(set(zip(ul, uh))):
-        idx = ((UL == lb[0]) & (UH == lb[1])).nonzero().flatten()
-        write = acts.z[P_[idx], M[idx], lb[0], lb[1]].double() @ geometry.W_O[lb[0], lb[1]].double()
+    for lb in sorted(set(zip(plan.up_layer.tolist(), plan.up_head.tolist()))):
+        idx = ((plan.up_layer == lb[0]) & (plan.up_head == lb[1])).nonzero().flatten()
+        write = acts.z[R[idx], M[idx], lb[0], lb[1]].double() @ geometry.W_O[lb[0], lb[1]].double()
         if acts.post_scale is not None:
-            write = write / acts.post_scale[lb[0], P_[idx], M[idx]].double()[:, None]
+            write = write / acts.post_scale[lb[0], R[idx], M[idx]].double()[:, None]
         o[idx] = write
-    homog = torch.cat([o, torch.full((G, 1), float(homogeneous), dtype=torch.float64)], dim=1)  # [o; 1]
+    homog = torch.cat([o, torch.full((G, 1), float(homogeneous), dtype=torch.float64)], dim=1)
     h = torch.zeros(G, d, dtype=torch.float64)
     h_random = torch.zeros(G, d, dtype=torch.float64)
-    side_t = np.array(sd, dtype=np.str_)
-    for layer in sorted(set(l)):
+    layer_np, head_np = plan.layer.numpy(), plan.head.numpy()
+    for layer in sorted(set(layer_np.tolist())):
         slices = slices_for(geometry, acts, layer)
         for s in ("s", "d"):
             basis, cores = (slices.Q_b, slices.V) if s == "s" else (slices.Q_a, slices.U)
-            for head in sorted(set(a)):
-                idx = torch.from_numpy(np.nonzero((np.array(l) == layer) & (np.array(a) == head) & (side_t == s))[0])
+            for head in sorted(set(head_np.tolist())):
+                idx = torch.from_numpy(np.nonzero((layer_np == layer) & (head_np == head) & (plan.side == s))[0])
                 if len(idx) == 0:
                     continue
                 Q = basis[head]  # [d+1, r]
                 heads = torch.full((len(idx),), head, dtype=torch.long)
                 coords = dc.through_cores(homog[idx] @ Q, cores, heads, OFF[idx])  # [o; 1] . u_k (or v_k)
-                for out, chosen in ((h, mask), (h_random, random_mask)):
+                for out, chosen in ((h, plan.slices), (h_random, plan.random_slices)):
                     lifted = dc.through_cores(coords * chosen[idx].double(), cores, heads, OFF[idx], transpose=True)
                     out[idx] = (lifted @ Q.T)[:, :d]  # P [o; 1], the homogeneous coordinate dropped
     if centre:
         h = h - h.mean(-1, keepdim=True)
         h_random = h_random - h_random.mean(-1, keepdim=True)
-    scale = acts.scale[L_, P_, M] if G else torch.zeros(0)
-    return EdgeGroups(prompt=P_, up_layer=UL, up_head=UH, layer=L_, head=A, side=side_t, token=M,
-                      h=h.float(), h_random=h_random.float(), scale=scale.float(),
-                      slices=mask, random_slices=random_mask)
+    scale = acts.scale[plan.layer, R, M] if G else torch.zeros(0)
+    return EdgeGroups(prompt=plan.prompt, up_layer=plan.up_layer, up_head=plan.up_head, layer=plan.layer, head=plan.head,
+                      side=plan.side, token=M, h=h.float(), h_random=h_random.float(), scale=scale.float(),
+                      slices=plan.slices, random_slices=plan.random_slices)
 
 
-def intervention_hooks(model: LoadedModel, geometry: AttentionGeometry, groups: EdgeGroups, kind: str, place: str, control: str,
-                       batch: Sequence[int], n: int) -> list[tuple[str, Callable]]:
-    """The forward hooks that apply `groups` to a batch of prompts (global prompt ids `batch`, n positions).
+def edge_groups(acts: Activations, geometry: AttentionGeometry, trace: Trace, rows: np.ndarray, seed: int, centre: bool,
+                homogeneous: bool = False) -> EdgeGroups:
+    """plan_groups and group_signals in one step, for activations of every prompt of the trace."""
+    plan = plan_groups(trace, rows, geometry.W_Q.shape[-1], seed, geometry.rotary)
+    return group_signals(acts, geometry, plan, centre, homogeneous)
 
-    global: one hook per upstream layer adding the summed -/+h to `blocks.{l}.hook_attn_out`;
-    local: one hook per downstream layer and q/k/v adding (-/+h / scale) W to each intervened head's
-    slice (the key/value head of its group for k and v).
+
+def intervention_deltas(model: LoadedModel, geometry: AttentionGeometry, groups: EdgeGroups, kind: str, place: str,
+                        control: str, batch: Sequence[int], n: int) -> dict[str, Tensor]:
+    """{hook name: what to add there} applying `groups` to a batch of prompts (global prompt ids `batch`).
+
+    global: per upstream layer, the summed -/+h at `blocks.{l}.hook_attn_out`; local: per downstream
+    layer and q/k/v, (-/+h / scale) W in each intervened head's slice (the key/value head of its group).
     """
     import torch
 
@@ -383,26 +416,19 @@ def intervention_hooks(model: LoadedModel, geometry: AttentionGeometry, groups: 
     keep = torch.tensor([int(p) in where for p in groups.prompt.tolist()], dtype=torch.bool)
     idx = keep.nonzero().flatten()
     if len(idx) == 0:
-        return []
+        return {}
     rows = torch.tensor([where[int(p)] for p in groups.prompt[idx].tolist()], dtype=torch.long)
     tok = groups.token[idx]
     h = (groups.h if control == "signal" else groups.h_random)[idx] * sign
     d = h.shape[-1]
-    hooks: list[tuple[str, Callable]] = []
-
-    def adder(delta: Tensor) -> Callable:
-        def hook(tensor, hook=None):
-            return tensor + delta.to(device=tensor.device, dtype=tensor.dtype)
-        return hook
-
+    deltas: dict[str, Tensor] = {}
     if place == "global":
         for layer in sorted(set(groups.up_layer[idx].tolist())):
             sel = (groups.up_layer[idx] == layer).nonzero().flatten()
             delta = torch.zeros(len(batch), n, d)
             delta.index_put_((rows[sel], tok[sel]), h[sel], accumulate=True)
-            hooks.append((f"blocks.{layer}.hook_attn_out", adder(delta)))
-        return hooks
-
+            deltas[f"blocks.{layer}.hook_attn_out"] = delta
+        return deltas
     b = model.bridge
     h = h / groups.scale[idx][:, None]
     for layer in sorted(set(groups.layer[idx].tolist())):
@@ -419,13 +445,214 @@ def intervention_hooks(model: LoadedModel, geometry: AttentionGeometry, groups: 
             dq[:, :, head] += dx @ geometry.W_Q[layer, head]
             dk[:, :, head // group] += dx @ W_K[head // group]
             dv[:, :, head // group] += dx @ W_V[head // group]
-        for name, delta in (("q", dq), ("k", dk), ("v", dv)):
-            hooks.append((f"blocks.{layer}.attn.hook_{name}", adder(delta)))
-    return hooks
+        deltas.update({f"blocks.{layer}.attn.hook_{name}": delta for name, delta in (("q", dq), ("k", dk), ("v", dv))})
+    return deltas
+
+
+def _adder(delta: Tensor) -> Callable:
+    def hook(tensor, hook=None):
+        return tensor + delta.to(device=tensor.device, dtype=tensor.dtype)
+    return hook
+
+
+def intervention_hooks(model: LoadedModel, geometry: AttentionGeometry, groups: EdgeGroups, kind: str, place: str, control: str,
+                       batch: Sequence[int], n: int) -> list[tuple[str, Callable]]:
+    """Forward hooks adding `intervention_deltas` (see there) to a batch of prompts."""
+    return [(name, _adder(delta)) for name, delta in intervention_deltas(model, geometry, groups, kind, place, control, batch, n).items()]
 
 
 def _norm_centres(model: LoadedModel) -> bool:
     return str(getattr(model.bridge.cfg, "normalization_type", "LN")).upper().startswith("LN")
+
+
+@dataclass(frozen=True)
+class SetPlan:
+    """One intervene block resolved against the trace: its edge rows, their groups, its variants."""
+
+    set: InterventionSet
+    info: SetInfo
+    rows: np.ndarray
+    groups: GroupPlan
+    prompts: np.ndarray  # the prompts it touches, ascending
+    events: tuple[tuple[int, int, int, int, int], ...]  # its downstream events (prompt, layer, head, dest, src)
+    variants: tuple[tuple[str, str, str], ...]  # (kind, place, control)
+    n_edges: np.ndarray  # [P]: the set's edge rows traced in each prompt
+
+    def start(self, place: str) -> int:
+        """The first layer a variant changes: the lowest upstream write (global) or downstream head (local)."""
+        layers = self.groups.up_layer if place == "global" else self.groups.layer
+        return int(layers.min())
+
+
+def plan_sets(trace: Trace, prompts: PromptSet, sets: Sequence[InterventionSet], roots: Sequence[Root], seed: int,
+              r: int, rotary: bool) -> list[SetPlan]:
+    """Resolve every set against the trace: selections, groups and random draws (no model, no activations)."""
+    plans = []
+    e = trace.edges
+    for s in sets:
+        masks = [select_edges(trace, prompts, sel, roots) for sel in s.edges]
+        rows = np.nonzero(np.logical_or.reduce(masks) if masks else np.zeros(len(e), bool))[0]
+        used = np.unique(e.prompt[rows])
+        info = SetInfo(
+            name=s.name, line=s.line, selectors=tuple(describe(x) for x in s.edges), matched=tuple(int(m.sum()) for m in masks),
+            n_edge_rows=len(rows), n_prompts=len(used),
+            upstream=tuple(sorted(set(zip(e.up_layer[rows].tolist(), e.up_head[rows].tolist())))),
+            downstream=tuple(sorted(set(zip(e.layer[rows].tolist(), e.head[rows].tolist())))),
+            actions=tuple(s.actions), places=tuple(s.places), random_control=s.random_control,
+        )
+        events = tuple(sorted(set(zip(*(x.tolist() for x in (e.prompt[rows], e.layer[rows], e.head[rows], e.dest[rows], e.src[rows]))))))
+        controls = ("signal", "random") if s.random_control else ("signal",)
+        variants = tuple((kind, place, control) for kind in s.actions for place in s.places for control in controls)
+        plans.append(SetPlan(s, info, rows, plan_groups(trace, rows, r, set_seed(seed, s.name), rotary), used, events, variants,
+                             np.bincount(e.prompt[rows], minlength=len(prompts))))
+    return plans
+
+
+def passes_needed(plans: Sequence[SetPlan], prompt_ids: np.ndarray | None = None, batch_rows: int = 256) -> int:
+    """The stacked forward passes `intervene_chunk` runs for the prompts `prompt_ids` (all when None)."""
+    total = 0
+    for sp in plans:
+        used = sp.prompts if prompt_ids is None else np.intersect1d(sp.prompts, prompt_ids)
+        if len(used) == 0:
+            continue
+        for variants in _by_start(sp).values():
+            total += -(-len(used) // max(1, batch_rows // len(variants)))
+    return total
+
+
+def _by_start(sp: SetPlan) -> dict[int, list[tuple[str, str, str]]]:
+    """The set's variants grouped by the layer their pass starts at: those stack into one pass."""
+    out: dict[int, list] = {}
+    for variant in sp.variants:
+        out.setdefault(sp.start(variant[1]), []).append(variant)
+    return out
+
+
+def intervene_chunk(model: LoadedModel, geometry: AttentionGeometry, acts: Activations, prompt_ids: np.ndarray, plans: Sequence[SetPlan],
+                    f_base: np.ndarray, answers: Tensor | None, *, centre: bool, homogeneous: bool = False, batch_rows: int = 256,
+                    partial: bool = True, tick: Callable[[int], None] | None = None) -> dict[str, list]:
+    """Every variant of every set on the prompts `prompt_ids` (acts row k holds prompt prompt_ids[k]): row columns.
+
+    The variants of a set that start at the same layer run stacked in one batch of up to `batch_rows`
+    rows; partial=True starts that pass at the layer (from the residual captured there), False runs the
+    whole model from the tokens (the reference the tests compare with). tick(passes) after each pass.
+    """
+    import torch
+
+    columns: dict[str, list] = {f.name: [] for f in fields(InterventionRows)}
+    local_of = {int(p): k for k, p in enumerate(prompt_ids.tolist())}
+    for sp in plans:
+        used = np.intersect1d(sp.prompts, prompt_ids)
+        if len(used) == 0:
+            continue
+        idx = torch.from_numpy(np.isin(sp.groups.prompt.numpy(), used).nonzero()[0])
+        plan = sp.groups.take(idx)
+        groups = group_signals(acts, geometry, plan, centre, homogeneous,
+                               rows=torch.tensor([local_of[int(p)] for p in plan.prompt.tolist()], dtype=torch.long))
+        results: dict[tuple[str, str, str], dict] = {}
+        for start, variants in _by_start(sp).items():
+            step = max(1, batch_rows // len(variants))
+            for b0 in range(0, len(used), step):
+                batch = used[b0 : b0 + step]
+                out = _stacked_pass(model, geometry, acts, groups, sp.events, variants, batch, local_of,
+                                    start if partial else 0, answers, float(model.attn_scale), centre)
+                for variant, values in out.items():
+                    acc = results.setdefault(variant, {k: [] for k in values})
+                    for k, v in values.items():
+                        acc[k].append(v)
+                if tick is not None:
+                    tick(1)
+        for kind, place, control in sp.variants:
+            values = {k: np.concatenate(v) for k, v in results[kind, place, control].items()}
+            columns["set"] += [sp.set.name] * len(used)
+            columns["kind"] += [kind] * len(used)
+            columns["place"] += [place] * len(used)
+            columns["control"] += [control] * len(used)
+            columns["prompt"] += used.tolist()
+            columns["n_edges"] += sp.n_edges[used].tolist()
+            columns["f_before"] += f_base[used].tolist()
+            columns["f_after"] += values["f_after"].tolist()
+            columns["delta_f"] += (values["f_after"] - f_base[used]).tolist()
+            for key in ("score_before", "score_after", "cosine", "norm_ratio"):
+                columns[key] += values[key].tolist()
+            columns["delta_score"] += (values["score_after"] - values["score_before"]).tolist()
+    return columns
+
+
+def _stacked_pass(model, geometry, acts, groups: EdgeGroups, events, variants, batch: np.ndarray, local_of: dict[int, int],
+                  start: int, answers, raw_scale: float, centre: bool) -> dict[tuple, dict[str, np.ndarray]]:
+    """One forward pass of len(variants) x len(batch) rows (variant-major) from layer `start`: F after, scores, magnitudes."""
+    import torch
+
+    from circuitlang.engine.forward import logit_diff, run_to_final_norm
+
+    B, V = len(batch), len(variants)
+    n = acts.tokens.shape[1]
+    local = torch.tensor([local_of[int(p)] for p in batch.tolist()], dtype=torch.long)
+    per_variant = [intervention_deltas(model, geometry, groups, kind, place, control, batch.tolist(), n) for kind, place, control in variants]
+    names = sorted({name for deltas in per_variant for name in deltas})
+    stacked = {}
+    for name in names:
+        like = next(deltas[name] for deltas in per_variant if name in deltas)
+        stacked[name] = torch.cat([deltas.get(name, torch.zeros_like(like)) for deltas in per_variant])
+    down_layers = sorted({ev[1] for ev in events})
+    captured: dict[str, Tensor] = {}
+
+    def keeper(name):
+        def keep(tensor, hook):
+            captured[name] = tensor.detach().to("cpu", torch.float32, copy=True)
+        return keep
+
+    watch = [f"blocks.{l}.attn.hook_attn_scores" for l in down_layers]
+    if any(place == "global" for _, place, _ in variants):
+        watch += [f"blocks.{l}.ln1.hook_in" for l in down_layers]
+    hooks = [(name, _adder(delta)) for name, delta in stacked.items()] + [(name, keeper(name)) for name in watch]
+    tokens = acts.tokens[local].repeat(V, 1)
+    resid = acts.resid[start][local].repeat(V, 1, 1) if start > 0 else None
+    final = run_to_final_norm(model, tokens, hooks, start=start, resid=resid)
+    last = (acts.lengths[local] - 1).repeat(V)
+    rows = torch.arange(B * V)
+    f_after = (logit_diff(model, final[rows.to(final.device), last.to(final.device)], answers[torch.from_numpy(batch)].repeat(V, 1)).double().numpy()
+               if answers is not None else np.full(B * V, np.nan))
+    del final
+    out = {}
+    where = {int(p): k for k, p in enumerate(batch.tolist())}
+    sign_of = {"ablate": -1.0, "boost": 1.0}
+    for v, (kind, place, control) in enumerate(variants):
+        score_before = [[] for _ in batch]
+        score_after = [[] for _ in batch]
+        cosine = [[] for _ in batch]
+        ratio = [[] for _ in batch]
+        # Raw scores A'_ij of the set's downstream events, before and after.
+        for p, layer, head, i, j in events:
+            if p not in where:
+                continue
+            k = where[p]
+            score_before[k].append(float(acts.scores[layer, local_of[p], head, i, j]) * raw_scale)
+            score_after[k].append(float(captured[f"blocks.{layer}.attn.hook_attn_scores"][v * B + k, head, i, j]) * raw_scale)
+        # Magnitudes at each intervened token of each downstream head (global: per downstream layer).
+        sel = [g for g, p in enumerate(groups.prompt.tolist()) if p in where]
+        h_all = (groups.h if control == "signal" else groups.h_random) * sign_of[kind]
+        if place == "local":
+            sites: dict[tuple, Tensor] = {}
+            for g in sel:
+                key = (int(groups.prompt[g]), int(groups.layer[g]), int(groups.head[g]), int(groups.token[g]))
+                step = h_all[g] / groups.scale[g]
+                sites[key] = sites[key] + step if key in sites else step
+            for (p, layer, _head, m), step in sites.items():
+                x = acts.x[layer, local_of[p], m]
+                _magnitude(x, x + step, cosine[where[p]], ratio[where[p]])
+        else:
+            for p, layer, m in sorted({(int(groups.prompt[g]), int(groups.layer[g]), int(groups.token[g])) for g in sel}):
+                resid_new = captured[f"blocks.{layer}.ln1.hook_in"][v * B + where[p], m].double()
+                if centre:
+                    resid_new = resid_new - resid_new.mean()
+                x = acts.x[layer, local_of[p], m]
+                _magnitude(x, (resid_new / float(acts.scale[layer, local_of[p], m])).float(), cosine[where[p]], ratio[where[p]])
+        mean = lambda values: np.array([np.mean(x) if x else np.nan for x in values])  # noqa: E731
+        out[kind, place, control] = {"f_after": f_after[v * B : (v + 1) * B], "score_before": mean(score_before),
+                                     "score_after": mean(score_after), "cosine": mean(cosine), "norm_ratio": mean(ratio)}
+    return out
 
 
 def run_interventions(
@@ -439,159 +666,69 @@ def run_interventions(
     progress: Progress | None = None,
     *,
     geometry: AttentionGeometry | None = None,
-    batch_size: int = 64,
+    batch_rows: int = 256,
     homogeneous: bool = False,
+    partial: bool = True,
 ) -> InterventionResults:
     """Run every set of `sets` on the edges of `trace` (see the module docstring); never prints.
 
-    roots: the trace's roots in order (for `edges into root K`); acts: the activations the trace was
-    computed from (captured again when None); progress(stage, done, total) ticks once per pass;
-    homogeneous: see edge_groups (False: h as eq. 8 reads the write; True: the authors' code).
+    roots: the trace's roots in order (for `edges into root K`); acts: activations of every prompt with
+    the residual at each set's start layers (captured here when None); progress(stage, done, total) ticks
+    once per pass; homogeneous: see group_signals; partial: see intervene_chunk. The orchestration
+    (circuitlang.runner) runs `intervene_chunk` itself, chunk by chunk, and `finish_interventions`.
     """
-    import torch
-
     from circuitlang.engine.forward import capture
     from circuitlang.engine.geometry import attention_geometry
 
     t0 = time.perf_counter()
-    if acts is None:
-        acts = capture(model, prompts, batch_size=batch_size)
     if geometry is None:
         geometry = attention_geometry(model)
-    centre = _norm_centres(model)
-    raw_scale = float(model.attn_scale)
-    f_base = acts.logit_diff.double().numpy() if acts.logit_diff is not None else np.full(len(prompts), np.nan)
-    answers = None
-    if acts.logit_diff is not None:
-        answers = torch.tensor([(p.target, p.distractor) for p in prompts], dtype=torch.long)
+    plans = plan_sets(trace, prompts, sets, roots, seed, geometry.W_Q.shape[-1], geometry.rotary)
+    if acts is None or (partial and not start_layers(plans) <= set(acts.resid or ())):
+        acts = capture(model, prompts, resid_layers=sorted(start_layers(plans)))
+    f_base, answers = baseline(prompts, acts.logit_diff)
+    total = passes_needed(plans, batch_rows=batch_rows)
+    done = [0]
 
-    plans = []
-    for s in sets:
-        masks = [select_edges(trace, prompts, sel, roots) for sel in s.edges]
-        rows = np.nonzero(np.logical_or.reduce(masks) if masks else np.zeros(len(trace.edges), bool))[0]
-        plans.append((s, masks, rows))
-    total = sum(len(s.actions) * len(s.places) * (1 + s.random_control) * -(-len(np.unique(trace.edges.prompt[rows])) // batch_size)
-                for s, _, rows in plans if len(rows))
-    done = 0
-    columns: dict[str, list] = {f.name: [] for f in fields(InterventionRows)}
-    infos = []
-    passes = 0
-    for s, masks, rows in plans:
-        e = trace.edges
-        used = np.unique(e.prompt[rows])
-        infos.append(SetInfo(
-            name=s.name, line=s.line, selectors=tuple(describe(x) for x in s.edges), matched=tuple(int(m.sum()) for m in masks),
-            n_edge_rows=len(rows), n_prompts=len(used),
-            upstream=tuple(sorted(set(zip(e.up_layer[rows].tolist(), e.up_head[rows].tolist())))),
-            downstream=tuple(sorted(set(zip(e.layer[rows].tolist(), e.head[rows].tolist())))),
-            actions=tuple(s.actions), places=tuple(s.places), random_control=s.random_control,
-        ))
-        if len(rows) == 0:
-            continue
-        groups = edge_groups(acts, geometry, trace, rows, set_seed(seed, s.name), centre, homogeneous)
-        n_edges = np.bincount(e.prompt[rows], minlength=len(prompts))
-        events = sorted(set(zip(*(x.tolist() for x in (e.prompt[rows], e.layer[rows], e.head[rows], e.dest[rows], e.src[rows])))))
-        controls = ("signal", "random") if s.random_control else ("signal",)
-        for kind in s.actions:
-            for place in s.places:
-                for control in controls:
-                    out = _one_pass(model, geometry, acts, groups, events, kind, place, control, used, batch_size, answers, raw_scale, centre)
-                    passes += out.pop("passes")
-                    done += -(-len(used) // batch_size)
-                    if progress is not None:
-                        progress("interventions", done, total)
-                    columns["set"] += [s.name] * len(used)
-                    columns["kind"] += [kind] * len(used)
-                    columns["place"] += [place] * len(used)
-                    columns["control"] += [control] * len(used)
-                    columns["prompt"] += used.tolist()
-                    columns["n_edges"] += n_edges[used].tolist()
-                    columns["f_before"] += f_base[used].tolist()
-                    columns["f_after"] += out["f_after"].tolist()
-                    columns["delta_f"] += (out["f_after"] - f_base[used]).tolist()
-                    for key in ("score_before", "score_after", "cosine", "norm_ratio"):
-                        columns[key] += out[key].tolist()
-                    columns["delta_score"] += (out["score_after"] - out["score_before"]).tolist()
-    rows_table = InterventionRows(**{
-        k: np.array(v, dtype=np.str_ if k in ROW_TEXT else np.int64 if k in ROW_INT else np.float64) for k, v in columns.items()
-    })
-    summaries = summarise(rows_table)
-    return InterventionResults(
-        model=model.name, seed=int(seed), centred=centre, homogeneous=bool(homogeneous), sets=tuple(infos), rows=rows_table, summaries=summaries,
-        verdicts=verdicts(summaries), passes=passes, timings={"interventions": time.perf_counter() - t0},
-    )
+    def tick(k: int) -> None:
+        done[0] += k
+        if progress is not None:
+            progress("interventions", done[0], total)
+
+    columns = intervene_chunk(model, geometry, acts, np.arange(len(prompts)), plans, f_base, answers, centre=_norm_centres(model),
+                              homogeneous=homogeneous, batch_rows=batch_rows, partial=partial, tick=tick)
+    return finish_interventions(model.name, seed, _norm_centres(model), homogeneous, plans, [columns], done[0], time.perf_counter() - t0)
 
 
-def _one_pass(model, geometry, acts, groups: EdgeGroups, events, kind, place, control, used: np.ndarray, batch_size: int,
-              answers, raw_scale: float, centre: bool) -> dict:
-    """One (set, kind, place, control) over the prompts `used`, in chunks: F after, scores and magnitudes."""
+def start_layers(plans: Sequence[SetPlan]) -> set[int]:
+    """The layers where the sets' partial passes start (the residual there must be captured)."""
+    return {start for sp in plans if len(sp.rows) for start in _by_start(sp) if start > 0}
+
+
+def baseline(prompts: PromptSet, logit_diff: Tensor | None) -> tuple[np.ndarray, Tensor | None]:
+    """F before, as float64 numpy (NaN without answers), and the answer ids [P, 2] (None without answers)."""
     import torch
 
-    n = acts.tokens.shape[1]
-    index = {int(p): k for k, p in enumerate(used.tolist())}
-    f_after = np.full(len(used), np.nan)
-    score_before = [[] for _ in used]
-    score_after = [[] for _ in used]
-    cosine = [[] for _ in used]
-    ratio = [[] for _ in used]
-    down_layers = sorted({ev[1] for ev in events})
-    sign = -1.0 if kind == "ablate" else 1.0
-    h_all = (groups.h if control == "signal" else groups.h_random) * sign
-    passes = 0
-    for start in range(0, len(used), batch_size):
-        batch = used[start : start + batch_size].tolist()
-        where = {p: k for k, p in enumerate(batch)}
-        captured: dict[str, Tensor] = {}
+    if logit_diff is None:
+        return np.full(len(prompts), np.nan), None
+    return logit_diff.double().numpy(), torch.tensor([(p.target, p.distractor) for p in prompts], dtype=torch.long)
 
-        def keep(tensor, hook):
-            captured[hook.name] = tensor.detach().to("cpu", torch.float32)
-            return tensor
 
-        hooks = intervention_hooks(model, geometry, groups, kind, place, control, batch, n)
-        names = [f"blocks.{l}.attn.hook_attn_scores" for l in down_layers]
-        if place == "global":
-            names += [f"blocks.{l}.ln1.hook_in" for l in down_layers]
-        tokens = acts.tokens[torch.tensor(batch)].to(model.device)
-        with torch.inference_mode():
-            logits = model.bridge.run_with_hooks(tokens, fwd_hooks=hooks + [(name, keep) for name in names])
-        passes += 1
-        last = acts.lengths[torch.tensor(batch)] - 1
-        rows = torch.arange(len(batch))
-        if answers is not None:
-            final = logits[rows.to(logits.device), last.to(logits.device)].float().cpu()
-            pair = answers[torch.tensor(batch)]
-            diff = final[rows, pair[:, 0]] - final[rows, pair[:, 1]]
-            for k, p in enumerate(batch):
-                f_after[index[p]] = float(diff[k])
-        del logits
-        # Raw scores A'_ij of the set's downstream events, before and after.
-        for p, layer, head, i, j in events:
-            if p not in where:
-                continue
-            scores = captured[f"blocks.{layer}.attn.hook_attn_scores"]
-            score_before[index[p]].append(float(acts.scores[layer, p, head, i, j]) * raw_scale)
-            score_after[index[p]].append(float(scores[where[p], head, i, j]) * raw_scale)
-        # Magnitudes at each intervened token of each downstream head (global: per downstream layer).
-        sel = [g for g, p in enumerate(groups.prompt.tolist()) if p in where]
-        if place == "local":
-            sites: dict[tuple, Tensor] = {}
-            for g in sel:
-                key = (int(groups.prompt[g]), int(groups.layer[g]), int(groups.head[g]), int(groups.token[g]))
-                step = h_all[g] / groups.scale[g]
-                sites[key] = sites[key] + step if key in sites else step
-            for (p, layer, _head, m), step in sites.items():
-                x = acts.x[layer, p, m]
-                _magnitude(x, x + step, cosine[index[p]], ratio[index[p]])
-        else:
-            for p, layer, m in sorted({(int(groups.prompt[g]), int(groups.layer[g]), int(groups.token[g])) for g in sel}):
-                resid = captured[f"blocks.{layer}.ln1.hook_in"][where[p], m].double()
-                if centre:
-                    resid = resid - resid.mean()
-                x = acts.x[layer, p, m]
-                _magnitude(x, (resid / float(acts.scale[layer, p, m])).float(), cosine[index[p]], ratio[index[p]])
-    mean = lambda values: np.array([np.mean(v) if v else np.nan for v in values])  # noqa: E731
-    return {"f_after": f_after, "score_before": mean(score_before), "score_after": mean(score_after),
-            "cosine": mean(cosine), "norm_ratio": mean(ratio), "passes": passes}
+def finish_interventions(model_name: str, seed: int, centre: bool, homogeneous: bool, plans: Sequence[SetPlan],
+                         chunks: Sequence[dict[str, list]], passes: int, seconds: float) -> InterventionResults:
+    """Row columns of every chunk -> InterventionResults, rows ordered by (set, variant, prompt) whatever the chunking."""
+    columns = {f.name: [v for c in chunks for v in c[f.name]] for f in fields(InterventionRows)}
+    rows = InterventionRows(**{
+        k: np.array(v, dtype=np.str_ if k in ROW_TEXT else np.int64 if k in ROW_INT else np.float64) for k, v in columns.items()
+    })
+    rank = {(sp.set.name, *variant): (s, v) for s, sp in enumerate(plans) for v, variant in enumerate(sp.variants)}
+    order = sorted(range(len(rows)), key=lambda k: (*rank[rows.set[k], rows.kind[k], rows.place[k], rows.control[k]], rows.prompt[k]))
+    rows = InterventionRows(**{f.name: getattr(rows, f.name)[np.array(order, dtype=np.int64)] for f in fields(rows)})
+    summaries = summarise(rows)
+    return InterventionResults(
+        model=model_name, seed=int(seed), centred=centre, homogeneous=bool(homogeneous), sets=tuple(sp.info for sp in plans),
+        rows=rows, summaries=summaries, verdicts=verdicts(summaries), passes=passes, timings={"interventions": seconds},
+    )
 
 
 def _magnitude(x, x_new, cosines: list, ratios: list) -> None:
