@@ -7,6 +7,7 @@ Task facts (names, templates, places, objects, known circuit heads) are read fro
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from functools import cache
@@ -22,6 +23,8 @@ IOI_ROLES = (
 """Role names of every IOI prompt, in label priority order (a position's label is its first role)."""
 
 _KINDS = ("ABBA", "BABA", "mixed")
+COUNTERFACTUALS = ("abc", "flipped")
+"""The IOI counterfactuals `ioi_counterfactuals` makes (the faithfulness evaluation patches head outputs from them)."""
 _PUNCT = {",", "."}
 _VERBS = {" gave", " give", " said"}
 
@@ -154,3 +157,34 @@ def _ioi_prompt(
         distractor=s_id,
         meta=meta,
     )
+
+
+def ioi_counterfactuals(prompts: PromptSet, tokenizer: Any, kind: str = "abc", seed: int = 0) -> PromptSet:
+    """The IOI ``prompts`` with a counterfactual beside each (``Prompt.counterfactual``), aligned token by token.
+
+    ``"abc"`` (Wang et al.'s pABC): the same template, place and object with the three name tokens (IO, S1,
+    S2) replaced by three distinct names, none of them the prompt's IO or S, drawn with one
+    ``random.Random(seed)`` prompt by prompt: the sentence structure stays, the information on which name is
+    the indirect object goes. ``"flipped"``: S2 becomes the IO name ("... John and Mary ... Mary gave a
+    drink to"), so the model's answer flips to S and F = logit(IO) - logit(S) changes sign. Names are single
+    tokens, so positions, lengths and the roles stay those of the clean prompt; the answers stay the clean
+    prompt's (F of a counterfactual run is read with them). The counterfactual text is kept in ``meta``.
+    """
+    if kind not in COUNTERFACTUALS:
+        raise DataError(f"unknown IOI counterfactual {kind!r}; use one of: {', '.join(COUNTERFACTUALS)}")
+    names, _ = _single_token_names(tokenizer, _task()["names"], True)
+    name_ids = [encode(tokenizer, " " + name)[0] for name in names]
+    rng = random.Random(seed)
+    out = []
+    for prompt in prompts:
+        ids = list(prompt.token_ids)
+        io, s1, s2 = prompt.role("IO"), prompt.role("S1"), prompt.role("S2")
+        if kind == "flipped":
+            ids[s2] = ids[io]
+        else:
+            pool = [t for t in name_ids if t not in (prompt.target, prompt.distractor)]
+            ids[io], ids[s1], ids[s2] = rng.sample(pool, 3)
+        start = 1 if prompt.labels and prompt.labels[0] == "BOS" else 0
+        text = tokenizer.decode(ids[start:])
+        out.append(dataclasses.replace(prompt, counterfactual=tuple(ids), meta=prompt.meta + (("counterfactual", text),)))
+    return PromptSet(tuple(out), prompts.role_names, f"{prompts.description}, {kind} counterfactuals seed {seed}")

@@ -46,7 +46,9 @@ class Prompt:
     ``token_ids`` is exactly what the model is fed (BOS first when one was prepended); ``roles`` maps role
     names to positions in ``token_ids``, in priority order (the first role at a position names its label);
     ``labels`` has one display label per position; ``target``/``distractor`` are the token ids of the
-    correct and the competing answer (IOI: the IO and S names).
+    correct and the competing answer (IOI: the IO and S names). ``counterfactual``, when set, is the token ids of
+    a counterfactual prompt aligned position by position with ``token_ids`` (same length; the faithfulness
+    evaluation patches head outputs from it).
     """
 
     text: str
@@ -56,6 +58,7 @@ class Prompt:
     target: int | None = None
     distractor: int | None = None
     meta: tuple[tuple[str, str], ...] = ()
+    counterfactual: tuple[int, ...] | None = None
 
     def role(self, name: str) -> int:
         """The token position of role ``name``; DataError listing the known roles if it has none."""
@@ -118,7 +121,7 @@ def bos_id(tokenizer: Any) -> int:
     return tokenizer.bos_token_id
 
 
-_KEYS = ("text", "roles", "target", "distractor")
+_KEYS = ("text", "roles", "target", "distractor", "counterfactual")
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,7 @@ class PromptRecord:
     roles: tuple[tuple[str, Any], ...]  # (name, int | word | {"word": ..., "occurrence": n}), as written
     target: str | None
     distractor: str | None
+    counterfactual: str | None = None
 
 
 def read_prompt_file(path: str | Path) -> tuple[PromptRecord, ...]:
@@ -222,7 +226,11 @@ def _record(line: str, file: str, number: int) -> PromptRecord:
             raise error(f"{key!r} must be a non-empty string (one token of the answer, e.g. \" Mary\"), "
                         f"got {_json_type(value)}", column_of(key))
         answers[key] = value
-    return PromptRecord(number, text, tuple(roles), answers["target"], answers["distractor"])
+    counterfactual = record.get("counterfactual")
+    if "counterfactual" in record and (not isinstance(counterfactual, str) or not counterfactual.strip()):
+        raise error(f"'counterfactual' must be a non-empty string (the same prompt with the task's evidence changed), "
+                    f"got {_json_type(counterfactual)}", column_of("counterfactual"))
+    return PromptRecord(number, text, tuple(roles), answers["target"], answers["distractor"], counterfactual)
 
 
 def _role_problem(value: Any, text: str) -> str | None:
@@ -288,7 +296,19 @@ def _file_prompt(record: PromptRecord, where: str, tokenizer: Any, prepend_bos: 
         target=_answer_id(record.target, "target", tokenizer, where),
         distractor=_answer_id(record.distractor, "distractor", tokenizer, where),
         meta=(("source", where),),
+        counterfactual=_counterfactual_ids(record, ids, token_ids[:offset], tokenizer, where),
     )
+
+
+def _counterfactual_ids(record: PromptRecord, ids: list[int], bos: tuple[int, ...], tokenizer: Any, where: str) -> tuple[int, ...] | None:
+    """The counterfactual's token ids (BOS as the text's), which must align with the text's token by token."""
+    if record.counterfactual is None:
+        return None
+    cf = encode(tokenizer, record.counterfactual)
+    if len(cf) != len(ids):
+        raise DataError(f"{where}: counterfactual has {len(cf)} tokens and the text {len(ids)}; they must align token "
+                        "by token (change words for words of as many tokens)")
+    return bos + tuple(cf)
 
 
 def _role_position(value: Any, name: str, ids: list[int], tokenizer: Any, where: str) -> int:

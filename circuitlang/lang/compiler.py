@@ -23,6 +23,7 @@ from circuitlang.lang.plan import (
     OUTPUT_FORMATS,
     AutoRoots,
     EdgeSelector,
+    Evaluation,
     FilePrompts,
     InterventionSet,
     IOIPrompts,
@@ -43,6 +44,7 @@ MAX_SLICES = 100_000
 MAX_TOP_EDGES = 1_000_000
 MAX_SEED = 2**63 - 1
 MAX_INDEX = 99_999  # a layer or head number
+MAX_RANDOM_DRAWS = 1_000  # `evaluate ... random K`
 # Letters that look like ASCII ones (Cyrillic, Greek), for "did you mean" on a model name typed with one.
 _HOMOGLYPHS = str.maketrans("аеорсухіјѕԁԛԝАВЕКМНОРСТХІЈЅαοντΑΒΕΗΙΚΜΝΟΡΤΧΥΖ",
                             "aeopcyxijsdqwABEKMHOPCTXIJSaovtABEHIKMNOPTXYZ")
@@ -79,6 +81,9 @@ def check_against_model(plan: Plan, n_layers: int, n_heads: int) -> None:
     named += [h for s in plan.interventions for e in s.edges for h in (e.up, e.down) if h]
     if isinstance(plan.compare, tuple):
         named += [_head(h) for h in plan.compare]
+    if plan.evaluate is not None and isinstance(plan.evaluate.sizes, tuple) and max(plan.evaluate.sizes) > n_layers * n_heads:
+        raise SpecError.at(where.get("evaluate", fallback), f"evaluate: circuit size {max(plan.evaluate.sizes)} is more "
+                           f"than the {n_layers * n_heads} heads of {plan.model.name} ({n_layers} layers x {n_heads} heads)")
     for layer, head in named:
         if not inside(layer, head):
             at = where.get(f"{layer}.{head}", fallback)
@@ -113,6 +118,8 @@ def format_plan(plan: Plan) -> str:
         lines.append("compare " + (f"known {plan.compare}" if isinstance(plan.compare, str)
                                    else f"heads {', '.join(plan.compare)}"))
     lines += [f'output  "{o.directory}" {" ".join(o.formats)}', f"seed    {plan.seed}"]
+    if plan.evaluate is not None:
+        lines.append(f"evaluate {plan.evaluate}")
     for s in plan.interventions:
         actions = f"{', '.join(s.actions)}  {', '.join(s.places)}"
         lines += ["", f'intervene "{s.name}" {{', *(f"  {_selector(e)}" for e in s.edges),
@@ -185,6 +192,7 @@ class _Compiler:
         self.roles: tuple[str, ...] = IOI_ROLES  # the roles every prompt defines
         self.prompt_file: str | None = None  # the prompts file's name, once `prompts file` is read
         self.any_roles: set[str] = set()  # with a prompts file: the roles some prompt defines
+        self.records = ()  # with a prompts file: its checked lines
         self.model_name = Plan.model.name  # the default model
         self.roots: tuple[Root, ...] | AutoRoots = AutoRoots()
 
@@ -231,6 +239,8 @@ class _Compiler:
         self.roles = common_roles(records)
         self.prompt_file = os.path.basename(shown)
         self.any_roles = {name for r in records for name, _ in r.roles}
+        self.records = records
+        self.prompt_path = shown
         return {"prompts": FilePrompts(absolute)}
 
     def _trace_roots(self, *trees):
@@ -286,6 +296,30 @@ class _Compiler:
 
     def _seed(self, seed):
         return {"seed": self.count(seed, "the seed", MAX_SEED, least=0)}
+
+    def _evaluate(self, against, mean, sizes, random):
+        kind = str(against.children[0])
+        if kind == "file" and self.prompt_file is None:
+            raise self.error(against.children[0], "evaluate ... against file takes each prompt's counterfactual from a prompts "
+                             "file; the ioi prompts have abc and flipped counterfactuals")
+        if kind != "file" and self.prompt_file is not None:
+            raise self.error(against.children[0], f"the {kind} counterfactual is made for the ioi prompts; with "
+                             f"{self.prompt_file} write `against file` (each prompt's \"counterfactual\" text)")
+        if kind == "file":
+            for r in self.records:
+                missing = [k for k in ("counterfactual", "target", "distractor") if getattr(r, k) is None]
+                if missing:
+                    raise SpecError(self.prompt_path, r.line, 0, f"evaluate ... against file needs "
+                                    f"{listing(tuple(repr(m) for m in missing), 'and')} in every prompt (line "
+                                    f"{self.where['evaluate'].line} of {self.file})")
+        chosen = None
+        if sizes is not None:
+            if len(sizes.children) == 0:
+                chosen = "all"
+            else:
+                chosen = tuple(sorted({self.count(n, "a circuit size", MAX_INDEX) for n in sizes.children}))
+        draws = self.count(random, "the number of random rankings", MAX_RANDOM_DRAWS, least=0) if random else Evaluation.random
+        return {"evaluate": Evaluation(kind, mean is not None, chosen, draws)}
 
     # intervene blocks
 

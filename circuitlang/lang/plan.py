@@ -124,6 +124,31 @@ class InterventionSet:
     line: int = 0
 
 
+COUNTERFACTUALS = ("abc", "flipped", "file")
+DEFAULT_RANDOM_DRAWS = 10
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """`evaluate faithfulness against ...`: how much of the task metric circuits of growing size keep.
+
+    against: the counterfactual whose run the heads outside a circuit take their output from: `abc`
+    (three other names) or `flipped` (S2 becomes IO) for the ioi prompts, `file` (each prompt's
+    `counterfactual` text) for a prompts file; mean: patch with the mean over the counterfactual prompts
+    instead of each prompt's own; sizes: the circuit sizes (heads) evaluated, None for the default grid,
+    "all" for every size; random: seeded random rankings averaged as the chance baseline.
+    """
+
+    against: Literal["abc", "flipped", "file"] = "abc"
+    mean: bool = False
+    sizes: tuple[int, ...] | Literal["all"] | None = None
+    random: int = DEFAULT_RANDOM_DRAWS
+
+    def __str__(self) -> str:
+        sizes = "" if self.sizes is None else " sizes " + (self.sizes if self.sizes == "all" else ", ".join(map(str, self.sizes)))
+        return f"faithfulness against {self.against}{' mean' * self.mean}{sizes} random {self.random}"
+
+
 @dataclass(frozen=True)
 class Plan:
     model: ModelSpec = ModelSpec("gemma-3-270m")
@@ -137,6 +162,7 @@ class Plan:
     output: Output = Output()
     interventions: tuple[InterventionSet, ...] = ()
     seed: int = 0
+    evaluate: Evaluation | None = None
     sources: tuple[str, ...] = field(default=(), compare=False)
     # where statements ("model", "compare", ...) and heads ("9.9", first mention) were written
     where: tuple[tuple[str, Where], ...] = field(default=(), compare=False, repr=False)
