@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
+import warnings
 from pathlib import Path
+from typing import Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -32,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--device", metavar="DEVICE", help="override the spec's device (cpu, cuda, cuda:0, mps)")
     run.add_argument("--quiet", action="store_true", help="no progress bars and no report; outputs only")
     run.add_argument("--no-cache", action="store_true", help="recompute the trace; read and write no cache")
+    run.add_argument("--chunk", type=_at_least_one, metavar="N",
+                     help="prompts per chunk (default: as many as fit in an eighth of the free memory, at most 1 GiB "
+                     "of activations; $CIRCUITLANG_CHUNK_MB sets that budget)")
     check = commands.add_parser("check", help="parse and validate a spec (no model)",
                                 description="Parse and validate SPEC without loading the model.")
     check.add_argument("spec", metavar="SPEC")
@@ -57,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     view.add_argument("target", metavar="TARGET", help="a run directory, a trace.json or a .circ spec")
     view.add_argument("--no-open", action="store_true", help="write and print the path only; open no browser")
     view.add_argument("--device", metavar="DEVICE", help="a spec's device if it must be traced (cpu, cuda, cuda:0, mps)")
+    cache = commands.add_parser("cache", help="show or clear the caches (runs, Omega slices, embedded models)",
+                                description="Show where the caches are and how much they hold, or clear them. The run cache "
+                                "holds traces and intervention results, the Omega cache the SVDs of each layer, the models "
+                                "cache the embedded model's float32 copy.")
+    cache.add_argument("--clear", nargs="*", choices=("runs", "omega", "models"), metavar="KIND",
+                       help="remove these kinds of entries (runs, omega, models); with no KIND, runs and omega")
     return parser
 
 
@@ -93,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     errors = Console(stderr=True)
     if args.command == "view":
         return _view(args, console)
+    if args.command == "cache":
+        return _cache(args, console)
     if args.command == "diff":
         try:
             return _diff(args, console)
@@ -122,20 +136,19 @@ def main(argv: list[str] | None = None) -> int:
 def _run(plan: Plan, args, console: Console) -> int:
     from circuitlang.data.prompts import DataError
     from circuitlang.engine.model import ModelLoadError
-    from circuitlang.engine.roots import RootError
-    from circuitlang.engine.cache import REUSED, cached_run
     from circuitlang.engine.intervene import InterventionError
-    from circuitlang.engine.run import run_plan_interventions
+    from circuitlang.engine.roots import RootError
     from circuitlang.engine.trace import TraceError
+    from circuitlang.runner.cache import REUSED
+    from circuitlang.runner.execute import cached_run
 
     errors = Console(stderr=True)
     if not _writable(plan.output.directory, errors):  # before the model loads, not after the trace
         return EXIT_SPEC
-    with _progress(args.quiet) as bars:
+    with _progress(args.quiet) as bars, _cache_warnings(errors):
         try:
-            result, reused = cached_run(plan, device=args.device, progress=bars, use_cache=not args.no_cache)
-            if reused and plan.interventions:  # a cached trace: the interventions still need the model
-                result = run_plan_interventions(plan, result, device=args.device, progress=bars)
+            result, reused = cached_run(plan, device=args.device, progress=bars, use_cache=not args.no_cache,
+                                        chunk=getattr(args, "chunk", None))
         except SpecError as err:  # a head out of range, known once the model is loaded
             errors.print(f"[red]error[/red] {err}", highlight=False, soft_wrap=True)
             return EXIT_SPEC
@@ -143,7 +156,7 @@ def _run(plan: Plan, args, console: Console) -> int:
             errors.print(f"[red]error[/red] {args.spec}: {err}", highlight=False, soft_wrap=True)
             return EXIT_RUN
     if reused:
-        errors.print(REUSED.format(key=reused), highlight=False, soft_wrap=True)
+        errors.print(REUSED.format(what=" and ".join(result.reused), key=reused), highlight=False, soft_wrap=True)
     try:
         written, notes = _write_outputs(plan, result)
     except OSError as err:
@@ -161,12 +174,13 @@ def _run(plan: Plan, args, console: Console) -> int:
 
 def _diff(args, console: Console) -> int:
     from circuitlang.data.prompts import DataError
-    from circuitlang.engine.cache import REUSED, cached_run
     from circuitlang.engine.model import ModelLoadError
     from circuitlang.engine.roots import RootError
     from circuitlang.engine.trace import TraceError
     from circuitlang.report.diff import diff_inputs, render_diff, write_diff
     from circuitlang.report.viewer import write_diff_viewer
+    from circuitlang.runner.cache import REUSED
+    from circuitlang.runner.execute import cached_run
 
     errors = Console(stderr=True)
     if not _writable(args.out, errors):  # before any spec is traced
@@ -174,12 +188,13 @@ def _diff(args, console: Console) -> int:
     notes: list[str] = []  # printed once the progress bars are done
 
     def load(path: str):
-        result, reused = cached_run(parse_spec(path), device=args.device, progress=bars, use_cache=not args.no_cache)
+        result, reused = cached_run(parse_spec(path), device=args.device, progress=bars, use_cache=not args.no_cache,
+                                    interventions=False)
         if reused:
-            notes.append(f"{path}: " + REUSED.format(key=reused))
+            notes.append(f"{path}: " + REUSED.format(what="trace", key=reused))
         return result.trace
 
-    with _progress(False) as bars:
+    with _progress(False) as bars, _cache_warnings(errors):
         try:
             diff = diff_inputs(args.a, args.b, load, args.min_count)
         except SpecError as err:
@@ -240,6 +255,43 @@ def _view(args, console: Console) -> int:
     console.print(f"{'wrote' if written else 'viewer'} {path}", highlight=False, soft_wrap=True)
     if not args.no_open and not webbrowser.open(path.resolve().as_uri()):
         errors.print(f"no browser to open it with; open {path} in one", highlight=False, soft_wrap=True)
+    return 0
+
+
+@contextlib.contextmanager
+def _cache_warnings(errors: Console) -> Iterator[None]:
+    """A cache entry discarded as corrupt is one line on stderr, not a traceback or a Python warning dump."""
+    from circuitlang.engine.omega_cache import CacheWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CacheWarning)
+        try:
+            yield
+        finally:
+            for w in caught:
+                if issubclass(w.category, CacheWarning):
+                    errors.print(f"[yellow]warning[/yellow] {w.message}", highlight=False, soft_wrap=True)
+                else:
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
+def _cache(args, console: Console) -> int:
+    """`circ cache [--clear [KIND ...]]`."""
+    from circuitlang.engine.embedded import cache_root
+    from circuitlang.runner.cache import cache_usage, clear_cache
+
+    if args.clear is not None:
+        freed = clear_cache(tuple(args.clear) or ("runs", "omega"))
+        console.print(f"cleared {', '.join(args.clear) or 'runs, omega'}: {freed / 2**20:,.1f} MB freed", highlight=False)
+        return 0
+    console.print(f"cache: {cache_root()}", highlight=False, markup=False, soft_wrap=True)
+    table = Table()
+    for column in ("kind", "entries", "size"):
+        table.add_column(column, justify="left" if column == "kind" else "right")
+    for kind, (entries, size) in cache_usage().items():
+        table.add_row(kind, str(entries), f"{size / 2**20:,.1f} MB")
+    console.print(table)
+    console.print("clear with `circ cache --clear [runs] [omega] [models]`; $CIRCUITLANG_CACHE moves it", highlight=False, markup=False)
     return 0
 
 
@@ -325,6 +377,9 @@ def _report(plan: Plan, result, console: Console) -> None:
         for choice in result.auto_roots:
             table.add_row(str(choice.root), f"{choice.direct_effect:.3f}", f"{choice.fired} prompts")
         console.print(table)
+        for skip in result.skipped_roots:
+            console.print(f"skipped {skip.layer}.{skip.head} (mean direct effect {skip.direct_effect:.3f}): {skip.reason}",
+                          highlight=False)
     known = known_head_set(plan.compare) if plan.compare else None
     render_report(result.trace, console, min_count=plan.show_min_count, known=known)
     if result.interventions is not None:

@@ -8,17 +8,11 @@ import os
 import pytest
 import torch
 
-import circuitlang.engine.run as run_module
-from circuitlang.engine import cache
-from circuitlang.engine.cache import (
-    REUSED,
-    cached_layer_slices,
-    cached_run,
-    load_run,
-    model_identity,
-    omega_cache,
-    run_key,
-)
+import circuitlang.runner.execute as run_module
+from circuitlang.engine import omega_cache as cache
+from circuitlang.engine.omega_cache import CacheWarning, cached_layer_slices, omega_cache
+from circuitlang.runner.cache import REUSED, load_run, model_identity, run_key
+from circuitlang.runner.execute import cached_run
 from circuitlang.engine.geometry import AttentionGeometry, layer_slices
 from circuitlang.engine.model import load_model
 from circuitlang.lang import format_plan, parse_text
@@ -45,14 +39,14 @@ def traces(tiny, root, monkeypatch):
     """Runs use the preloaded tiny model; the list records each trace computed and whether the Omega cache was on."""
     _, model = tiny
     computed = []
-    real = run_module.trace
+    real = run_module.merge_chunks
 
     def counting(*args, **kwargs):
         computed.append(cache._omega_on.get())
         return real(*args, **kwargs)
 
     monkeypatch.setattr(run_module, "resolve_model", lambda spec, device=None, progress=None: model)
-    monkeypatch.setattr(run_module, "trace", counting)
+    monkeypatch.setattr(run_module, "merge_chunks", counting)
     return computed
 
 
@@ -66,7 +60,8 @@ def test_second_run_reuses_the_trace(tiny, traces, tmp_path):
     assert reused is None and traces == [True]  # computed, with the Omega cache on
     second, reused = cached_run(plan)
     assert traces == [True] and reused == run_key(plan, model_identity(str(tiny[0])))
-    assert REUSED.format(key=reused) == f"reusing cached trace {reused[:12]} (spec and model unchanged); --no-cache to recompute"
+    assert REUSED.format(what="trace", key=reused) == f"reusing cached trace {reused[:12]} (spec and model unchanged); --no-cache to recompute"
+    assert second.reused == ("trace",) and first.reused == ()
     assert second.plan is plan and second.auto_roots == first.auto_roots and second.logit_diff == first.logit_diff
     assert first.auto_roots and len(first.logit_diff) == 12
     text = format_plan(plan)
@@ -165,7 +160,7 @@ def test_omega_cache_returns_the_fresh_slices(computed, root):
     with omega_cache():
         first = [cached_layer_slices(g, layer) for layer in range(2)]
         again = [cached_layer_slices(g, layer) for layer in range(2)]
-    assert computed == [(0, None), (1, None)] and len(list((root / "omega").iterdir())) == 2
+    assert computed == [(0, None), (1, None)] and len(list((root / "omega").glob("*.pt"))) == 2
     assert all(same(x, y) and same(x, z) for x, y, z in zip(fresh, first, again))
     assert again[0].Q_a.dtype == torch.float64
     cached_layer_slices(g, 0)  # outside omega_cache(): computed, as the Python API always does

@@ -14,7 +14,7 @@ from rich.console import Console
 
 from circuitlang.engine.model import load_model
 from circuitlang.engine.results import FiringStats, Trace, TraceConfig, TracedEdges, TracedEvents
-from circuitlang.engine.run import run_plan
+from circuitlang.runner.execute import run_plan
 from circuitlang.lang import parse_spec
 from circuitlang.report import write_trace_json
 from circuitlang.report.diff import BOTH, ONLY_A, ONLY_B, build_diff_dot, diff_inputs, diff_traces, render_diff, write_diff

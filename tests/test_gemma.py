@@ -15,7 +15,7 @@ from circuitlang.engine.embedded import CACHE_ENV, resolve_embedded
 from circuitlang.engine.forward import capture
 from circuitlang.engine.geometry import attention_geometry
 from circuitlang.engine.model import load_model
-from circuitlang.engine.run import choose_roots
+from circuitlang.runner.execute import choose_roots
 from circuitlang.engine.trace import decompose_layer, slices_for, trace
 from circuitlang.lang.plan import SliceRule
 from circuitlang.report import trace_to_dict

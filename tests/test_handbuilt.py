@@ -9,7 +9,7 @@ from circuitlang.data.prompts import Prompt, PromptSet
 from circuitlang.engine.forward import capture
 from circuitlang.engine.model import load_model
 from circuitlang.engine.geometry import attention_geometry
-from circuitlang.engine.run import choose_roots
+from circuitlang.runner.execute import choose_roots
 from circuitlang.engine.trace import trace, writer_contributions
 from circuitlang.lang.plan import Root
 from tiny_models import build_handbuilt

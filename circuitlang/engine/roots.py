@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -55,42 +56,73 @@ def last_token_writes(acts: Activations, W_O: Tensor) -> Tensor:
     return writes
 
 
-def auto_roots(acts: Activations, effects: Tensor, prompts: PromptSet, k: int, threshold: float) -> tuple[RootChoice, ...]:
-    """The k heads of largest mean direct effect, strongest first, each on the role pair it fires on most.
+@dataclass(frozen=True)
+class RootSkip:
+    """A head passed over by `trace from auto` although its direct effect ranked above a chosen root."""
+
+    layer: int
+    head: int
+    direct_effect: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class RootEvidence:
+    """What `trace from auto` reads from a set of prompts; evidence of disjoint prompt sets adds up (`merge`).
+
+    effect_sum [L, H]: direct effects summed over the prompts; n_prompts; at_end / anywhere: per head
+    (layer, head), how often it fires between each pair of named roles (dest, src), with dest the last
+    token / anywhere.
+    """
+
+    effect_sum: np.ndarray
+    n_prompts: int
+    at_end: dict[tuple[int, int], Counter]
+    anywhere: dict[tuple[int, int], Counter]
+
+    def merge(self, other: RootEvidence) -> RootEvidence:
+        add = lambda a, b: {k: a.get(k, Counter()) + b.get(k, Counter()) for k in sorted(set(a) | set(b))}  # noqa: E731
+        return RootEvidence(self.effect_sum + other.effect_sum, self.n_prompts + other.n_prompts,
+                            add(self.at_end, other.at_end), add(self.anywhere, other.anywhere))
+
+
+def root_evidence(acts: Activations, effects: Tensor, prompts: PromptSet, threshold: float) -> RootEvidence:
+    """The evidence of these prompts: effects [P, L, H] summed, and each head's firings between named roles."""
+    fires = dc.firing_mask(acts.pattern, acts.scores, acts.lengths, threshold)  # [L, P, H, n, n]
+    named = set(prompts.role_names)
+    at_end: dict[tuple[int, int], Counter] = {}
+    anywhere: dict[tuple[int, int], Counter] = {}
+    last = (acts.lengths - 1).tolist()
+    for l, p, h, i, j in fires.nonzero().tolist():
+        dest, src = prompts[p].labels[i], prompts[p].labels[j]
+        if dest in named and src in named:
+            anywhere.setdefault((l, h), Counter())[dest, src] += 1
+            if i == last[p]:
+                at_end.setdefault((l, h), Counter())[dest, src] += 1
+    return RootEvidence(effects.double().sum(0).numpy(), len(prompts), at_end, anywhere)
+
+
+def auto_roots(evidence: RootEvidence, k: int) -> tuple[tuple[RootChoice, ...], tuple[RootSkip, ...]]:
+    """The k heads of largest mean direct effect, strongest first, each on the role pair it fires on most,
+    and the heads passed over on the way (they never fire between named roles).
 
     The pair is counted over firings whose destination is the last token (where the effect is read),
     falling back to all of the head's firings between named roles.
     """
-    mean = effects.mean(0)  # [L, H]
+    mean = evidence.effect_sum / max(evidence.n_prompts, 1)  # [L, H]
     L, H = mean.shape
-    fires = dc.firing_mask(acts.pattern, acts.scores, acts.lengths, threshold)
-    chosen = []
-    for flat in mean.flatten().argsort(descending=True).tolist():
+    chosen: list[RootChoice] = []
+    skipped: list[RootSkip] = []
+    for flat in np.argsort(-mean.flatten(), kind="stable").tolist():
         layer, head = divmod(flat, H)
-        pair = _most_common_pair(fires[layer, :, head], acts.lengths, prompts)
-        if pair is None:
+        best = evidence.at_end.get((layer, head)) or evidence.anywhere.get((layer, head))
+        if not best:
+            skipped.append(RootSkip(layer, head, float(mean[layer, head]), "never fires between named roles"))
             continue
-        (dest, src), fired = pair
+        (dest, src), fired = max(best.items(), key=lambda item: (item[1], item[0]))
         chosen.append(RootChoice(Root(layer, head, dest, src), float(mean[layer, head]), fired))
         if len(chosen) == k:
             break
     if not chosen:
         raise RootError("no head with a direct effect fires between named roles; name the roots with `trace from`")
-    return tuple(chosen)
-
-
-def _most_common_pair(fires: Tensor, lengths: Tensor, prompts: PromptSet) -> tuple[tuple[str, str], int] | None:
-    """fires [P, n, n] of one head -> ((dest role, src role), count), preferring dest = the last token."""
-    named = set(prompts.role_names)
-    at_end: Counter = Counter()
-    anywhere: Counter = Counter()
-    for p, i, j in fires.nonzero().tolist():
-        dest, src = prompts[p].labels[i], prompts[p].labels[j]
-        if dest in named and src in named:
-            anywhere[dest, src] += 1
-            if i == int(lengths[p]) - 1:
-                at_end[dest, src] += 1
-    best = at_end or anywhere
-    if not best:
-        return None
-    return max(best.items(), key=lambda item: (item[1], item[0]))
+    return tuple(chosen), tuple(s for s in skipped if s.direct_effect >= chosen[-1].direct_effect)

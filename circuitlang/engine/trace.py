@@ -22,7 +22,7 @@ from torch import Tensor
 from circuitlang.data.prompts import PromptSet
 from circuitlang.engine import decompose as dc
 from circuitlang.engine.forward import Activations, capture
-from circuitlang.engine.cache import cached_layer_slices
+from circuitlang.engine.omega_cache import cached_layer_slices
 from circuitlang.engine.geometry import AttentionGeometry, attention_geometry
 from circuitlang.engine.graph import aggregate
 from circuitlang.engine.model import LoadedModel
@@ -129,7 +129,7 @@ def parse_root(text: str) -> Root:
     return Root(int(match[1]), int(match[2]), match[3], match[4])
 
 
-def _root_positions(prompts: PromptSet, roots: Sequence[Root], n_layers: int, n_heads: int) -> list[tuple[Root, Tensor, Tensor]]:
+def root_positions(prompts: PromptSet, roots: Sequence[Root], n_layers: int, n_heads: int) -> list[tuple[Root, Tensor, Tensor]]:
     out = []
     for root in roots:
         if not (0 <= root.layer < n_layers and 0 <= root.head < n_heads):
@@ -158,7 +158,7 @@ def trace(
     """Trace `prompts` from `roots` (head, dest role -> src role) and aggregate the graph (Fig. 5)."""
     rule = slices if isinstance(slices, SliceRule) else SliceRule(kind=slices)
     roots = [parse_root(r) if isinstance(r, str) else r for r in roots]
-    root_pos = _root_positions(prompts, roots, model.n_layers, model.n_heads)
+    root_pos = root_positions(prompts, roots, model.n_layers, model.n_heads)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     if activations is None:
@@ -173,11 +173,17 @@ def trace(
     t0 = time.perf_counter()
     firing, events, edges = trace_activations(activations, geometry, root_pos, threshold, mass, rule, progress)
     timings["trace"] = time.perf_counter() - t0
+    return build_trace(model, prompts, roots, threshold, mass, rule, firing, events, edges, timings)
+
+
+def build_trace(model: LoadedModel, prompts: PromptSet, roots: Sequence[Root], threshold: float, mass: float, rule: SliceRule,
+                firing: FiringStats, events: TracedEvents, edges: TracedEdges, timings: dict[str, float]) -> Trace:
+    """The Trace of these statistics, events and edges: the graph aggregated over prompts (Fig. 5)."""
     t0 = time.perf_counter()
     labels = tuple(p.labels for p in prompts)
     graph = aggregate(events, edges, labels, firing.counts)
-    timings["graph"] = time.perf_counter() - t0
     config = TraceConfig(threshold=threshold, mass=mass, slices=str(rule), roots=tuple(str(r) for r in roots))
+    token_text = tuple(tuple(model.tokenizer.decode([t]) for t in p.token_ids) for p in prompts)
     return Trace(
         config=config,
         model=model.name,
@@ -189,8 +195,8 @@ def trace(
         events=events,
         edges=edges,
         graph=graph,
-        token_text=tuple(tuple(model.tokenizer.decode([t]) for t in p.token_ids) for p in prompts),
-        timings=timings,
+        token_text=token_text,
+        timings={**timings, "graph": time.perf_counter() - t0},
     )
 
 
@@ -256,7 +262,14 @@ def trace_activations(
     columns = lambda table: {k: _cat(v, np.float64 if k in floats else np.str_ if k == "side" else np.int64)  # noqa: E731
                              for k, v in table.items() if k != "slices"}
     firing = FiringStats(counts=counts, slice_counts=tuple(slice_counts), slice_usage=usage)
-    return firing, TracedEvents(**columns(events), slices=tuple(events["slices"])), TracedEdges(**columns(edges))
+    return firing, TracedEvents(**columns(events), slices=tuple(events["slices"])), canonical_edges(TracedEdges(**columns(edges)))
+
+
+def canonical_edges(edges: TracedEdges) -> TracedEdges:
+    """Edge rows ordered by (event, side d before s, upstream layer, upstream head): one order however the
+    events were batched, so that traces of prompt chunks merge into the rows of one unchunked trace."""
+    order = np.lexsort((edges.up_head, edges.up_layer, edges.side == "s", edges.event))
+    return TracedEdges(**{f: getattr(edges, f)[order] for f in TracedEdges.__dataclass_fields__})
 
 
 def _append(table: dict[str, list], **columns) -> None:

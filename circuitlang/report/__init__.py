@@ -1,7 +1,7 @@
 """The report layer: reads a Trace (never the model, never torch) and writes trace.json, GraphML, the
 drawing of Fig. 5 and the Rich report. Every file goes through an atomic write."""
 
-from circuitlang.report.atomic import atomic_path, atomic_write
+from circuitlang.atomic import atomic_path, atomic_write
 from circuitlang.report.draw import DRAWING_FORMATS, Drawing, build_dot, write_drawing
 from circuitlang.report.export import (
     edge_filter,

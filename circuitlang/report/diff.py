@@ -20,7 +20,7 @@ from rich.table import Table
 
 from circuitlang.engine.results import Trace
 from circuitlang.lang import SpecError, parse_spec, parse_text
-from circuitlang.report.atomic import atomic_write
+from circuitlang.atomic import atomic_write
 from circuitlang.report.draw import (DRAWING_FORMATS, PENWIDTH, Drawing, digraph, head_label, layered_nodes, render_dot,
                                      token_attrs)
 from circuitlang.report.export import dumps, edge_filter, node_id, plain, read_trace_json

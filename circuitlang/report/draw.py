@@ -13,7 +13,7 @@ from typing import Callable, Iterable, NamedTuple
 import graphviz
 
 from circuitlang.engine.results import Trace
-from circuitlang.report.atomic import atomic_write
+from circuitlang.atomic import atomic_write
 from circuitlang.report.export import Head, edge_filter
 
 DRAWING_FORMATS = ("dot", "svg", "png")

@@ -18,7 +18,7 @@ import numpy as np
 
 from circuitlang.data.ioi import known_heads
 from circuitlang.engine.results import FiringStats, Trace, TraceConfig, TracedEdges, TracedEvents
-from circuitlang.report.atomic import atomic_write
+from circuitlang.atomic import atomic_write
 
 FORMAT = "circuitlang.trace/1"
 FLOAT_DIGITS = 7

@@ -16,7 +16,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from circuitlang.report.atomic import atomic_path, atomic_write
+from circuitlang.atomic import atomic_path, atomic_write
 from circuitlang.report.export import plain
 
 if TYPE_CHECKING:
@@ -50,6 +50,27 @@ def write_interventions_json(results: InterventionResults, path: str | os.PathLi
     """interventions.json, deterministic (sorted keys, rounded floats, no timings), written atomically."""
     text = json.dumps(interventions_to_dict(results), sort_keys=True, indent=1, ensure_ascii=False, allow_nan=False) + "\n"
     return atomic_write(path, text)
+
+
+def interventions_from_dict(data: dict) -> InterventionResults:
+    """InterventionResults back from `interventions_to_dict` (null floats read as NaN); ValueError if it is not one."""
+    from circuitlang.engine.intervene import (ROW_INT, ROW_TEXT, InterventionResults, InterventionRows, InterventionSummary,
+                                              SetInfo, Verdict)
+
+    if data.get("format") != FORMAT:
+        raise ValueError(f"not a {FORMAT} document")
+    num = lambda x: float("nan") if x is None else float(x)  # noqa: E731
+    tuples = lambda value: tuple(tuples(v) for v in value) if isinstance(value, list) else value  # noqa: E731
+    summaries = tuple(InterventionSummary(**{k: num(v) if isinstance(v, (int, float)) or v is None else v for k, v in s.items()
+                                             if k != "n_prompts"}, n_prompts=int(s["n_prompts"])) for s in data["summaries"])
+    verdicts = tuple(Verdict(**{k: (v if k in ("set", "place", "verdict") or v is None else float(v)) for k, v in x.items()})
+                     for x in data["verdicts"])
+    rows = InterventionRows(**{k: np.array([num(v) for v in values] if k not in ROW_TEXT + ROW_INT else values,
+                                           dtype=np.str_ if k in ROW_TEXT else np.int64 if k in ROW_INT else np.float64)
+                               for k, values in data["rows"].items()})
+    return InterventionResults(model=data["model"], seed=int(data["seed"]), centred=bool(data["centred"]),
+                               homogeneous=bool(data["homogeneous"]), sets=tuple(SetInfo(**{k: tuples(v) for k, v in s.items()}) for s in data["sets"]),
+                               rows=rows, summaries=summaries, verdicts=verdicts, passes=int(data["passes"]))
 
 
 def read_interventions_json(path: str | os.PathLike) -> dict:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 import numpy as np
 
 from circuitlang.engine.results import Trace
-from circuitlang.report.atomic import atomic_write
+from circuitlang.atomic import atomic_write
 from circuitlang.report.draw import ATTENTION_COLOUR, DARK, KNOWN_BORDER, LIGHT, PENWIDTH, SIDE_COLOURS
 from circuitlang.report.export import node_id, parse_node_id, plain
 

@@ -1,0 +1,145 @@
+"""The Omega cache, `omega/<key>.pt` under the cache root: one layer's `OmegaSlices` (float64), so a run that
+changes the spec but not the model skips the QR and SVDs (for rotary models one core SVD per head and
+offset, about 1 s a layer for Gemma 3 270M on one core). The key hashes the layer's exact inputs, so no
+model identity is needed and a dtype or device change cannot alias.
+
+An entry is the tensor file and `<key>.sha256`, the digest of its bytes. It is read only with
+`torch.load(weights_only=True)` (plain tensors, never pickled objects), only when the digest matches,
+and only when the tensors have the shapes the layer needs; anything else is discarded with a
+`CacheWarning` and recomputed. Files are written beside their place and moved there in one step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import io
+import warnings
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from circuitlang.atomic import atomic_write
+from circuitlang.engine.embedded import cache_root
+from circuitlang.engine.geometry import AttentionGeometry, layer_slices
+from circuitlang.engine.omega import OmegaSlices
+
+ENGINE_VERSION = "2"  # bump whenever an engine change alters traces or Omega: every cached entry goes stale
+
+
+class CacheWarning(UserWarning):
+    """A cache entry that could not be used (unreadable, edited, or of another shape) and was recomputed."""
+
+
+# On only inside `omega_cache()` (the runner uses it): the Python API (`trace`) and the tests never write to
+# the user's cache.
+_omega_on: ContextVar[bool] = ContextVar("circuitlang_omega_cache", default=False)
+
+
+def omega_dir() -> Path:
+    return cache_root() / "omega"
+
+
+def _layer_digest(geometry: AttentionGeometry, layer: int) -> str:
+    g = geometry
+    h = hashlib.sha256(f"{ENGINE_VERSION}\0{g.rotary}".encode())
+    for t in (g.W_Q[layer], g.b_Q[layer], g.W_K[layer], g.b_K[layer], g.q_gain[layer], g.k_gain[layer]):
+        t = t.contiguous()
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def omega_cache() -> Iterator[None]:
+    """Let `cached_layer_slices` read and write the Omega cache inside the block."""
+    token = _omega_on.set(True)
+    try:
+        yield
+    finally:
+        _omega_on.reset(token)
+
+
+def write_checked(path: Path, data: bytes) -> None:
+    """`data` at `path` and its sha256 at `path.sha256`-style sidecar, each moved into place in one step."""
+    atomic_write(path, data)
+    atomic_write(_sidecar(path), hashlib.sha256(data).hexdigest().encode())
+
+
+def read_checked(path: Path) -> bytes | None:
+    """The bytes at `path` if its sidecar digest matches them; None if the entry is absent.
+
+    Raises ValueError for an entry that is there but does not check out (edited, truncated, no digest).
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        expected = _sidecar(path).read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError("its checksum file is missing or unreadable") from err
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise ValueError("its contents do not match their checksum")
+    return data
+
+
+def discard(path: Path, what: str, reason: str) -> None:
+    """Remove a bad cache entry and say so once (the CLI prints CacheWarnings as one line each)."""
+    for p in (path, _sidecar(path)):
+        with contextlib.suppress(OSError):
+            p.unlink()
+    warnings.warn(CacheWarning(f"discarded {what} ({reason}); recomputing it"), stacklevel=3)
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def cached_layer_slices(geometry: AttentionGeometry, layer: int, cos: Tensor | None = None, sin: Tensor | None = None) -> OmegaSlices:
+    """`layer_slices` through the Omega cache inside `omega_cache()`; computed otherwise.
+
+    Rotary models: the cores for offsets 0..M-1 depend only on the first M rows of the rotary tables, so
+    an entry keeps the most offsets computed so far with the tables it used, and a run with shorter prompts
+    takes the first M cores when its tables equal those rows (longer prompts recompute and replace it).
+    """
+    if not _omega_on.get():
+        return layer_slices(geometry, layer, cos, sin)
+    path = omega_dir() / f"{_layer_digest(geometry, layer)}.pt"
+    offsets = len(cos) if geometry.rotary else 1
+    try:
+        data = read_checked(path)
+        if data is not None:
+            saved = _validated(torch.load(io.BytesIO(data), weights_only=True), geometry, layer)
+            tables_match = not geometry.rotary or (
+                len(saved["cos"]) >= offsets and torch.equal(saved["cos"][:offsets], cos) and torch.equal(saved["sin"][:offsets], sin))
+            if tables_match:
+                return OmegaSlices(Q_a=saved["Q_a"], Q_b=saved["Q_b"], **{k: saved[k][:, :offsets] for k in ("U", "S", "V")})
+    except Exception as err:  # noqa: BLE001 - any unreadable entry (torch raises many kinds) is recomputed
+        discard(path, f"the Omega cache entry of layer {layer}", f"{type(err).__name__}: {err}".splitlines()[0][:160])
+    slices = layer_slices(geometry, layer, cos, sin)
+    buffer = io.BytesIO()
+    torch.save({**{f.name: getattr(slices, f.name) for f in dataclasses.fields(slices)}, "cos": cos, "sin": sin}, buffer)
+    with contextlib.suppress(OSError):  # a cache that cannot be written costs only the reuse
+        write_checked(path, buffer.getvalue())
+    return slices
+
+
+def _validated(saved: object, geometry: AttentionGeometry, layer: int) -> dict:
+    """The loaded dict if it holds float64 tensors of this layer's shapes; ValueError otherwise."""
+    H, d, r = geometry.W_Q.shape[1:]
+    if not isinstance(saved, dict):
+        raise ValueError(f"expected a dict of tensors, found {type(saved).__name__}")
+    want = {"Q_a": (H, d + 1, r), "Q_b": (H, d + 1, r), "U": (H, None, r, r), "S": (H, None, r), "V": (H, None, r, r)}
+    for key, shape in want.items():
+        t = saved.get(key)
+        if not isinstance(t, Tensor) or t.dtype != torch.float64 or t.dim() != len(shape) or any(
+                s is not None and s != t.shape[k] for k, s in enumerate(shape)):
+            raise ValueError(f"{key} is not a float64 tensor of shape {shape}")
+    if geometry.rotary and not all(isinstance(saved.get(k), Tensor) for k in ("cos", "sin")):
+        raise ValueError("the rotary tables are missing")
+    return saved

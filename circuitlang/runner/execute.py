@@ -1,0 +1,249 @@
+"""Run a compiled Plan: model, prompts, roots, the trace chunk by chunk, the interventions, through the caches.
+
+This is the orchestration above the engine and the report: the engine's functions are pure (a chunk of
+prompts in, its share of the trace out), and this module decides the chunks, merges them, and reads
+and writes the run cache. With more than one chunk, `trace from auto` first reads its evidence from
+every chunk (a pass that keeps only what the choice needs), then traces them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from circuitlang.data.ioi import ioi_prompts
+from circuitlang.data.prompts import PromptSet, load_prompt_file
+from circuitlang.engine import intervene as iv
+from circuitlang.engine.forward import Activations, capture
+from circuitlang.engine.geometry import AttentionGeometry, attention_geometry
+from circuitlang.engine.intervene import InterventionResults
+from circuitlang.engine.model import LoadedModel, load_model
+from circuitlang.engine.omega_cache import omega_cache
+from circuitlang.engine.results import Trace
+from circuitlang.engine.roots import RootChoice, RootError, RootEvidence, RootSkip, auto_roots, direct_effects, last_token_writes, root_evidence
+from circuitlang.engine.trace import build_trace
+from circuitlang.lang.compiler import check_against_model
+from circuitlang.lang.plan import AutoRoots, FilePrompts, ModelSpec, Plan, Root
+from circuitlang.runner import cache as rc
+from circuitlang.runner.chunks import FORWARD_BATCH, chunk_bounds, chunk_size, merge_chunks, trace_chunk
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """A traced plan: the trace, the roots chosen automatically (and those passed over), F(X) per prompt,
+    the interventions, and which parts came from the run cache ("trace", "interventions")."""
+
+    plan: Plan
+    trace: Trace
+    auto_roots: tuple[RootChoice, ...] = ()
+    logit_diff: tuple[float, ...] = ()
+    interventions: InterventionResults | None = None
+    skipped_roots: tuple[RootSkip, ...] = ()
+    reused: tuple[str, ...] = ()
+
+    @property
+    def roots(self) -> list[Root]:
+        """The roots traced, strongest first for `trace from auto`."""
+        return [c.root for c in self.auto_roots] if isinstance(self.plan.roots, AutoRoots) else list(self.plan.roots)
+
+
+def resolve_model(spec: ModelSpec, device: str | None = None, progress: Progress | None = None) -> LoadedModel:
+    """Built-in aliases (the embedded model) first, then a hub name or local directory."""
+    from circuitlang.engine.embedded import resolve_embedded
+
+    stage = (lambda what: progress(f"model: {what}", 0, 1)) if progress else None
+    path = resolve_embedded(spec.name, progress=stage) or spec.name
+    model = load_model(path, device or spec.device, spec.dtype)
+    return dataclasses.replace(model, name=spec.name)
+
+
+def build_prompts(plan: Plan, model: LoadedModel) -> PromptSet:
+    if isinstance(plan.prompts, FilePrompts):
+        return load_prompt_file(plan.prompts.path, model.tokenizer, prepend_bos=model.prepend_bos)
+    p = plan.prompts
+    return ioi_prompts(model.tokenizer, p.n, p.kind, p.seed, prepend_bos=model.prepend_bos)
+
+
+def evidence_of(model: LoadedModel, acts: Activations, prompts: PromptSet, threshold: float, geometry: AttentionGeometry) -> RootEvidence:
+    """What `trace from auto` reads from these prompts' activations (see circuitlang.engine.roots)."""
+    if any(p.target is None or p.distractor is None for p in prompts):
+        raise RootError("`trace from auto` needs prompts with a target and a distractor answer")
+    W_U = model.bridge.W_U.detach().to("cpu", torch.float32)
+    targets = torch.tensor([p.target for p in prompts])
+    distractors = torch.tensor([p.distractor for p in prompts])
+    effects = direct_effects(acts, last_token_writes(acts, geometry.W_O), W_U, targets, distractors)
+    return root_evidence(acts, effects, prompts, threshold)
+
+
+def choose_roots(model: LoadedModel, acts: Activations, prompts: PromptSet, k: int, threshold: float,
+                 geometry: AttentionGeometry | None = None) -> tuple[RootChoice, ...]:
+    """`trace from auto k` on activations of every prompt (the Python API's one-chunk case)."""
+    return auto_roots(evidence_of(model, acts, prompts, threshold, geometry or attention_geometry(model)), k)[0]
+
+
+def run_plan(plan: Plan, *, model: LoadedModel | None = None, device: str | None = None, progress: Progress | None = None,
+             chunk: int | None = None) -> RunResult:
+    """Everything `circ run` computes, in order: model, prompts, roots, the trace by chunks, interventions.
+
+    chunk: prompts per chunk (default: as many as `chunks.default_budget()` bytes of activations hold).
+    """
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if model is None:
+        model = resolve_model(plan.model, device, progress)
+    check_against_model(plan, model.n_layers, model.n_heads)
+    timings["load"] = time.perf_counter() - t0
+    prompts = build_prompts(plan, model)
+    geometry = attention_geometry(model)
+    length = max(len(p.token_ids) for p in prompts)
+    bounds = chunk_bounds(len(prompts), chunk or chunk_size(model, prompts))
+    tick = _ticker(progress, "forward", len(prompts) * (1 + (isinstance(plan.roots, AutoRoots) and len(bounds) > 1)))
+
+    def acts_of(start: int, stop: int, **options) -> Activations:
+        t = time.perf_counter()
+        acts = capture(model, prompts[start:stop], batch_size=FORWARD_BATCH, length=length, **options)
+        timings["forward"] = timings.get("forward", 0.0) + time.perf_counter() - t
+        tick(stop - start)
+        return acts
+
+    chosen: tuple[RootChoice, ...] = ()
+    skipped: tuple[RootSkip, ...] = ()
+    first: Activations | None = None
+    if isinstance(plan.roots, AutoRoots):
+        evidence = None
+        for start, stop in bounds:
+            acts = acts_of(start, stop)
+            t = time.perf_counter()
+            part = evidence_of(model, acts, prompts[start:stop], plan.threshold, geometry)
+            evidence = part if evidence is None else evidence.merge(part)
+            timings["roots"] = timings.get("roots", 0.0) + time.perf_counter() - t
+            first = acts if len(bounds) == 1 else None
+            del acts
+        chosen, skipped = auto_roots(evidence, plan.roots.k)
+        roots = [c.root for c in chosen]
+    else:
+        roots = list(plan.roots)
+
+    parts = []
+    trace_tick = _ticker(progress, "trace", len(prompts))
+    for start, stop in bounds:
+        acts = first if first is not None else acts_of(start, stop)
+        t = time.perf_counter()
+        parts.append(trace_chunk(acts, geometry, prompts[start:stop], start, roots, plan, model.n_layers, model.n_heads))
+        timings["trace"] = timings.get("trace", 0.0) + time.perf_counter() - t
+        trace_tick(stop - start)
+        first = acts = None
+    firing, events, edges, diffs = merge_chunks(parts)
+    del parts
+    trace = build_trace(model, prompts, roots, plan.threshold, plan.mass, plan.slices, firing, events, edges, {})
+    timings["graph"] = trace.timings["graph"]
+    result = RunResult(plan=plan, trace=trace, auto_roots=chosen, logit_diff=tuple(diffs.tolist()) if diffs is not None else (),
+                       skipped_roots=skipped)
+    if plan.interventions:
+        t = time.perf_counter()
+        result = dataclasses.replace(result, interventions=run_plan_interventions(plan, result, model=model, prompts=prompts,
+                                                                                  geometry=geometry, progress=progress, chunk=chunk))
+        timings["interventions"] = time.perf_counter() - t
+    return dataclasses.replace(result, trace=dataclasses.replace(trace, timings=timings))
+
+
+def run_plan_interventions(plan: Plan, run: RunResult, *, model: LoadedModel | None = None, prompts: PromptSet | None = None,
+                           geometry: AttentionGeometry | None = None, device: str | None = None, progress: Progress | None = None,
+                           chunk: int | None = None) -> InterventionResults:
+    """The plan's intervene blocks (section 5.4) on a traced run, chunk by chunk over the prompts they touch:
+    each chunk's clean pass keeps the residual where the sets' partial passes start."""
+    t0 = time.perf_counter()
+    if model is None:
+        model = resolve_model(plan.model, device, progress)
+    if prompts is None:
+        prompts = build_prompts(plan, model)
+    if geometry is None:
+        geometry = attention_geometry(model)
+    plans = iv.plan_sets(run.trace, prompts, plan.interventions, run.roots, plan.seed, geometry.W_Q.shape[-1], geometry.rotary)
+    touched = np.unique(np.concatenate([sp.prompts for sp in plans] + [np.zeros(0, dtype=np.int64)])).astype(np.int64)
+    f_base = np.array(run.logit_diff, dtype=np.float64) if run.logit_diff else np.full(len(prompts), np.nan)
+    answers = torch.tensor([(p.target, p.distractor) for p in prompts], dtype=torch.long) if run.logit_diff else None
+    length = max(len(p.token_ids) for p in prompts)
+    starts = sorted(iv.start_layers(plans))
+    size = chunk or chunk_size(model, prompts)
+    total = iv.passes_needed(plans)
+    done = [0]
+
+    def tick(k: int) -> None:
+        done[0] += k
+        if progress is not None:
+            progress("interventions", done[0], total)
+
+    columns = []
+    for begin in range(0, len(touched), size):
+        ids = touched[begin : begin + size]
+        subset = PromptSet(tuple(prompts[int(p)] for p in ids), prompts.role_names, prompts.description)
+        acts = capture(model, subset, batch_size=FORWARD_BATCH, length=length, resid_layers=starts)
+        columns.append(iv.intervene_chunk(model, geometry, acts, ids, plans, f_base, answers, centre=iv._norm_centres(model),
+                                          tick=tick))
+        del acts
+    return iv.finish_interventions(model.name, plan.seed, iv._norm_centres(model), False, plans, columns, done[0], time.perf_counter() - t0)
+
+
+def cached_run(plan: Plan, *, device: str | None = None, progress: Progress | None = None, use_cache: bool = True,
+               chunk: int | None = None, interventions: bool = True) -> tuple[RunResult, str | None]:
+    """`run_plan` through the caches. Returns (RunResult, the run key reused, or None if it was computed).
+
+    With `use_cache` False (`--no-cache`) no cache is read or written. A run whose model cannot be
+    identified (a hub model not yet downloaded) is computed and not stored. A cached trace whose
+    intervene blocks are new loads the model for them alone, and stores their results beside the trace.
+    interventions=False leaves the intervene blocks out (`circ diff` compares traces only).
+    """
+    if not interventions:
+        plan = dataclasses.replace(plan, interventions=())
+    if not use_cache:
+        return run_plan(plan, device=device, progress=progress, chunk=chunk), None
+    keyed = plan if device is None else dataclasses.replace(plan, model=dataclasses.replace(plan.model, device=device))
+    stage = (lambda what: progress(f"model: {what}", 0, 1)) if progress else None
+    identity = rc.model_identity(plan.model.name, stage)
+    try:
+        key = rc.run_key(keyed, identity) if identity else None
+    except OSError:  # the prompts file went missing: the run reports it
+        key = None
+    ikey = rc.interventions_key(keyed)
+    hit = rc.load_run(key) if key else None
+    if hit is not None:
+        result = RunResult(plan, hit.trace, hit.auto_roots, hit.logit_diff, skipped_roots=hit.skipped_roots, reused=("trace",))
+        if not plan.interventions:
+            return result, key
+        results = rc.load_interventions(key, ikey)
+        if results is not None:
+            return dataclasses.replace(result, interventions=results, reused=("trace", "interventions")), key
+        with omega_cache():
+            results = run_plan_interventions(plan, result, device=device, progress=progress, chunk=chunk)
+        with contextlib.suppress(OSError):
+            rc.store_interventions(key, ikey, results)
+        return dataclasses.replace(result, interventions=results), key
+    with omega_cache():
+        result = run_plan(plan, device=device, progress=progress, chunk=chunk)
+    if key:
+        with contextlib.suppress(OSError):  # a cache that cannot be written costs only the reuse
+            rc.store_run(key, rc.CachedRun(result.trace, result.auto_roots, result.skipped_roots, result.logit_diff),
+                         {"model": identity, "plan": rc.trace_plan_text(keyed)})
+            if result.interventions is not None:
+                rc.store_interventions(key, ikey, result.interventions)
+    return result, None
+
+
+def _ticker(progress: Progress | None, stage: str, total: int) -> Callable[[int], None]:
+    done = [0]
+
+    def tick(k: int) -> None:
+        done[0] += k
+        if progress is not None:
+            progress(stage, done[0], total)
+
+    return tick

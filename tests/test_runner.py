@@ -1,0 +1,217 @@
+"""The run around the engine: prompt chunks that merge into the unchunked trace, F(X) from two logits,
+intervention results in the run cache, and cache entries that are checked before they are used."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pickle
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from circuitlang.cli import main
+from circuitlang.engine.forward import answer_logits, capture
+from circuitlang.engine.model import load_model
+from circuitlang.engine.omega_cache import CacheWarning
+from circuitlang.engine.roots import RootEvidence, auto_roots
+from circuitlang.lang import parse_text
+from circuitlang.runner import execute
+from circuitlang.runner.cache import run_key, model_identity, runs_dir
+from circuitlang.runner.chunks import chunk_size
+from circuitlang.runner.execute import build_prompts, cached_run, run_plan
+from tiny_models import build_gpt2
+
+SPEC = '''model "{model}"
+prompts ioi 20 mixed seed 1
+trace from {roots}
+firing attention > 0.3
+intervene "into the first root" {{
+  edges into root 1
+  ablate, boost  global, local  against random
+}}
+'''
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, gpt2_tokenizer):
+    directory = build_gpt2(tmp_path_factory.mktemp("runner") / "tiny", gpt2_tokenizer, n_layer=4, n_head=4, n_embd=64, seed=5)
+    return directory, load_model(str(directory))
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CIRCUITLANG_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def preloaded(tiny, monkeypatch):
+    monkeypatch.setattr(execute, "resolve_model", lambda spec, device=None, progress=None: tiny[1])
+
+
+def plan_for(tiny, roots="auto 2"):
+    return parse_text(SPEC.format(model=tiny[0], roots=roots))
+
+
+def assert_same_trace(a, b):
+    for table in ("events", "edges"):
+        x, y = getattr(a, table), getattr(b, table)
+        assert len(x) == len(y) > 0
+        for f in dataclasses.fields(x):
+            u, v = getattr(x, f.name), getattr(y, f.name)
+            if f.name == "slices":
+                assert all(np.array_equal(p, q) for p, q in zip(u, v))
+            elif u.dtype == np.float64:
+                np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-9)
+            else:
+                assert np.array_equal(u, v), f"{table}.{f.name}"
+    assert np.array_equal(a.firing.counts, b.firing.counts) and np.array_equal(a.firing.slice_usage, b.firing.slice_usage)
+    assert all(np.array_equal(p, q) for lp, lq in zip(a.firing.slice_counts, b.firing.slice_counts) for p, q in zip(lp, lq))
+    assert sorted(a.graph.edges) == sorted(b.graph.edges)
+    for u, v, d in a.graph.edges(data=True):
+        assert d["count"] == b.graph.edges[u, v]["count"]
+
+
+@pytest.mark.parametrize("roots", ["auto 2", "explicit"])
+def test_chunks_merge_into_the_unchunked_trace(tiny, preloaded, roots):
+    plan = plan_for(tiny)
+    whole = run_plan(plan)
+    if roots == "explicit":
+        plan = plan_for(tiny, ", ".join(str(r) for r in whole.roots))
+        whole = run_plan(plan)
+    for size in (1, 7):
+        chunked = run_plan(plan, chunk=size)
+        assert chunked.roots == whole.roots
+        assert [(c.root, c.fired) for c in chunked.auto_roots] == [(c.root, c.fired) for c in whole.auto_roots]
+        np.testing.assert_allclose([c.direct_effect for c in chunked.auto_roots], [c.direct_effect for c in whole.auto_roots], rtol=1e-5)
+        assert_same_trace(chunked.trace, whole.trace)
+        np.testing.assert_allclose(chunked.logit_diff, whole.logit_diff, rtol=1e-6)
+        a, b = chunked.interventions.rows, whole.interventions.rows
+        assert len(a) == len(b) > 0 and a.prompt.tolist() == b.prompt.tolist()
+        for f in ("f_after", "score_after", "cosine", "norm_ratio", "delta_f"):
+            np.testing.assert_allclose(getattr(a, f), getattr(b, f), rtol=1e-4, atol=1e-6)
+
+
+def test_chunk_size_follows_the_budget(tiny):
+    prompts = build_prompts(plan_for(tiny), tiny[1])
+    assert chunk_size(tiny[1], prompts, budget=1) == 1
+    assert chunk_size(tiny[1], prompts, budget=2**40) == len(prompts)
+
+
+def test_f_is_the_models_logit_difference(tiny):
+    model = tiny[1]
+    prompts = build_prompts(plan_for(tiny), model)
+    acts = capture(model, prompts)
+    with torch.inference_mode():
+        logits = model.bridge(acts.tokens)
+    rows = torch.arange(len(prompts))
+    last = logits[rows, acts.lengths - 1]
+    answers = torch.tensor([(p.target, p.distractor) for p in prompts])
+    np.testing.assert_allclose(acts.logit_diff, last[rows, answers[:, 0]] - last[rows, answers[:, 1]], rtol=1e-4, atol=1e-5)
+
+
+def test_two_answer_logits_apply_the_soft_cap_as_the_full_vocabulary_would():
+    torch.manual_seed(0)
+    final, W_U, b_U = torch.randn(5, 8), torch.randn(8, 30), torch.randn(30)
+    answers = torch.tensor([[1, 2], [3, 4], [0, 29], [7, 7], [10, 11]])
+    cap = lambda x: 2.0 * torch.tanh(x / 2.0)  # noqa: E731
+    full = cap(final @ W_U + b_U)
+    expected = full.gather(1, answers)
+    torch.testing.assert_close(answer_logits(final, W_U, b_U, answers, cap), expected)
+
+
+def test_auto_roots_name_the_heads_they_skip():
+    effects = np.array([[0.1, 5.0], [2.0, 1.0]])  # 0.1 has the largest effect but never fires between roles
+    evidence = RootEvidence(effects * 4, 4, {(1, 0): Counter({("end", "IO"): 3}), (1, 1): Counter({("end", "S2"): 2})}, {})
+    chosen, skipped = auto_roots(evidence, 2)
+    assert [str(c.root) for c in chosen] == ["1.0 end->IO", "1.1 end->S2"]
+    assert [(s.layer, s.head, s.direct_effect) for s in skipped] == [(0, 1, 5.0)]
+    assert "never fires" in skipped[0].reason
+    evidence_b = RootEvidence(effects * 2, 2, {(0, 1): Counter({("end", "IO"): 1})}, {})
+    merged = evidence.merge(evidence_b)
+    assert merged.n_prompts == 6 and merged.at_end[(0, 1)] == Counter({("end", "IO"): 1})
+    assert [str(c.root) for c in auto_roots(merged, 1)[0]] == ["0.1 end->IO"]
+
+
+def test_a_second_run_reuses_trace_and_interventions(tiny, preloaded, monkeypatch):
+    plan = plan_for(tiny)
+    first, key = cached_run(plan)
+    assert key is None and first.interventions is not None
+    passes = []
+    real = execute.iv.intervene_chunk
+    monkeypatch.setattr(execute.iv, "intervene_chunk", lambda *a, **k: passes.append(1) or real(*a, **k))
+    second, key = cached_run(plan)
+    assert key and second.reused == ("trace", "interventions") and passes == []
+    for f in ("delta_f", "score_after", "cosine"):
+        np.testing.assert_allclose(getattr(second.interventions.rows, f), getattr(first.interventions.rows, f), rtol=1e-6)
+    assert [v.verdict for v in second.interventions.verdicts] == [v.verdict for v in first.interventions.verdicts]
+    assert [s.ablate for s in second.interventions.verdicts] == pytest.approx([s.ablate for s in first.interventions.verdicts], rel=1e-6)
+    # Other intervene blocks on the same trace: the trace is reused, the new blocks computed and cached.
+    other = dataclasses.replace(plan, seed=7)
+    third, _ = cached_run(other)
+    assert third.reused == ("trace",) and passes == [1]
+    assert cached_run(other)[0].reused == ("trace", "interventions") and passes == [1]
+
+
+@pytest.mark.parametrize("damage", ["{}", "[]", "edit", "truncate"])
+def test_a_corrupt_run_entry_is_discarded_and_recomputed(tiny, preloaded, damage):
+    plan = plan_for(tiny)
+    first, _ = cached_run(plan)
+    entry = runs_dir() / run_key(plan, model_identity(str(tiny[0])))
+    target = entry / ("trace.json" if damage in ("edit", "truncate") else "run.json")
+    if damage == "edit":  # still valid JSON, one count changed: only the checksum notices
+        data = json.loads(target.read_text())
+        data["firing"]["counts"][0][0] += 1
+        target.write_text(json.dumps(data))
+    elif damage == "truncate":
+        target.write_bytes(target.read_bytes()[:100])
+    else:
+        target.write_text(damage)
+    with pytest.warns(CacheWarning, match="discarded the cached run"):
+        again, key = cached_run(plan)
+    assert key is None and again.reused == ()
+    assert np.array_equal(again.trace.firing.counts, first.trace.firing.counts)
+    assert cached_run(plan)[1] is not None  # stored afresh
+
+
+def test_a_corrupt_omega_entry_is_recomputed_and_never_unpickled(tiny, preloaded, tmp_path):
+    plan = plan_for(tiny)
+    first, _ = cached_run(plan)
+    omega = sorted((tmp_path / "cache" / "omega").glob("*.pt"))
+    assert len(omega) == tiny[1].n_layers
+    omega[0].write_text("not a tensor file")
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    data = pickle.dumps({"Q_a": Evil()})
+    omega[1].write_bytes(data)
+    import hashlib
+
+    omega[1].with_name(omega[1].name + ".sha256").write_text(hashlib.sha256(data).hexdigest())  # a matching checksum
+    with pytest.warns(CacheWarning, match="Omega cache entry"):
+        again, _ = run_again(plan)
+    assert not marker.exists(), "torch.load must read plain tensors only"
+    assert_same_trace(again.trace, first.trace)
+
+
+def run_again(plan):
+    from circuitlang.engine.omega_cache import omega_cache
+
+    with omega_cache():
+        return run_plan(plan), None
+
+
+def test_circ_cache_shows_and_clears(tiny, preloaded, capsys, tmp_path):
+    cached_run(plan_for(tiny))
+    assert main(["cache"]) == 0
+    out = capsys.readouterr().out
+    assert f"cache: {tmp_path / 'cache'}" in out and "--clear [runs] [omega] [models]" in out
+    assert [line.split()[1] for line in out.splitlines() if line.split()[1:2] in (["runs"], ["omega"])] == ["runs", "omega"]
+    assert main(["cache", "--clear", "runs"]) == 0
+    assert not runs_dir().exists() and (tmp_path / "cache" / "omega").exists()
+    assert main(["cache", "--clear"]) == 0 and not (tmp_path / "cache" / "omega").exists()
