@@ -1,0 +1,532 @@
+"""How much of the task metric a circuit of heads keeps: faithfulness curves, SVT against the usual baselines.
+
+A circuit C is a set of attention heads. m(C) is the mean over the prompts of F = logit(target) -
+logit(distractor) at the last token when every head outside C has its output (`blocks.{l}.attn.hook_z`,
+the head's mix of values, so its write z W_O and everything downstream of it follow) replaced by the
+counterfactual run's at the same position (or by the mean over the counterfactual prompts, per position).
+Embeddings and MLPs are never patched. The faithfulness of C is
+
+    f(C) = (m(C) - m(empty)) / (m(M) - m(empty))
+
+(the Mechanistic Interpretability Benchmark's circuit-localisation measure), so f = 1 with every head kept
+(the clean model, M) and f = 0 with none. Heads are ranked by each method, the circuits are the top k heads
+for k on a grid of sizes, and each curve is summarised by CPR = the area under f over the fraction of heads
+kept (higher is better) and CMD = the area between f and 1 (lower is better), by the trapezoid rule on the
+grid.
+
+Rankings: `svt` (the trace's own evidence: in how many prompts a head takes part in the trace, as a traced
+event or as a kept upstream head, then its total |contribution| (eq. 8); heads the trace never reached
+follow by their firing counts), `attribution` (attribution patching at node granularity, |mean over prompts
+of sum over positions of (z_clean - z_cf) . dF/dz at the counterfactual run|: TransformerLens 4's
+`attribution_patch`, and our batched gradient-times-difference beside it, tested equal), `dla` (|mean direct
+logit attribution| on the clean prompts) and `random` (seeded random orders; mean and spread).
+
+Every circuit size costs one batched forward pass (all methods' circuits of that size stacked on the batch
+axis, in row chunks), which stops at the final norm and reads two unembedding columns. The engine never prints.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from circuitlang.data.prompts import PromptSet
+from circuitlang.engine.forward import FINAL, batch_tokens, logit_diff, run_to_final_norm
+from circuitlang.engine.model import LoadedModel
+
+METHODS = ("svt", "attribution", "dla", "random")
+SMALL_SIZES = (1, 2, 3, 5, 7, 10, 15, 20)
+REPORT_SIZES = (5, 10, 20)
+ROW_CHUNK = 256  # prompt rows per patched forward pass
+Progress = Callable[[str, int, int], None]
+
+
+class EvaluationError(ValueError):
+    """The evaluation cannot run on these prompts (no answers, no counterfactuals)."""
+
+
+# ---------------------------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class MethodCurve:
+    """One method's curve. ranking: heads "l.h", most important first (random: the first draw's order);
+    m [S], f [S] at `FaithfulnessResults.sizes` (random: the mean over draws, f_std their standard
+    deviation); cpr, cmd (random: mean, with *_std); scores [L, H]: what the ranking sorted (None: random)."""
+
+    method: str
+    ranking: tuple[str, ...]
+    m: np.ndarray
+    f: np.ndarray
+    cpr: float
+    cmd: float
+    f_std: np.ndarray | None = None
+    cpr_std: float | None = None
+    cmd_std: float | None = None
+    scores: np.ndarray | None = None
+    draws: int = 1
+
+    def f_at(self, k: int, sizes: Sequence[int]) -> float | None:
+        return float(self.f[list(sizes).index(k)]) if k in sizes else None
+
+
+@dataclass(frozen=True)
+class Overlap:
+    """A method's top-k heads against a reference set of heads (the traced circuit, a known list)."""
+
+    method: str
+    reference: str
+    k: int
+    precision: float
+    recall: float
+    f1: float
+
+
+@dataclass(frozen=True)
+class FaithfulnessResults:
+    against: str
+    ablation: str  # "counterfactual" (each prompt's own) or "mean"
+    n_prompts: int
+    n_heads: int
+    sizes: tuple[int, ...]
+    m_full: float
+    m_empty: float
+    m_counterfactual: float
+    methods: tuple[MethodCurve, ...]
+    overlap: tuple[Overlap, ...] = ()
+    attribution: dict[str, Any] = field(default_factory=dict)  # source, agreement, refusal reason
+    edge_level: dict[str, Any] = field(default_factory=dict)  # TL faithfulness on the trace's edges, or why not
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def method(self, name: str) -> MethodCurve:
+        return next(m for m in self.methods if m.method == name)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["methods"] = [{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in asdict(m).items()} for m in self.methods]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FaithfulnessResults:
+        arrays = ("m", "f", "f_std", "scores")
+        methods = tuple(MethodCurve(**{k: (np.asarray(v, dtype=float) if k in arrays and v is not None else v)
+                                       for k, v in m.items()} | {"ranking": tuple(m["ranking"])}) for m in data["methods"])
+        return cls(**{**data, "sizes": tuple(data["sizes"]), "methods": methods,
+                      "overlap": tuple(Overlap(**o) for o in data.get("overlap", ()))})
+
+
+# ---------------------------------------------------------------------------------------------- the math
+
+
+def default_sizes(n_heads: int) -> tuple[int, ...]:
+    """0, 1, 2, 3, 5, 7, 10, 15, 20, then every 10 up to 40 and every 20 beyond, and all n_heads heads."""
+    grid = [0, *SMALL_SIZES, 30, 40, *range(60, n_heads, 20), n_heads]
+    return tuple(sorted({k for k in grid if k <= n_heads}))
+
+
+def circuit_masks(rankings: Tensor, sizes: Sequence[int]) -> Tensor:
+    """[R, S, N] bool: ranking r's top sizes[s] heads (rankings [R, N]: flat head indices, best first)."""
+    R, N = rankings.shape
+    rank_of = torch.empty_like(rankings)
+    rank_of.scatter_(1, rankings, torch.arange(N).expand(R, N))  # rank_of[r, head] = position in ranking r
+    return rank_of[:, None, :] < torch.tensor(list(sizes))[None, :, None]
+
+
+def faithfulness(m: np.ndarray, m_full: float, m_empty: float) -> np.ndarray:
+    """f = (m - m(empty)) / (m(M) - m(empty)); nan where the two ends coincide."""
+    gap = m_full - m_empty
+    return (np.asarray(m, dtype=float) - m_empty) / gap if gap != 0 else np.full(np.shape(m), np.nan)
+
+
+def areas(f: np.ndarray, sizes: Sequence[int], n_heads: int) -> tuple[float, float]:
+    """(CPR, CMD): the areas under f and between f and 1 over the fraction of heads kept (trapezoids on the
+    grid, which must run from 0 to n_heads)."""
+    x = np.asarray(sizes, dtype=float) / n_heads
+    f = np.asarray(f, dtype=float)
+    return float(np.trapezoid(f, x)), float(np.trapezoid(np.abs(1.0 - f), x))
+
+
+def rank_scores(scores: Tensor) -> Tensor:
+    """[N]: flat head indices by decreasing |score| (ties: lower index first)."""
+    flat = scores.abs().flatten().double()
+    return torch.from_numpy(np.lexsort((np.arange(flat.numel()), -flat.numpy())).copy())
+
+
+def svt_ranking(trace: Any, n_layers: int, n_heads: int) -> tuple[Tensor, Tensor]:
+    """(ranking [N], evidence [L, H]): heads by the number of prompts in which the trace reached them (as a
+    traced event or a kept upstream head), then their total |contribution|; the heads it never reached follow
+    by their firing counts. evidence = prompts + a fraction that orders ties by contribution."""
+    H = n_heads
+    ev, ed = trace.events, trace.edges
+    pairs = set(zip(ev.prompt.tolist(), (ev.layer * H + ev.head).tolist()))
+    pairs |= set(zip(ed.prompt.tolist(), (ed.up_layer * H + ed.up_head).tolist()))
+    prompts = np.zeros(n_layers * H)
+    for _, head in pairs:
+        prompts[head] += 1
+    contribution = np.zeros(n_layers * H)
+    np.add.at(contribution, (ed.up_layer * H + ed.up_head).astype(int), np.abs(ed.contribution))
+    firing = np.asarray(trace.firing.counts, dtype=float).reshape(-1)
+    order = np.lexsort((np.arange(n_layers * H), -firing, -contribution, -prompts))
+    evidence = prompts + contribution / (contribution.max() + 1.0) / 2
+    return torch.from_numpy(order.copy()), torch.from_numpy(evidence.reshape(n_layers, H))
+
+
+def random_rankings(n: int, draws: int, seed: int) -> Tensor:
+    """[draws, n]: seeded random orders of the heads."""
+    gen = torch.Generator().manual_seed(int(seed) % 2**63)
+    return torch.stack([torch.randperm(n, generator=gen) for _ in range(draws)]) if draws else torch.empty(0, n, dtype=torch.long)
+
+
+def top_k_overlap(ranking: Sequence[str], reference: set[str], k: int) -> tuple[float, float, float]:
+    """(precision, recall, F1) of a ranking's top k heads against a reference set."""
+    top = set(ranking[:k])
+    hit = len(top & reference)
+    p = hit / len(top) if top else 0.0
+    r = hit / len(reference) if reference else 0.0
+    return p, r, (2 * p * r / (p + r) if p + r else 0.0)
+
+
+# ---------------------------------------------------------------------------------------------- passes
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The prompts as tensors: clean and counterfactual tokens [P, n], lengths [P], answers [P, 2]."""
+
+    tokens: Tensor
+    cf_tokens: Tensor
+    lengths: Tensor
+    answers: Tensor
+
+    @classmethod
+    def of(cls, model: LoadedModel, prompts: PromptSet) -> Batch:
+        if any(p.target is None or p.distractor is None for p in prompts):
+            raise EvaluationError("the faithfulness evaluation needs a target and a distractor answer in every prompt")
+        if any(p.counterfactual is None for p in prompts):
+            raise EvaluationError("the faithfulness evaluation needs a counterfactual for every prompt")
+        pad = model.tokenizer.pad_token_id
+        tokens, lengths = batch_tokens(prompts, 0 if pad is None else pad)
+        cf = tokens.clone()
+        for row, p in enumerate(prompts):
+            if len(p.counterfactual) != len(p.token_ids):
+                raise EvaluationError(f"prompt {row}: the counterfactual has {len(p.counterfactual)} tokens, the prompt "
+                                      f"{len(p.token_ids)}; they must align")
+            cf[row, : len(p.counterfactual)] = torch.tensor(p.counterfactual)
+        answers = torch.tensor([(p.target, p.distractor) for p in prompts], dtype=torch.long)
+        return cls(tokens, cf, lengths, answers)
+
+
+def _z_hook(layer: int) -> str:
+    return f"blocks.{layer}.attn.hook_z"
+
+
+def _last(final: Tensor, lengths: Tensor) -> Tensor:
+    rows = torch.arange(final.shape[0], device=final.device)
+    return final[rows, (lengths - 1).to(final.device)]
+
+
+def head_outputs(model: LoadedModel, tokens: Tensor, lengths: Tensor, answers: Tensor, *, batch_size: int = 64,
+                 extra: Sequence[str] = ()) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """(z [P, n, L, H, r], F [P], extra hooks' tensors): one plain pass in batches."""
+    L = model.n_layers
+    zs, fs, more = [], [], {name: [] for name in extra}
+    for start in range(0, tokens.shape[0], batch_size):
+        got: dict[str, Tensor] = {}
+
+        def keeper(name: str) -> Callable:  # by the name asked for: the bridge calls hooks by their canonical alias
+            def keep(tensor, hook):
+                got[name] = tensor.detach().to("cpu", torch.float32, copy=True)
+            return keep
+
+        names = [_z_hook(l) for l in range(L)] + list(extra)
+        final = run_to_final_norm(model, tokens[start : start + batch_size], [(n, keeper(n)) for n in names])
+        sl = slice(start, start + batch_size)
+        fs.append(logit_diff(model, _last(final, lengths[sl]), answers[sl]).float())
+        zs.append(torch.stack([got[_z_hook(l)] for l in range(L)], dim=2))
+        for name in extra:
+            more[name].append(got[name])
+    return torch.cat(zs), torch.cat(fs), {name: torch.cat(parts) for name, parts in more.items()}
+
+
+def patched_logit_diff(model: LoadedModel, batch: Batch, z_cf: Tensor, keep: Tensor, *, row_chunk: int = ROW_CHUNK) -> Tensor:
+    """[C, P]: F of every prompt with every head outside circuit c replaced, for C circuits at once.
+
+    keep [C, L, H] bool; z_cf [P, n, L, H, r] (each prompt's counterfactual head outputs) or [n, L, H, r] (the
+    mean). Rows (circuit, prompt) are stacked on the batch axis; each chunk of rows is one forward pass, in
+    which one hook per layer swaps the outputs of the dropped heads: `where(keep, z, z_cf)`.
+    """
+    C, P = keep.shape[0], batch.tokens.shape[0]
+    circuit_of = torch.arange(C).repeat_interleave(P)
+    prompt_of = torch.arange(P).repeat(C)
+    out = torch.empty(C * P)
+    for start in range(0, C * P, row_chunk):
+        rows = slice(start, start + row_chunk)
+        c, p = circuit_of[rows], prompt_of[rows]
+        kept = keep[c]  # [B, L, H]
+
+        def patch(layer: int) -> Callable:
+            def hook(tensor, hook=None):
+                k = kept[:, layer].to(tensor.device)[:, None, :, None]
+                replacement = z_cf[:, :, layer][p] if z_cf.dim() == 5 else z_cf[:, layer].expand(len(p), -1, -1, -1)
+                return torch.where(k, tensor, replacement[:, : tensor.shape[1]].to(tensor.device, tensor.dtype))
+            return hook
+
+        hooks = [(_z_hook(l), patch(l)) for l in range(model.n_layers) if not bool(kept[:, l].all())]
+        final = run_to_final_norm(model, batch.tokens[p], hooks)
+        out[rows] = logit_diff(model, _last(final, batch.lengths[p]), batch.answers[p]).float()
+        del final
+    return out.view(C, P)
+
+
+def gradient_times_difference(model: LoadedModel, batch: Batch, z_clean: Tensor, z_cf: Tensor, *, batch_size: int = 64) -> Tensor:
+    """[P, L, H]: attribution patching at node granularity, per prompt and head, summed over positions:
+    sum_{t, r} (z_clean - z_cf)[t, r] * dF/dz[t, r], the gradient taken at the counterfactual run (the
+    denoising convention of TransformerLens 4's `attribution_patch`). One forward with grad and one backward
+    per batch of prompts (F of each prompt depends on its own row only, so the gradient of the sum is each
+    prompt's own)."""
+    from transformer_lens.model_bridge.exceptions import StopAtLayerException
+
+    L, out = model.n_layers, []
+    for start in range(0, batch.tokens.shape[0], batch_size):
+        sl = slice(start, start + batch_size)
+        tokens = batch.cf_tokens[sl]
+        deltas: dict[int, Tensor] = {}
+
+        def probe(layer: int) -> Callable:
+            def hook(tensor, hook=None):
+                deltas[layer] = torch.zeros_like(tensor, requires_grad=True)
+                return tensor + deltas[layer]
+            return hook
+
+        def stop(tensor, hook):
+            raise StopAtLayerException(tensor)
+
+        with torch.inference_mode(False), torch.enable_grad():
+            final = model.bridge.run_with_hooks(tokens.to(model.device), fwd_hooks=[(_z_hook(l), probe(l)) for l in range(L)] + [(FINAL, stop)])
+            f = logit_diff(model, _last(final, batch.lengths[sl]), batch.answers[sl])
+            grads = torch.autograd.grad(f.sum(), [deltas[l] for l in range(L)])
+        g = torch.stack([gr.detach().float().cpu() for gr in grads], dim=2)  # [B, n, L, H, r]
+        n = g.shape[1]
+        diff = (z_clean[sl] - z_cf[sl])[:, :n]
+        mask = (torch.arange(n)[None, :] < batch.lengths[sl][:, None]).float()
+        out.append(torch.einsum("bnlhr,bn->blh", diff * g, mask))
+    return torch.cat(out)
+
+
+def tl_attribution(model: LoadedModel, batch: Batch) -> Tensor:
+    """[P, L, H]: TransformerLens 4's `attribution_patch` (node granularity) per prompt, summed over positions.
+
+    One call per prompt, cut to its own length, with F read at its last token (TL's metric sees one prompt's
+    logits; it runs its own full passes)."""
+    from transformer_lens.tools.analysis.attribution_patching import EdgeAttributionConfig, attribution_patch
+
+    out = torch.zeros(batch.tokens.shape[0], model.n_layers, model.n_heads)
+    for row in range(batch.tokens.shape[0]):
+        n = int(batch.lengths[row])
+        target, distractor = batch.answers[row].tolist()
+
+        def metric(logits, t=target, d=distractor):
+            return logits[0, -1, t] - logits[0, -1, d]
+
+        result = attribution_patch(model.bridge, batch.tokens[row : row + 1, :n].to(model.device),
+                                   batch.cf_tokens[row : row + 1, :n].to(model.device), metric,
+                                   EdgeAttributionConfig(granularity="node"))
+        for node, score in result.node_scores.items():
+            if node.kind == "attn_head_out":
+                out[row, node.layer, node.head] += score
+    return out
+
+
+def direct_logit_attribution(model: LoadedModel, batch: Batch, z_clean: Tensor, scales: dict[str, Tensor], W_O: Tensor) -> Tensor:
+    """[P, L, H]: each head's direct effect on F at the last token of the clean run: its write z W_O (post-norm
+    gain in W_O, divided by the post-attention norm's scale where there is one), over the final norm's scale,
+    read by W_U[:, target] - W_U[:, distractor]."""
+    P = z_clean.shape[0]
+    rows, last = torch.arange(P), batch.lengths - 1
+    writes = torch.einsum("plhr,lhrd->plhd", z_clean[rows, last], W_O)
+    post = [scales[f"blocks.{l}.ln1_post.hook_scale"] for l in range(model.n_layers) if f"blocks.{l}.ln1_post.hook_scale" in scales]
+    if post:
+        writes = writes / torch.stack([s[rows, last].reshape(P) for s in post], dim=1)[:, :, None, None]
+    W_U = model.bridge.W_U.detach().to("cpu", torch.float32)
+    direction = (W_U[:, batch.answers[:, 0]] - W_U[:, batch.answers[:, 1]]).T  # [P, d]
+    final_scale = scales["ln_final.hook_scale"][rows, last].reshape(P)
+    return torch.einsum("plhd,pd->plh", writes, direction) / final_scale[:, None, None]
+
+
+def tl_edge_support(model: LoadedModel) -> str | None:
+    """None when TransformerLens 4's `faithfulness` accepts the model; else its reason for refusing."""
+    from transformer_lens.tools.analysis import attribution_patching as ap
+
+    try:
+        ap._check_attention_write_structure(model.bridge)
+        ap._check_kv_heads_match_query_heads(model.bridge)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- the evaluation
+
+
+def evaluate_faithfulness(
+    model: LoadedModel,
+    prompts: PromptSet,
+    trace: Any,
+    *,
+    against: str,
+    mean: bool = False,
+    sizes: Sequence[int] | str | None = None,
+    random_draws: int = 10,
+    seed: int = 0,
+    references: dict[str, set[str]] | None = None,
+    use_tl: bool = True,
+    progress: Progress | None = None,
+) -> FaithfulnessResults:
+    """Faithfulness curves of SVT (from `trace`), attribution patching, DLA and random rankings on `prompts`
+    (each with a counterfactual), with the same ablation for all: see the module docstring.
+
+    references: named head sets ("l.h") to score each method's top-k heads against (precision, recall, F1).
+    """
+    t_start = time.perf_counter()
+    L, H = model.n_layers, model.n_heads
+    N = L * H
+    batch = Batch.of(model, prompts)
+    grid = tuple(range(N + 1)) if sizes == "all" else default_sizes(N) if sizes is None else tuple(sorted({0, N, *sizes}))
+    if grid[-1] != N or grid[0] != 0:
+        raise EvaluationError(f"circuit sizes must lie in 0..{N}")
+    names = [f"{l}.{h}" for l in range(L) for h in range(H)]
+    timings: dict[str, float] = {}
+
+    # the clean and counterfactual runs: head outputs, F, and the scales direct attribution needs
+    t = time.perf_counter()
+    scale_hooks = ["ln_final.hook_scale"] + [f"blocks.{l}.ln1_post.hook_scale" for l in range(L)
+                                              if f"blocks.{l}.ln1_post.hook_scale" in model.bridge.hook_dict]
+    z_clean, f_clean, scales = head_outputs(model, batch.tokens, batch.lengths, batch.answers, extra=scale_hooks)
+    timings["forward"] = time.perf_counter() - t
+    z_cf, f_cf, _ = head_outputs(model, batch.cf_tokens, batch.lengths, batch.answers)
+    replacement = z_cf
+    if mean:  # per position, over the counterfactual prompts that reach it
+        mask = (torch.arange(z_cf.shape[1])[None, :] < batch.lengths[:, None]).float()[:, :, None, None, None]
+        replacement = (z_cf * mask).sum(0) / mask.sum(0).clamp_min(1)
+
+    # rankings
+    t = time.perf_counter()
+    from circuitlang.engine.geometry import attention_geometry
+
+    own = gradient_times_difference(model, batch, z_clean, z_cf)  # [P, L, H]
+    attribution: dict[str, Any] = {"source": "own", "granularity": "node"}
+    ap_scores = own.mean(0)
+    if use_tl:
+        try:
+            tl = tl_attribution(model, batch)
+        except (ValueError, NotImplementedError, RuntimeError) as err:
+            attribution["tl_refused"] = str(err)
+        else:
+            ap_scores = tl.mean(0)
+            attribution["source"] = "transformer_lens"
+            attribution["max_abs_difference_own_vs_tl"] = float((tl.mean(0) - own.mean(0)).abs().max())
+            attribution["max_abs_score"] = float(tl.mean(0).abs().max())
+    timings["attribution"] = time.perf_counter() - t
+    dla = direct_logit_attribution(model, batch, z_clean, scales, attention_geometry(model).W_O).mean(0)
+    svt_order, svt_evidence = svt_ranking(trace, L, H)
+    fixed = {"svt": (svt_order, svt_evidence), "attribution": (rank_scores(ap_scores), ap_scores),
+             "dla": (rank_scores(dla), dla)}
+    randoms = random_rankings(N, random_draws, seed * 1_000_003 + 13)
+    rankings = torch.cat([torch.stack([order for order, _ in fixed.values()]), randoms])  # [R, N]
+
+    # one batched pass per circuit size: every ranking's circuit of that size (duplicates run once)
+    t = time.perf_counter()
+    masks = circuit_masks(rankings, grid)  # [R, S, N]
+    m = torch.empty(rankings.shape[0], len(grid), dtype=torch.float64)
+    m_full, m_empty = float(f_clean.double().mean()), None
+    inner = [s for s, k in enumerate(grid) if 0 < k < N]
+    for done, s in enumerate([grid.index(0), *inner]):
+        unique, inverse = torch.unique(masks[:, s].to(torch.uint8), dim=0, return_inverse=True)
+        f = patched_logit_diff(model, batch, replacement, unique.bool().view(-1, L, H))
+        m[:, s] = f.double().mean(1)[inverse]
+        if progress is not None:
+            progress("faithfulness", done + 1, len(inner) + 1)
+    m[:, grid.index(N)] = m_full
+    m_empty = float(m[0, 0])
+    timings["curves"] = time.perf_counter() - t
+    passes = len(inner) + 1
+
+    curves = []
+    for r, (name, (order, scores)) in enumerate(fixed.items()):
+        f = faithfulness(m[r].numpy(), m_full, m_empty)
+        cpr, cmd = areas(f, grid, N)
+        curves.append(MethodCurve(name, tuple(names[i] for i in order.tolist()), m[r].numpy(), f, cpr, cmd,
+                                  scores=scores.double().numpy()))
+    if random_draws:
+        mr = m[len(fixed):].numpy()
+        fr = np.stack([faithfulness(row, m_full, m_empty) for row in mr])
+        ar = np.array([areas(row, grid, N) for row in fr])
+        curves.append(MethodCurve("random", tuple(names[i] for i in randoms[0].tolist()), mr.mean(0), fr.mean(0),
+                                  float(ar[:, 0].mean()), float(ar[:, 1].mean()), f_std=fr.std(0),
+                                  cpr_std=float(ar[:, 0].std()), cmd_std=float(ar[:, 1].std()), draws=random_draws))
+
+    overlap = []
+    for ref_name, ref in (references or {}).items():
+        for curve in curves:
+            if curve.method == "random":
+                continue
+            for k in REPORT_SIZES:
+                if k <= N:
+                    overlap.append(Overlap(curve.method, ref_name, k, *top_k_overlap(curve.ranking, ref, k)))
+
+    edge_level: dict[str, Any] = {}
+    refusal = tl_edge_support(model)
+    edge_level["supported"] = refusal is None
+    if refusal is not None:
+        edge_level["reason"] = refusal
+
+    timings["evaluation"] = time.perf_counter() - t_start
+    timings["passes"] = float(passes)
+    return FaithfulnessResults(
+        against=against, ablation="mean" if mean else "counterfactual", n_prompts=len(prompts), n_heads=N, sizes=grid,
+        m_full=m_full, m_empty=m_empty, m_counterfactual=float(f_cf.double().mean()), methods=tuple(curves),
+        overlap=tuple(overlap), attribution=attribution, edge_level=edge_level, timings=timings)
+
+
+def counterfactual_prompts(prompts: PromptSet, tokenizer: Any, against: str, seed: int = 0) -> PromptSet:
+    """The prompts with their counterfactuals: generated for the ioi prompts (`abc`, `flipped`), the file's own
+    otherwise (`file`: every prompt must carry one)."""
+    if against == "file":
+        missing = [i for i, p in enumerate(prompts) if p.counterfactual is None]
+        if missing:
+            raise EvaluationError(f"prompt {missing[0]} has no counterfactual text")
+        return prompts
+    from circuitlang.data.ioi import ioi_counterfactuals
+
+    return ioi_counterfactuals(prompts, tokenizer, against, seed)
+
+
+def traced_heads(trace: Any, min_count: int = 1) -> set[str]:
+    """The heads of the traced circuit: those in a communication edge seen in at least min_count prompts."""
+    heads = set()
+    for up, down, data in trace.graph.edges(data=True):
+        if data.get("count", 0) >= min_count and len(up) == 2 and len(down) == 3:
+            heads.add(f"{up[0]}.{up[1]}")
+            heads.add(f"{down[0]}.{down[1]}")
+    return heads
+
+
+def evaluate_plan(plan: Any, model: LoadedModel, prompts: PromptSet, trace: Any, progress: Progress | None = None) -> FaithfulnessResults | None:
+    """The plan's `evaluate faithfulness` statement on a traced run (None when the plan has none)."""
+    ev = plan.evaluate
+    if ev is None:
+        return None
+    references = {"trace": traced_heads(trace, plan.show_min_count)}
+    if plan.compare is not None:
+        from circuitlang.data.ioi import known_heads
+
+        known = plan.compare if isinstance(plan.compare, tuple) else tuple(h for hs in known_heads(plan.compare).values() for h in hs)
+        references["known"] = set(known)
+    cf = counterfactual_prompts(prompts, model.tokenizer, ev.against, plan.seed)
+    return evaluate_faithfulness(model, cf, trace, against=ev.against, mean=ev.mean, sizes=ev.sizes, random_draws=ev.random,
+                                 seed=plan.seed, references=references, progress=progress)

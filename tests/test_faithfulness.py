@@ -1,0 +1,247 @@
+"""Faithfulness curves (engine/evaluate.py): a hand-built model whose circuit is known, TransformerLens 4's
+attribution patching on a GPT-2-style model, the spec statement and the counterfactual prompts."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from circuitlang.data.ioi import ioi_counterfactuals, ioi_prompts
+from circuitlang.data.prompts import DataError, Prompt, PromptSet, load_prompt_file, read_prompt_file
+from circuitlang.engine import evaluate as ev
+from circuitlang.engine.model import load_model
+from circuitlang.engine.trace import trace
+from circuitlang.lang.compiler import format_plan, parse_text
+from circuitlang.lang.errors import SpecError
+from circuitlang.lang.plan import Evaluation, Root
+from tiny_models import build_gpt2, build_handbuilt
+
+torch.set_num_threads(1)
+READER = dict(marker=0.25, qk=2.5, copy=6.0)  # as in test_intervene: 1.0 copies A into B's residual
+
+
+@pytest.fixture(scope="module")
+def words(gpt2_tokenizer):
+    ids = lambda word: gpt2_tokenizer(word, add_special_tokens=False)["input_ids"][0]  # noqa: E731
+    return {w: ids(w) for w in (" the", " went", " Mary", " to", " John", " store", ",", " and", " Paris")}
+
+
+@pytest.fixture(scope="module")
+def handbuilt(tmp_path_factory, gpt2_tokenizer, words):
+    path = build_handbuilt(tmp_path_factory.mktemp("hb"), gpt2_tokenizer, words[" Mary"], words[" John"], **READER)
+    return load_model(str(path))
+
+
+@pytest.fixture(scope="module")
+def hb_prompts(words):
+    """A (Mary) before B (John, last); the counterfactual writes Paris where Mary was: nothing marks A."""
+    layouts = [
+        (" the", " went", " Mary", " to", " John"),
+        (" the", " Mary", " went", " to", " store", " John"),
+        (" went", " the", " store", " Mary", " to", " the", " John"),
+        (" the", " Mary", " and", " the", " store", " John"),
+    ]
+    out = []
+    for layout in layouts:
+        a, b = layout.index(" Mary"), layout.index(" John")
+        ids = tuple(words[w] for w in layout)
+        cf = tuple(words[" Paris"] if k == a else t for k, t in enumerate(ids))
+        labels = tuple("A" if k == a else "B" if k == b else f"'{w.strip()}'" for k, w in enumerate(layout))
+        out.append(Prompt(text="".join(layout), token_ids=ids, roles=(("A", a), ("B", b)), labels=labels,
+                          target=words[" Mary"], distractor=words[" John"], counterfactual=cf))
+    return PromptSet(tuple(out), ("A", "B"), "hand-built")
+
+
+@pytest.fixture(scope="module")
+def hb_result(handbuilt, hb_prompts):
+    t = trace(handbuilt, hb_prompts, [Root(1, 0, "B", "A")])
+    return t, ev.evaluate_faithfulness(handbuilt, hb_prompts, t, against="file", sizes="all", random_draws=8, seed=0,
+                                       references={"true": {"0.0", "0.1", "1.0"}})
+
+
+def _full_logit_f(model, tokens, lengths, answers, hooks=()):
+    """F from the model's full logits (an independent path: no final-norm stop, no two-column read)."""
+    with torch.inference_mode():
+        logits = model.bridge.run_with_hooks(tokens, fwd_hooks=list(hooks))
+    last = logits[torch.arange(len(lengths)), lengths - 1]
+    return (last.gather(1, answers[:, :1]) - last.gather(1, answers[:, 1:])).squeeze(1)
+
+
+# --- the hand-built circuit ---------------------------------------------------------------------------
+
+
+def test_the_true_circuit_keeps_everything_and_random_circuits_of_its_size_do_not(hb_result):
+    t, res = hb_result
+    sizes = list(res.sizes)
+    assert sizes == list(range(9))
+    svt = res.method("svt")
+    # The trace of 1.0 B->A reaches exactly 0.0 (through A) and 0.1 (through B): SVT's top 3 is the circuit.
+    assert set(svt.ranking[:3]) == {"0.0", "0.1", "1.0"}
+    assert svt.f[3] == pytest.approx(1.0, abs=1e-5)
+    assert np.allclose(svt.f[3:], 1.0, atol=1e-5), "heads that write nothing change nothing"
+    rnd = res.method("random")
+    assert rnd.f[3] < 0.5 and rnd.cpr < svt.cpr - 0.2
+    # Only 1.0 writes toward the answer: direct attribution puts it first, and alone it keeps part of F only.
+    assert res.method("dla").ranking[0] == "1.0"
+    assert 0 < res.method("dla").f[1] < 0.99
+    assert res.m_full - res.m_empty > 0.5
+    truth = {o.k: o for o in res.overlap if o.method == "svt" and o.reference == "true"}
+    assert truth[5].recall == 1.0 and truth[5].precision == pytest.approx(3 / 5)
+
+
+def test_every_curve_runs_from_zero_with_nothing_to_one_with_everything(handbuilt, hb_prompts, hb_result):
+    _, res = hb_result
+    for curve in res.methods:
+        assert curve.f[0] == pytest.approx(0.0, abs=1e-9) and curve.f[-1] == pytest.approx(1.0, abs=1e-9), curve.method
+    # The ends against numbers computed independently: full logits, every head patched by hand.
+    batch = ev.Batch.of(handbuilt, hb_prompts)
+    clean = _full_logit_f(handbuilt, batch.tokens, batch.lengths, batch.answers)
+    cf_z = {}
+    _full_logit_f(handbuilt, batch.cf_tokens, batch.lengths, batch.answers,
+                  [(f"blocks.{l}.attn.hook_z", lambda z, hook, l=l: cf_z.__setitem__(l, z.clone())) for l in range(2)])
+    empty = _full_logit_f(handbuilt, batch.tokens, batch.lengths, batch.answers,
+                          [(f"blocks.{l}.attn.hook_z", lambda z, hook, l=l: cf_z[l]) for l in range(2)])
+    assert res.m_full == pytest.approx(float(clean.mean()), rel=1e-4)
+    assert res.m_empty == pytest.approx(float(empty.mean()), rel=1e-4, abs=1e-5)
+    # CPR and CMD of every curve: the trapezoids over the fraction of heads kept, recomputed here.
+    for curve in res.methods:
+        x = np.arange(9) / 8
+        assert curve.cpr == pytest.approx(float(np.sum((curve.f[1:] + curve.f[:-1]) / 2 * np.diff(x))))
+        assert curve.cmd == pytest.approx(float(np.sum((np.abs(1 - curve.f[1:]) + np.abs(1 - curve.f[:-1])) / 2 * np.diff(x))))
+
+
+def test_one_patched_pass_equals_patching_each_circuit_alone(handbuilt, hb_prompts):
+    batch = ev.Batch.of(handbuilt, hb_prompts)
+    z_clean, _, _ = ev.head_outputs(handbuilt, batch.tokens, batch.lengths, batch.answers)
+    z_cf, f_cf, _ = ev.head_outputs(handbuilt, batch.cf_tokens, batch.lengths, batch.answers)
+    gen = torch.Generator().manual_seed(3)
+    keep = torch.rand(5, 2, 4, generator=gen) > 0.5
+    stacked = ev.patched_logit_diff(handbuilt, batch, z_cf, keep, row_chunk=7)  # chunks cut across circuits
+    for c in range(5):
+        alone = _full_logit_f(handbuilt, batch.tokens, batch.lengths, batch.answers,
+                              [(f"blocks.{l}.attn.hook_z", lambda z, hook, l=l: torch.where(keep[c, l][None, None, :, None], z, z_cf[:, : z.shape[1], l]))
+                               for l in range(2)])
+        np.testing.assert_allclose(stacked[c].numpy(), alone.numpy(), rtol=1e-4, atol=1e-5)
+    # mean ablation: the mean over the counterfactual prompts, per position
+    mean = z_cf.mean(0)
+    none = ev.patched_logit_diff(handbuilt, batch, mean, torch.zeros(1, 2, 4, dtype=torch.bool))
+    by_hand = _full_logit_f(handbuilt, batch.tokens, batch.lengths, batch.answers,
+                            [(f"blocks.{l}.attn.hook_z", lambda z, hook, l=l: mean[None, : z.shape[1], l].expand_as(z).contiguous()) for l in range(2)])
+    np.testing.assert_allclose(none[0].numpy(), by_hand.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_masks_rankings_and_areas():
+    rankings = torch.tensor([[2, 0, 1, 3], [3, 2, 1, 0]])
+    masks = ev.circuit_masks(rankings, [0, 1, 3, 4])
+    assert masks[0, 1].tolist() == [False, False, True, False] and masks[1, 2].tolist() == [False, True, True, True]
+    assert masks[:, 0].sum() == 0 and masks[:, 3].all()
+    assert ev.rank_scores(torch.tensor([[0.5, -2.0], [1.0, 0.5]])).tolist() == [1, 2, 0, 3]
+    assert ev.areas(np.array([0, 0.5, 1.0]), [0, 1, 2], 2) == (0.5, 0.5)
+    assert ev.areas(np.array([0, 1.0, 1.0]), [0, 1, 2], 2) == (0.75, 0.25)
+    assert ev.default_sizes(72) == (0, 1, 2, 3, 5, 7, 10, 15, 20, 30, 40, 60, 72)
+    assert ev.top_k_overlap(["1.0", "0.0", "2.2"], {"1.0", "3.3"}, 2) == (0.5, 0.5, 0.5)
+
+
+# --- attribution patching against TransformerLens 4 -------------------------------------------------
+
+
+def test_our_gradient_times_difference_equals_transformer_lens_attribution_patch(tmp_path_factory, gpt2_tokenizer):
+    from transformer_lens.tools.analysis.attribution_patching import EdgeAttributionConfig, attribution_patch
+
+    model = load_model(str(build_gpt2(tmp_path_factory.mktemp("g2"), gpt2_tokenizer, n_layer=2, n_head=4, n_embd=64)))
+    prompts = ioi_counterfactuals(ioi_prompts(gpt2_tokenizer, 4, seed=1), gpt2_tokenizer, "abc", seed=2)
+    batch = ev.Batch.of(model, prompts)
+    z_clean, _, _ = ev.head_outputs(model, batch.tokens, batch.lengths, batch.answers)
+    z_cf, _, _ = ev.head_outputs(model, batch.cf_tokens, batch.lengths, batch.answers)
+    ours = ev.gradient_times_difference(model, batch, z_clean, z_cf, batch_size=3)  # [P, L, H]
+    for row in range(len(prompts)):
+        n = int(batch.lengths[row])
+        t, d = batch.answers[row].tolist()
+        result = attribution_patch(model.bridge, batch.tokens[row : row + 1, :n], batch.cf_tokens[row : row + 1, :n],
+                                   lambda logits: logits[0, -1, t] - logits[0, -1, d], EdgeAttributionConfig(granularity="node"))
+        theirs = torch.zeros(2, 4)
+        for node, score in result.node_scores.items():
+            if node.kind == "attn_head_out":
+                theirs[node.layer, node.head] += score
+        assert theirs.abs().max() > 1e-3
+        torch.testing.assert_close(ours[row], theirs, rtol=1e-4, atol=1e-5 * float(theirs.abs().max()))
+    # TL's faithfulness accepts GPT-2: no refusal
+    assert ev.tl_edge_support(model) is None
+
+
+# --- counterfactual prompts, prompt files, the statement --------------------------------------------
+
+
+def test_ioi_counterfactuals_keep_positions_and_change_only_the_names(gpt2_tokenizer):
+    prompts = ioi_prompts(gpt2_tokenizer, 20, seed=4)
+    abc = ioi_counterfactuals(prompts, gpt2_tokenizer, "abc", seed=1)
+    flipped = ioi_counterfactuals(prompts, gpt2_tokenizer, "flipped")
+    for p, a, f in zip(prompts, abc, flipped):
+        io, s1, s2 = p.role("IO"), p.role("S1"), p.role("S2")
+        assert len(a.counterfactual) == len(p.token_ids) == len(f.counterfactual)
+        changed = {i for i, (x, y) in enumerate(zip(p.token_ids, a.counterfactual)) if x != y}
+        assert changed == {io, s1, s2}
+        names = {a.counterfactual[i] for i in (io, s1, s2)}
+        assert len(names) == 3 and not names & {p.target, p.distractor}
+        assert [i for i, (x, y) in enumerate(zip(p.token_ids, f.counterfactual)) if x != y] == [s2]
+        assert f.counterfactual[s2] == p.target
+        assert gpt2_tokenizer(dict(a.meta)["counterfactual"], add_special_tokens=False)["input_ids"] == list(a.counterfactual)
+    assert ioi_counterfactuals(prompts, gpt2_tokenizer, "abc", seed=1) == abc
+    with pytest.raises(DataError, match="unknown IOI counterfactual"):
+        ioi_counterfactuals(prompts, gpt2_tokenizer, "abd")
+
+
+def test_prompt_files_carry_an_aligned_counterfactual(tmp_path, gpt2_tokenizer):
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"text": "Alice met Bob and Bob thanked", "target": " Alice", "distractor": " Bob",
+                                "counterfactual": "Alice met Bob and Carl thanked"}) + "\n")
+    (prompt,) = load_prompt_file(good, gpt2_tokenizer)
+    assert len(prompt.counterfactual) == len(prompt.token_ids) and prompt.counterfactual[:4] == prompt.token_ids[:4]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "Alice met Bob", "counterfactual": "Alice met Bob Smith"}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:1: counterfactual has 4 tokens and the text 3"):
+        load_prompt_file(bad, gpt2_tokenizer)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"text": "Alice", "counterfactual": ""}\n')
+    with pytest.raises(DataError, match=r"empty.jsonl:1:19: 'counterfactual' must be a non-empty string"):
+        read_prompt_file(empty)
+
+
+def test_the_evaluate_statement(tmp_path):
+    plan = parse_text("evaluate faithfulness against abc")
+    assert plan.evaluate == Evaluation("abc", False, None, 10)
+    plan = parse_text("model gpt2\nevaluate faithfulness against flipped mean sizes 20, 5, 10 random 3")
+    assert plan.evaluate == Evaluation("flipped", True, (5, 10, 20), 3)
+    assert parse_text(format_plan(plan)) == plan
+    assert parse_text("evaluate faithfulness against abc sizes all random 0").evaluate == Evaluation("abc", False, "all", 0)
+    cases = {
+        "evaluate faithfulness against file": "against file takes each prompt's counterfactual from a prompts file",
+        "evaluate faithfulness against abd": 'expected "abc", "file" or "flipped", found "abd"; did you mean "abc"?',
+        "evaluate faithfulness against abc sizes 73": "circuit size 73 is more than the 72 heads of gemma-3-270m",
+        "evaluate faithfulness against abc sizes 0": "a circuit size must be at least 1",
+    }
+    for text, message in cases.items():
+        with pytest.raises(SpecError, match=message.replace("(", r"\(").replace("?", r"\?")):
+            parse_text(text)
+    no_cf = tmp_path / "p.jsonl"
+    no_cf.write_text('{"text": "Alice met Bob", "target": " Alice", "distractor": " Bob"}\n')
+    spec = tmp_path / "s.circ"
+    spec.write_text('prompts file "p.jsonl"\nevaluate faithfulness against abc\n')
+    with pytest.raises(SpecError, match="made for the ioi prompts; with p.jsonl write `against file`"):
+        from circuitlang.lang.compiler import parse_spec
+        parse_spec(spec)
+    spec.write_text('prompts file "p.jsonl"\nevaluate faithfulness against file\n')
+    with pytest.raises(SpecError, match=r"p.jsonl:1: evaluate ... against file needs 'counterfactual' in every prompt"):
+        parse_spec(spec)
+
+
+def test_results_round_trip_through_json(hb_result):
+    _, res = hb_result
+    back = ev.FaithfulnessResults.from_dict(json.loads(json.dumps(res.to_dict())))
+    assert back.sizes == res.sizes and back.methods[0].ranking == res.methods[0].ranking
+    np.testing.assert_array_equal(back.method("random").f_std, res.method("random").f_std)
+    assert dataclasses.replace(back, methods=res.methods, overlap=res.overlap) == dataclasses.replace(res, methods=res.methods)
