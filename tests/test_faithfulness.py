@@ -245,3 +245,26 @@ def test_results_round_trip_through_json(hb_result):
     assert back.sizes == res.sizes and back.methods[0].ranking == res.methods[0].ranking
     np.testing.assert_array_equal(back.method("random").f_std, res.method("random").f_std)
     assert dataclasses.replace(back, methods=res.methods, overlap=res.overlap) == dataclasses.replace(res, methods=res.methods)
+
+
+def test_report_table_json_and_plot(hb_result, tmp_path):
+    from rich.console import Console
+
+    from circuitlang.report.faithfulness import (faithfulness_from_dict, render_faithfulness, write_faithfulness_json,
+                                                 write_faithfulness_plot)
+
+    _, res = hb_result
+    console = Console(record=True, width=160)
+    render_faithfulness(res, console)
+    text = console.export_text()
+    svt = res.method("svt")
+    assert "SVT (trace)" in text and f"{svt.cpr:.2f}" in text and "random (8 draws)" in text and "±" in text
+    assert f"full model {res.m_full:.3f}" in text and "attribution_patch" in text
+    path = write_faithfulness_json(res, tmp_path / "faithfulness.json")
+    back = faithfulness_from_dict(json.loads(path.read_text()))
+    assert back.sizes == res.sizes and back.method("svt").ranking == svt.ranking and back.timings == {}
+    first = path.read_text()
+    assert write_faithfulness_json(dataclasses.replace(res, timings={"evaluation": 1.0}), path).read_text() == first
+    png = write_faithfulness_plot(res, tmp_path / "faithfulness.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+

@@ -1,0 +1,128 @@
+"""Faithfulness results (`evaluate faithfulness`) as a Rich table, a plot of the curves and faithfulness.json.
+Reads FaithfulnessResults; never the model, never torch."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from circuitlang.atomic import atomic_path, atomic_write
+from circuitlang.report.export import plain
+
+if TYPE_CHECKING:
+    from circuitlang.engine.evaluate import FaithfulnessResults
+
+FORMAT = "circuitlang.faithfulness/1"
+LABELS = {"svt": "SVT (trace)", "attribution": "attribution patching", "dla": "direct logit attribution", "random": "random"}
+COLOURS = {"svt": "#d62728", "attribution": "#1f77b4", "dla": "#2ca02c", "random": "#7f7f7f"}
+REPORT_SIZES = (5, 10, 20)
+
+
+def faithfulness_to_dict(results: FaithfulnessResults) -> dict:
+    """Plain JSON data, without the timings (so that the file is the same on every run)."""
+    data = results.to_dict()
+    data.pop("timings", None)
+    return plain({"format": FORMAT, **data})
+
+
+def faithfulness_from_dict(data: dict) -> FaithfulnessResults:
+    """FaithfulnessResults back from `faithfulness_to_dict`; ValueError if it is not one."""
+    from circuitlang.engine.evaluate import FaithfulnessResults
+
+    if data.get("format") != FORMAT:
+        raise ValueError(f"not a faithfulness result (format {data.get('format')!r}, expected {FORMAT!r})")
+    return FaithfulnessResults.from_dict({k: v for k, v in data.items() if k != "format"})
+
+
+def write_faithfulness_json(results: FaithfulnessResults, path: str | os.PathLike) -> Path:
+    text = json.dumps(faithfulness_to_dict(results), sort_keys=True, indent=1, ensure_ascii=False) + "\n"
+    return atomic_write(path, text)
+
+
+def _num(x: float | None, digits: str = ".2f") -> str:
+    return "—" if x is None or not math.isfinite(x) else format(x, digits)
+
+
+def _pm(x: float | None, sd: float | None) -> str:
+    return _num(x) if sd is None else f"{_num(x)} ± {_num(sd)}"
+
+
+def render_faithfulness(results: FaithfulnessResults, console: Console) -> None:
+    """Method x (CPR, CMD, f at 5/10/20 heads), the two ends of the gap, the top-k overlaps, the run time."""
+    sizes = list(results.sizes)
+    ablation = "the mean over the counterfactual prompts" if results.ablation == "mean" else "each prompt's own counterfactual"
+    table = Table(title=f"Faithfulness against {results.against}: heads outside the circuit take the outputs of {ablation}",
+                  box=box.SIMPLE_HEAD, caption="f = (m(C) - m(empty)) / (m(M) - m(empty)); CPR = area under f (higher is "
+                  "better), CMD = area between f and 1 (lower is better), over the fraction of heads kept")
+    for column in ("method", "CPR", "CMD", *(f"f@{k}" for k in REPORT_SIZES)):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for curve in results.methods:
+        name = LABELS.get(curve.method, curve.method) + (f" ({curve.draws} draws)" if curve.method == "random" else "")
+        cells = []
+        for k in REPORT_SIZES:
+            at = sizes.index(k) if k in sizes else None
+            cells.append("—" if at is None else _pm(float(curve.f[at]), None if curve.f_std is None else float(curve.f_std[at])))
+        table.add_row(name, _pm(curve.cpr, curve.cpr_std), _pm(curve.cmd, curve.cmd_std), *cells)
+    console.print(table)
+    console.print(f"m = mean F over {results.n_prompts} prompts: full model {results.m_full:.3f}, empty circuit "
+                  f"{results.m_empty:.3f}, counterfactual run {results.m_counterfactual:.3f}; {results.n_heads} heads, "
+                  f"sizes {', '.join(map(str, sizes))}", highlight=False)
+    a = results.attribution
+    if a.get("source") == "transformer_lens":
+        console.print(f"attribution patching: TransformerLens 4's attribution_patch (node granularity); our batched "
+                      f"gradient x difference differs by at most {a.get('max_abs_difference_own_vs_tl', float('nan')):.2g} "
+                      f"(largest score {a.get('max_abs_score', float('nan')):.3g})", highlight=False)
+    elif a:
+        why = f": TransformerLens refused ({a['tl_refused']})" if a.get("tl_refused") else ""
+        console.print(f"attribution patching: our gradient x difference on head outputs{why}", highlight=False)
+    edge = results.edge_level
+    if edge and not edge.get("supported", False):
+        console.print(f"edge level: TransformerLens 4's faithfulness refuses this model: {edge.get('reason', '')}", highlight=False)
+    if results.overlap:
+        overlap = Table(title="Top-k heads against reference sets", box=box.SIMPLE_HEAD)
+        for column in ("method", "reference", "k", "precision", "recall", "F1"):
+            overlap.add_column(column, justify="left" if column in ("method", "reference") else "right")
+        for o in results.overlap:
+            overlap.add_row(LABELS.get(o.method, o.method), o.reference, str(o.k), _num(o.precision), _num(o.recall), _num(o.f1))
+        console.print(overlap)
+    t = results.timings
+    if t.get("evaluation") and t.get("forward"):
+        console.print(f"evaluation: {t['evaluation']:.1f} s = {t['evaluation'] / t['forward']:.0f} forward passes over the "
+                      f"prompts ({t['forward']:.2f} s each); {int(t.get('passes', 0))} batched patched passes", highlight=False)
+
+
+def write_faithfulness_plot(results: FaithfulnessResults, path: str | os.PathLike) -> Path:
+    """faithfulness.png: f against the number of heads kept, one line per method, random as mean ± 1 sd."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.0, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    x = np.asarray(results.sizes)
+    for curve in results.methods:
+        colour = COLOURS.get(curve.method)
+        label = f"{LABELS.get(curve.method, curve.method)} (CPR {curve.cpr:.2f})"
+        ax.plot(x, curve.f, marker="o", markersize=3, color=colour, label=label, linewidth=2 if curve.method == "svt" else 1.4)
+        if curve.f_std is not None:
+            ax.fill_between(x, curve.f - curve.f_std, curve.f + curve.f_std, color=colour, alpha=0.2, linewidth=0)
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle=":")
+    ax.axhline(0.0, color="black", linewidth=0.8, linestyle=":")
+    ax.set_xlabel("heads kept (top k of each ranking)")
+    ax.set_ylabel("faithfulness f")
+    ax.set_xlim(0, results.n_heads)
+    ax.set_title(f"faithfulness against {results.against} ({results.ablation} ablation), {results.n_prompts} prompts", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", metadata={"Software": None})
+    return path
