@@ -67,3 +67,27 @@ def test_trace_is_complete_non_empty_and_byte_identical(gemma, prompts, acts):
     assert_writers_complete(gemma, acts, first.events)
     second = trace(gemma, prompts, roots, activations=capture(gemma, prompts, batch_size=16))
     assert dumps(trace_to_dict(first)) == dumps(trace_to_dict(second))
+
+
+def test_f_is_the_models_logit_difference_and_partial_interventions_equal_whole_passes(gemma, prompts, acts):
+    """F(X) from two unembedding columns equals the full logits' difference; the interventions of
+    specs/ioi.circ, run from each variant's first changed layer, equal passes through the whole model."""
+    from circuitlang.engine.intervene import run_interventions
+    from circuitlang.lang.plan import EdgeSelector, InterventionSet
+
+    with torch.inference_mode():
+        logits = gemma.bridge(acts.tokens)
+    rows = torch.arange(len(prompts))
+    last = logits[rows, acts.lengths - 1]
+    answers = torch.tensor([(p.target, p.distractor) for p in prompts])
+    full = last[rows, answers[:, 0]] - last[rows, answers[:, 1]]
+    torch.testing.assert_close(acts.logit_diff, full, rtol=1e-4, atol=1e-4)
+
+    roots = [c.root for c in choose_roots(gemma, acts, prompts, k=3, threshold=0.3)]
+    t = trace(gemma, prompts, roots, threshold=0.3, activations=acts)
+    sets = [InterventionSet("into the strongest root", (EdgeSelector("into", root=1, role="end"),), random_control=True)]
+    partial, whole = (run_interventions(gemma, prompts, t, sets, roots, seed=0, partial=flag) for flag in (True, False))
+    assert len(partial.rows) == 8 * partial.sets[0].n_prompts > 0
+    for f in ("f_after", "score_before", "score_after", "cosine", "norm_ratio"):
+        torch.testing.assert_close(torch.from_numpy(getattr(partial.rows, f)), torch.from_numpy(getattr(whole.rows, f)),
+                                   rtol=1e-4, atol=1e-4, equal_nan=True)

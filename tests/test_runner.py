@@ -215,3 +215,15 @@ def test_circ_cache_shows_and_clears(tiny, preloaded, capsys, tmp_path):
     assert main(["cache", "--clear", "runs"]) == 0
     assert not runs_dir().exists() and (tmp_path / "cache" / "omega").exists()
     assert main(["cache", "--clear"]) == 0 and not (tmp_path / "cache" / "omega").exists()
+
+
+def test_the_engine_imports_neither_the_report_nor_the_runner():
+    import ast
+    from pathlib import Path
+
+    import circuitlang.engine
+
+    for path in Path(circuitlang.engine.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n.startswith(("circuitlang.report", "circuitlang.runner", "circuitlang.cli")) for n in names), path.name

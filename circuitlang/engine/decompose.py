@@ -38,16 +38,17 @@ def through_cores(y: Tensor, cores: Tensor, heads: Tensor, offsets: Tensor, *, t
     """[E, r] rows times each event's core [H, M, r, r][head, offset] (or its transpose) -> [E, r].
 
     y @ U'[h, m] turns x~ @ Q_a into the coordinates x~ . u_k; with transpose, U'[h, m] @ w lifts slice
-    weights back to the basis Q_a. Chunked so the gathered cores stay under ~64 MB.
+    weights back to the basis Q_a. One GEMM per (head, offset) that occurs, never a per-event copy of a core.
     """
-    r = cores.shape[-1]
-    step = max(64, 2**24 // (r * r))
-    out = []
-    for rows in torch.arange(len(y)).split(step):
-        core = cores[heads[rows], offsets[rows]]
-        core = core.transpose(-1, -2) if transpose else core
-        out.append(torch.bmm(y[rows].unsqueeze(1), core).squeeze(1))
-    return torch.cat(out) if out else y.new_zeros(0, r)
+    H, M, r, _ = cores.shape
+    out = y.new_empty(y.shape[0], r)
+    key = heads * M + offsets
+    order = key.argsort(stable=True)
+    keys, counts = key[order].unique_consecutive(return_counts=True)
+    for k, rows in zip(keys.tolist(), order.split(counts.tolist())):
+        core = cores[k // M, k % M]
+        out[rows] = y[rows] @ (core.T if transpose else core)
+    return out
 
 
 def slice_terms(xu_dest: Tensor, sigma: Tensor, xv_src: Tensor, factor: Tensor | None = None) -> Tensor:

@@ -24,8 +24,12 @@ heads are shared: a local change of k/v reaches every query head of the group.
 slices not in S_ij, from a torch.Generator seeded by the plan's seed and the set's name.
 
 A set is applied all at once: every selected edge row in every prompt where it was traced, the
-deltas summed. One batched forward pass (chunked by `batch_size`) runs each (set, kind, place,
-control) over the prompts the set touches, capturing the logits and what the measures need.
+deltas summed. Nothing below the first layer a variant changes can differ from the clean run, so each
+pass starts there, from the clean residual captured at that layer (the upstream head's layer for
+global, the downstream head's for local), and stops at the final norm, where F reads two logits. The
+variants of a set (kind x place x control) that start at the same layer run stacked in one batch, and
+only over the prompts the set touches. `partial=False` runs every pass from the tokens instead: the
+same numbers, as the tests check.
 
 This module's top level imports no torch, so that the report layer can read its result types.
 """

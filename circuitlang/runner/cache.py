@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from circuitlang.engine.embedded import cache_root, resolve_embedded
+from circuitlang.engine.evaluate import FaithfulnessResults
 from circuitlang.engine.intervene import InterventionResults
 from circuitlang.engine.model import _is_local
 from circuitlang.engine.omega_cache import ENGINE_VERSION, discard, omega_dir, read_checked, write_checked
@@ -32,6 +33,7 @@ from circuitlang.engine.roots import RootChoice, RootSkip
 from circuitlang.lang import format_plan
 from circuitlang.lang.plan import FilePrompts, Output, Plan, Root
 from circuitlang.report.export import dumps, trace_from_dict, trace_to_dict
+from circuitlang.report.faithfulness import faithfulness_from_dict, faithfulness_to_dict
 from circuitlang.report.interventions import interventions_from_dict, interventions_to_dict
 
 REUSED = "reusing cached {what} {key:.12} (spec and model unchanged); --no-cache to recompute"
@@ -74,7 +76,7 @@ def trace_plan_text(plan: Plan) -> str:
     """`format_plan` of the plan with what cannot change the trace reset: output, show, compare, sources,
     and the intervene blocks and their seed (they run after the trace and are cached on their own)."""
     return format_plan(dataclasses.replace(plan, output=Output(), show_min_count=1, compare=None, sources=(),
-                                           interventions=(), seed=0))
+                                           interventions=(), seed=0, evaluate=None))
 
 
 def run_key(plan: Plan, model_identity: str) -> str:
@@ -87,8 +89,31 @@ def run_key(plan: Plan, model_identity: str) -> str:
 
 def interventions_key(plan: Plan) -> str:
     """What, besides the run key, makes a plan's intervention results: its intervene blocks and seed."""
-    blocks = format_plan(dataclasses.replace(plan, output=Output(), show_min_count=1, compare=None, sources=()))
+    blocks = format_plan(dataclasses.replace(plan, output=Output(), show_min_count=1, compare=None, sources=(), evaluate=None))
     return hashlib.sha256(f"{ENGINE_VERSION}\0{plan.seed}\0{blocks}".encode()).hexdigest()
+
+
+def faithfulness_key(plan: Plan) -> str:
+    """What, besides the run key, makes a plan's faithfulness results: the evaluate statement, the seed, and
+    the reference head sets of the top-k overlaps (show, compare)."""
+    text = format_plan(dataclasses.replace(plan, output=Output(), sources=(), interventions=()))
+    return hashlib.sha256(f"{ENGINE_VERSION}\0faithfulness\0{text}".encode()).hexdigest()
+
+
+def load_faithfulness(key: str, fkey: str) -> FaithfulnessResults | None:
+    path = runs_dir() / key / f"faithfulness-{fkey[:16]}.json"
+    try:
+        data = read_checked(path)
+        return None if data is None else faithfulness_from_dict(json.loads(data))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        discard(path, f"the cached faithfulness results {fkey:.12}", str(err).splitlines()[0][:160] if str(err) else type(err).__name__)
+        return None
+
+
+def store_faithfulness(key: str, fkey: str, results: FaithfulnessResults) -> None:
+    directory = runs_dir() / key
+    if directory.is_dir():
+        write_checked(directory / f"faithfulness-{fkey[:16]}.json", dumps(faithfulness_to_dict(results)).encode())
 
 
 def runs_dir() -> Path:

@@ -46,11 +46,12 @@ def default_budget() -> int:
     return int(min(2**30, max(available // 8, 64 * 2**20)))
 
 
-def chunk_size(model: LoadedModel, prompts: PromptSet, budget: int | None = None) -> int:
-    """Prompts per chunk within `budget` bytes of activations; a multiple of the forward batch when larger,
-    so the forward passes batch the prompts exactly as an unchunked run does."""
+def chunk_size(model: LoadedModel, prompts: PromptSet, budget: int | None = None, resid_layers: int = 0) -> int:
+    """Prompts per chunk within `budget` bytes of activations (with the residual at `resid_layers` layers);
+    a multiple of the forward batch when larger, so the forward passes batch the prompts exactly as an
+    unchunked run does."""
     n = max(len(p.token_ids) for p in prompts)
-    size = max(1, (budget or default_budget()) // activation_bytes(model, n))
+    size = max(1, (budget or default_budget()) // activation_bytes(model, n, resid_layers))
     if size >= FORWARD_BATCH:
         size -= size % FORWARD_BATCH
     return min(size, len(prompts))

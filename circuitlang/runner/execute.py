@@ -20,6 +20,7 @@ import torch
 from circuitlang.data.ioi import ioi_prompts
 from circuitlang.data.prompts import PromptSet, load_prompt_file
 from circuitlang.engine import intervene as iv
+from circuitlang.engine.evaluate import FaithfulnessResults, evaluate_plan
 from circuitlang.engine.forward import Activations, capture
 from circuitlang.engine.geometry import AttentionGeometry, attention_geometry
 from circuitlang.engine.intervene import InterventionResults
@@ -48,6 +49,7 @@ class RunResult:
     interventions: InterventionResults | None = None
     skipped_roots: tuple[RootSkip, ...] = ()
     reused: tuple[str, ...] = ()
+    faithfulness: FaithfulnessResults | None = None  # `evaluate faithfulness`
 
     @property
     def roots(self) -> list[Root]:
@@ -104,7 +106,12 @@ def run_plan(plan: Plan, *, model: LoadedModel | None = None, device: str | None
     prompts = build_prompts(plan, model)
     geometry = attention_geometry(model)
     length = max(len(p.token_ids) for p in prompts)
-    bounds = chunk_bounds(len(prompts), chunk or chunk_size(model, prompts))
+    size = chunk or chunk_size(model, prompts)
+    # One chunk holds every prompt: keep its activations, with the residual entering every layer, for the
+    # interventions (their partial passes start there), instead of a second forward pass.
+    keep = bool(plan.interventions) and size >= len(prompts) and chunk_size(model, prompts, resid_layers=model.n_layers) >= len(prompts)
+    resid = tuple(range(model.n_layers)) if keep else ()
+    bounds = chunk_bounds(len(prompts), size)
     tick = _ticker(progress, "forward", len(prompts) * (1 + (isinstance(plan.roots, AutoRoots) and len(bounds) > 1)))
 
     def acts_of(start: int, stop: int, **options) -> Activations:
@@ -120,7 +127,7 @@ def run_plan(plan: Plan, *, model: LoadedModel | None = None, device: str | None
     if isinstance(plan.roots, AutoRoots):
         evidence = None
         for start, stop in bounds:
-            acts = acts_of(start, stop)
+            acts = acts_of(start, stop, resid_layers=resid)
             t = time.perf_counter()
             part = evidence_of(model, acts, prompts[start:stop], plan.threshold, geometry)
             evidence = part if evidence is None else evidence.merge(part)
@@ -135,12 +142,13 @@ def run_plan(plan: Plan, *, model: LoadedModel | None = None, device: str | None
     parts = []
     trace_tick = _ticker(progress, "trace", len(prompts))
     for start, stop in bounds:
-        acts = first if first is not None else acts_of(start, stop)
+        acts = first if first is not None else acts_of(start, stop, resid_layers=resid)
         t = time.perf_counter()
         parts.append(trace_chunk(acts, geometry, prompts[start:stop], start, roots, plan, model.n_layers, model.n_heads))
         timings["trace"] = timings.get("trace", 0.0) + time.perf_counter() - t
         trace_tick(stop - start)
-        first = acts = None
+        first = acts if keep else None
+        acts = None
     firing, events, edges, diffs = merge_chunks(parts)
     del parts
     trace = build_trace(model, prompts, roots, plan.threshold, plan.mass, plan.slices, firing, events, edges, {})
@@ -150,16 +158,22 @@ def run_plan(plan: Plan, *, model: LoadedModel | None = None, device: str | None
     if plan.interventions:
         t = time.perf_counter()
         result = dataclasses.replace(result, interventions=run_plan_interventions(plan, result, model=model, prompts=prompts,
-                                                                                  geometry=geometry, progress=progress, chunk=chunk))
+                                                                                  geometry=geometry, progress=progress, chunk=chunk,
+                                                                                  acts=first))
         timings["interventions"] = time.perf_counter() - t
+    if plan.evaluate is not None:
+        t = time.perf_counter()
+        result = dataclasses.replace(result, faithfulness=evaluate_plan(plan, model, prompts, trace, progress))
+        timings["faithfulness"] = time.perf_counter() - t
     return dataclasses.replace(result, trace=dataclasses.replace(trace, timings=timings))
 
 
 def run_plan_interventions(plan: Plan, run: RunResult, *, model: LoadedModel | None = None, prompts: PromptSet | None = None,
                            geometry: AttentionGeometry | None = None, device: str | None = None, progress: Progress | None = None,
-                           chunk: int | None = None) -> InterventionResults:
+                           chunk: int | None = None, acts: Activations | None = None) -> InterventionResults:
     """The plan's intervene blocks (section 5.4) on a traced run, chunk by chunk over the prompts they touch:
-    each chunk's clean pass keeps the residual where the sets' partial passes start."""
+    each chunk's clean pass keeps the residual where the sets' partial passes start. acts: the trace's
+    activations of every prompt, with the residual entering every layer (then no pass is repeated)."""
     t0 = time.perf_counter()
     if model is None:
         model = resolve_model(plan.model, device, progress)
@@ -183,6 +197,10 @@ def run_plan_interventions(plan: Plan, run: RunResult, *, model: LoadedModel | N
             progress("interventions", done[0], total)
 
     columns = []
+    if acts is not None:
+        columns.append(iv.intervene_chunk(model, geometry, acts, np.arange(len(prompts)), plans, f_base, answers,
+                                          centre=iv._norm_centres(model), tick=tick))
+        touched = touched[:0]
     for begin in range(0, len(touched), size):
         ids = touched[begin : begin + size]
         subset = PromptSet(tuple(prompts[int(p)] for p in ids), prompts.role_names, prompts.description)
@@ -218,15 +236,16 @@ def cached_run(plan: Plan, *, device: str | None = None, progress: Progress | No
     if hit is not None:
         result = RunResult(plan, hit.trace, hit.auto_roots, hit.logit_diff, skipped_roots=hit.skipped_roots, reused=("trace",))
         if not plan.interventions:
-            return result, key
+            return _cached_faithfulness(plan, result, key, device, progress), key
         results = rc.load_interventions(key, ikey)
         if results is not None:
-            return dataclasses.replace(result, interventions=results, reused=("trace", "interventions")), key
+            result = dataclasses.replace(result, interventions=results, reused=("trace", "interventions"))
+            return _cached_faithfulness(plan, result, key, device, progress), key
         with omega_cache():
             results = run_plan_interventions(plan, result, device=device, progress=progress, chunk=chunk)
         with contextlib.suppress(OSError):
             rc.store_interventions(key, ikey, results)
-        return dataclasses.replace(result, interventions=results), key
+        return _cached_faithfulness(plan, dataclasses.replace(result, interventions=results), key, device, progress), key
     with omega_cache():
         result = run_plan(plan, device=device, progress=progress, chunk=chunk)
     if key:
@@ -235,7 +254,25 @@ def cached_run(plan: Plan, *, device: str | None = None, progress: Progress | No
                          {"model": identity, "plan": rc.trace_plan_text(keyed)})
             if result.interventions is not None:
                 rc.store_interventions(key, ikey, result.interventions)
+            if result.faithfulness is not None:
+                rc.store_faithfulness(key, rc.faithfulness_key(keyed), result.faithfulness)
     return result, None
+
+
+def _cached_faithfulness(plan: Plan, result: RunResult, key: str, device: str | None, progress: Progress | None) -> RunResult:
+    """A reused trace with the plan's `evaluate faithfulness` results: from the cache, else computed and stored."""
+    if plan.evaluate is None:
+        return result
+    keyed = plan if device is None else dataclasses.replace(plan, model=dataclasses.replace(plan.model, device=device))
+    fkey = rc.faithfulness_key(keyed)
+    found = rc.load_faithfulness(key, fkey)
+    if found is not None:
+        return dataclasses.replace(result, faithfulness=found, reused=(*result.reused, "faithfulness"))
+    model = resolve_model(plan.model, device, progress)
+    found = evaluate_plan(plan, model, build_prompts(plan, model), result.trace, progress)
+    with contextlib.suppress(OSError):
+        rc.store_faithfulness(key, fkey, found)
+    return dataclasses.replace(result, faithfulness=found)
 
 
 def _ticker(progress: Progress | None, stage: str, total: int) -> Callable[[int], None]:
