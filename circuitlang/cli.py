@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(plan: Plan, args, console: Console) -> int:
     from circuitlang.data.prompts import DataError
+    from circuitlang.engine.evaluate import EvaluationError
     from circuitlang.engine.model import ModelLoadError
     from circuitlang.engine.intervene import InterventionError
     from circuitlang.engine.roots import RootError
@@ -152,7 +153,7 @@ def _run(plan: Plan, args, console: Console) -> int:
         except SpecError as err:  # a head out of range, known once the model is loaded
             errors.print(f"[red]error[/red] {err}", highlight=False, soft_wrap=True)
             return EXIT_SPEC
-        except (ModelLoadError, DataError, RootError, TraceError, InterventionError) as err:
+        except (ModelLoadError, DataError, RootError, TraceError, InterventionError, EvaluationError) as err:
             errors.print(f"[red]error[/red] {args.spec}: {err}", highlight=False, soft_wrap=True)
             return EXIT_RUN
     if reused:
@@ -364,6 +365,13 @@ def _write_outputs(plan: Plan, result) -> tuple[list[Path], list[str]]:
             written.append(write_interventions_json(result.interventions, out / "interventions.json"))
         if "png" in formats:
             written += write_intervention_plots(result.interventions, out)
+    if getattr(result, "faithfulness", None) is not None:
+        from circuitlang.report.faithfulness import write_faithfulness_json, write_faithfulness_plot
+
+        if "json" in formats:
+            written.append(write_faithfulness_json(result.faithfulness, out / "faithfulness.json"))
+        if "png" in formats:
+            written.append(write_faithfulness_plot(result.faithfulness, out / "faithfulness.png"))
     return written, notes
 
 
@@ -386,6 +394,10 @@ def _report(plan: Plan, result, console: Console) -> None:
         from circuitlang.report.interventions import render_interventions
 
         render_interventions(result.interventions, console)
+    if getattr(result, "faithfulness", None) is not None:
+        from circuitlang.report.faithfulness import render_faithfulness
+
+        render_faithfulness(result.faithfulness, console)
     if result.logit_diff:
         diffs = sorted(result.logit_diff)
         mean = sum(diffs) / len(diffs)
