@@ -75,6 +75,9 @@ def render_faithfulness(results: FaithfulnessResults, console: Console) -> None:
     console.print(f"m = mean F over {results.n_prompts} prompts: full model {results.m_full:.3f}, empty circuit "
                   f"{results.m_empty:.3f}, counterfactual run {results.m_counterfactual:.3f}; {results.n_heads} heads, "
                   f"sizes {', '.join(map(str, sizes))}", highlight=False)
+    gap = results.m_full - results.m_empty
+    if not abs(gap) >= 0.1:
+        console.print(f"[yellow]note[/yellow]: m(M) - m(empty) = {gap:.3g} is small: f divides by it, so it is noisy here", highlight=False)
     a = results.attribution
     if a.get("source") == "transformer_lens":
         console.print(f"attribution patching: TransformerLens 4's attribution_patch (node granularity); our batched "
