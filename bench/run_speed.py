@@ -1,7 +1,7 @@
 """How fast is a whole `circ run`? Each phase of a run against one plain forward pass of the same prompts.
 
 On the embedded model (Gemma 3 270M, already converted), for each N, every measurement in a fresh
-process (so peak RSS is that run's own):
+process; peak RSS is read twice, for the model's load and for the run after it (Linux):
   forward   the model's plain forward pass over the N prompts (`bridge(tokens)`, full logits, batches of
             64): the unit every ratio is in.
   edited    `circ run specs/ioi.circ` with a prompt seed no cache has seen: Omega cache warm, run cache
@@ -47,7 +47,7 @@ def worker(args) -> None:
 
         model = load_model(resolve_embedded("gemma-3-270m"))
         load = time.perf_counter() - t0
-        _reset_peak()
+        load_rss = _reset_peak()
         prompts = ioi_prompts(model.tokenizer, args.n, "mixed", args.seed, prepend_bos=model.prepend_bos)
         tokens, _ = batch_tokens(prompts, model.tokenizer.pad_token_id or 0)
         t1 = time.perf_counter()
@@ -66,27 +66,29 @@ def worker(args) -> None:
 
         plan = parse_spec(args.spec)
         plan = dataclasses.replace(plan, prompts=IOIPrompts(args.n, "mixed", args.seed))
-        load = 0.0
+        load, load_rss = 0.0, None
         if args.preload:  # load first, so that the run's own peak memory can be read apart from the load's
             model = execute.resolve_model(plan.model)
             load = time.perf_counter() - t0
             execute.resolve_model = lambda spec, device=None, progress=None: model
-            _reset_peak()
+            load_rss = _reset_peak()
         result, _ = cached_run(plan, use_cache=not args.no_cache)
         phases = dict(result.trace.timings) | ({"load": load} if args.preload else {})
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"phases": phases, "wall": time.perf_counter() - t0, "rss": peak, "run_rss": _peak_since_reset()}))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # since the reset, where there was one
+    print(json.dumps({"phases": phases, "wall": time.perf_counter() - t0, "rss": peak, "load_rss": load_rss}))
 
 
-def _reset_peak() -> None:
-    """Linux: start the process's peak RSS (VmHWM) afresh from its current RSS."""
+def _reset_peak() -> int | None:
+    """Linux: the peak RSS so far (the load's), then start the peak (VmHWM, ru_maxrss) afresh from the current RSS."""
+    before = _peak()
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
-        pass
+        return None
+    return before
 
 
-def _peak_since_reset() -> int | None:
+def _peak() -> int | None:
     try:
         status = Path("/proc/self/status").read_text()
     except OSError:
@@ -149,11 +151,11 @@ def main(argv=None) -> None:
                     continue
                 res = run()
                 results.setdefault((name, n), []).append(res)
-                run_rss = f"{res['run_rss'] / 2**30:5.2f}" if res.get("run_rss") else "  n/a"
-                print(f"repeat {repeat} N={n} {name:9s} wall {res['wall']:7.1f} s  peak RSS {res['rss'] / 2**30:5.2f} GB, after load {run_rss} GB  "
+                load_rss = f"{res['load_rss'] / 2**30:5.2f}" if res.get("load_rss") else "  n/a"
+                print(f"repeat {repeat} N={n} {name:9s} wall {res['wall']:7.1f} s  peak RSS: load {load_rss} GB, after it {res['rss'] / 2**30:5.2f} GB  "
                       + " ".join(f"{k} {v:.1f}" for k, v in res["phases"].items()), flush=True)
     print()
-    print(f"{'N':>5} {'run':9s} {'median s':>9} {'min s':>7} {'x fwd (med)':>11} {'x fwd (min)':>11} {'peak GB':>7} {'run GB':>6}  phases (median s)")
+    print(f"{'N':>5} {'run':9s} {'median s':>9} {'min s':>7} {'x fwd (med)':>11} {'x fwd (min)':>11} {'load GB':>7} {'run GB':>6}  phases (median s)")
     for n in args.prompts:
         fwd = [r["phases"]["forward"] for r in results.get(("forward", n), [])] or [float("nan")]
         for name in ("forward", "edited", "no-cache", "again", "validate"):
@@ -168,8 +170,8 @@ def main(argv=None) -> None:
                 work = [sum(v for k, v in r["phases"].items() if k != "load") for r in rows]
             phases = {k: statistics.median(r["phases"].get(k, 0.0) for r in rows) for k in PHASES}
             print(f"{n:5d} {name:9s} {statistics.median(work):9.1f} {min(work):7.1f} {statistics.median(work) / statistics.median(fwd):11.2f} "
-                  f"{min(work) / min(fwd):11.2f} {max(r['rss'] for r in rows) / 2**30:7.2f} "
-                  f"{max(r.get('run_rss') or 0 for r in rows) / 2**30:6.2f}  "
+                  f"{min(work) / min(fwd):11.2f} {max(r.get('load_rss') or 0 for r in rows) / 2**30:7.2f} "
+                  f"{max(r['rss'] for r in rows) / 2**30:6.2f}  "
                   + " ".join(f"{k} {v:.1f}" for k, v in phases.items() if v))
 
 
