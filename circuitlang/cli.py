@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bars and no report; outputs only")
     run.add_argument("--no-cache", action="store_true", help="recompute the trace; read and write no cache")
     run.add_argument("--chunk", type=_at_least_one, metavar="N",
-                     help="prompts per chunk (default: as many as fit in an eighth of the free memory, at most 1 GiB "
+                     help="prompts per chunk (default: as many as fit in an eighth of the machine's memory, at most 2 GiB "
                      "of activations; $CIRCUITLANG_CHUNK_MB sets that budget)")
     check = commands.add_parser("check", help="parse and validate a spec (no model)",
                                 description="Parse and validate SPEC without loading the model.")

@@ -203,8 +203,8 @@ def capture(
         if progress is not None:
             progress(min(start + batch_size, total), total)
 
-    def layers(field: str) -> Tensor:
-        stacked = torch.stack([torch.cat(parts[f"blocks.{l}.{fields[field]}"]) for l in range(L)])
+    def layers(field: str) -> Tensor:  # pops what it stacks: the batches' copies go as the stacked one grows
+        stacked = torch.stack([torch.cat(parts.pop(f"blocks.{l}.{fields[field]}")) for l in range(L)])
         if field in ("cos", "sin"):  # positions 0..n-1, the same in every prompt
             return stacked[:, 0]
         if field in ("scale", "post_scale"):
@@ -215,12 +215,13 @@ def capture(
             return stacked.permute(1, 2, 0, 3, 4)  # [P, n, L, H, r]
         return stacked
 
+    stacked = {field: layers(field) for field in fields}
     return Activations(
         tokens=tokens,
         lengths=lengths,
-        final_scale=torch.cat(parts["ln_final.hook_scale"]).squeeze(-1),
+        final_scale=torch.cat(parts.pop("ln_final.hook_scale")).squeeze(-1),
         logit_diff=torch.cat(diffs) if has_answers else None,
         embed=torch.cat(parts["blocks.0.hook_resid_pre"]) if writers else None,
-        resid={l: torch.cat(parts[f"blocks.{l}.hook_resid_pre"]) for l in resid_layers} or None,
-        **{field: layers(field) for field in fields},
+        resid={l: torch.cat(parts.pop(f"blocks.{l}.hook_resid_pre")) for l in resid_layers} or None,
+        **stacked,
     )
