@@ -297,7 +297,7 @@ def _stub_trace(n_layers, n_heads, heads):
 def test_gemma_numbers_are_finite_and_reproducible(gemma):
     prompts = ioi_counterfactuals(ioi_prompts(gemma.tokenizer, 16, prepend_bos=True), gemma.tokenizer, "abc")
     t = _stub_trace(18, 4, [(11, 3), (12, 1), (15, 3), (9, 0), (8, 1)])
-    res = ev.evaluate_faithfulness(gemma, prompts, t, against="abc", sizes=(5, 10), random_draws=2, seed=0, use_tl=False)
+    res = ev.evaluate_faithfulness(gemma, prompts, t, against="abc", sizes=(5,), random_draws=2, seed=0, use_tl=False)
     assert res.method("svt").ranking[:5] == ("12.1", "15.3", "9.0", "8.1", "11.3")  # prompts, then contribution
     # TransformerLens 4's edge-level faithfulness refuses Gemma 3: grouped KV heads, a post-attention norm.
     assert not res.edge_level["supported"] and "blocks.0" in res.edge_level["reason"]
@@ -316,7 +316,7 @@ def test_gemma_numbers_are_finite_and_reproducible(gemma):
     ap = ev.gradient_times_difference(gemma, batch, z_clean, z_cf)
     assert torch.equal(ev.rank_scores(ap.mean(0))[:10], torch.tensor([int(l) * 4 + int(h) for l, h in
                                                                        (x.split(".") for x in res.method("attribution").ranking[:10])]))
-    # TransformerLens 4's attribution_patch accepts Gemma at node granularity and agrees with ours (4 prompts).
-    few = ev.Batch(batch.tokens[:4], batch.cf_tokens[:4], batch.lengths[:4], batch.answers[:4])
+    # TransformerLens 4's attribution_patch accepts Gemma at node granularity and agrees with ours (2 prompts).
+    few = ev.Batch(batch.tokens[:2], batch.cf_tokens[:2], batch.lengths[:2], batch.answers[:2])
     tl = ev.tl_attribution(gemma, few)
-    torch.testing.assert_close(ap[:4], tl, rtol=1e-3, atol=1e-3 * float(tl.abs().max()))
+    torch.testing.assert_close(ap[:2], tl, rtol=1e-3, atol=1e-3 * float(tl.abs().max()))
