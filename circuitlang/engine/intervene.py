@@ -287,29 +287,17 @@ class GroupPlan:
         return len(self.prompt)
 
     def take(self, idx: Tensor) -> GroupPlan:
-        return GroupPlan(**{f.name: getattr(self, f.name)[idx.numpy() if f.name == "side" else idx] for f in fields(self)})
+        return type(self)(**{f.name: getattr(self, f.name)[idx.numpy() if f.name == "side" else idx] for f in fields(self)})
 
 
 @dataclass(frozen=True)
-class EdgeGroups:
+class EdgeGroups(GroupPlan):
     """A GroupPlan with its deltas. h, h_random [G, d]: the signal and the random control in residual
     units (centred where the model's norm centres); scale [G]: the downstream norm's clean scale at m."""
 
-    prompt: Tensor
-    up_layer: Tensor
-    up_head: Tensor
-    layer: Tensor
-    head: Tensor
-    side: np.ndarray
-    token: Tensor
     h: Tensor
     h_random: Tensor
     scale: Tensor
-    slices: Tensor
-    random_slices: Tensor
-
-    def __len__(self) -> int:
-        return len(self.prompt)
 
 
 def set_seed(seed: int, name: str) -> int:
@@ -394,9 +382,8 @@ def group_signals(acts: Activations, geometry: AttentionGeometry, plan: GroupPla
         h = h - h.mean(-1, keepdim=True)
         h_random = h_random - h_random.mean(-1, keepdim=True)
     scale = acts.scale[plan.layer, R, M] if G else torch.zeros(0)
-    return EdgeGroups(prompt=plan.prompt, up_layer=plan.up_layer, up_head=plan.up_head, layer=plan.layer, head=plan.head,
-                      side=plan.side, token=M, h=h.float(), h_random=h_random.float(), scale=scale.float(),
-                      slices=plan.slices, random_slices=plan.random_slices)
+    return EdgeGroups(**{f.name: getattr(plan, f.name) for f in fields(plan)}, h=h.float(), h_random=h_random.float(),
+                      scale=scale.float())
 
 
 def edge_groups(acts: Activations, geometry: AttentionGeometry, trace: Trace, rows: np.ndarray, seed: int, centre: bool,

@@ -101,19 +101,11 @@ def faithfulness_key(plan: Plan) -> str:
 
 
 def load_faithfulness(key: str, fkey: str) -> FaithfulnessResults | None:
-    path = runs_dir() / key / f"faithfulness-{fkey[:16]}.json"
-    try:
-        data = read_checked(path)
-        return None if data is None else faithfulness_from_dict(json.loads(data))
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
-        discard(path, f"the cached faithfulness results {fkey:.12}", str(err).splitlines()[0][:160] if str(err) else type(err).__name__)
-        return None
+    return _load_beside(key, f"faithfulness-{fkey[:16]}.json", faithfulness_from_dict, f"the cached faithfulness results {fkey:.12}")
 
 
 def store_faithfulness(key: str, fkey: str, results: FaithfulnessResults) -> None:
-    directory = runs_dir() / key
-    if directory.is_dir():
-        write_checked(directory / f"faithfulness-{fkey[:16]}.json", dumps(faithfulness_to_dict(results)).encode())
+    _store_beside(key, f"faithfulness-{fkey[:16]}.json", faithfulness_to_dict(results))
 
 
 def runs_dir() -> Path:
@@ -172,19 +164,28 @@ def store_run(key: str, run: CachedRun, extras: dict[str, Any]) -> Path:
 
 
 def load_interventions(key: str, ikey: str) -> InterventionResults | None:
-    path = runs_dir() / key / f"interventions-{ikey[:16]}.json"
-    try:
-        data = read_checked(path)
-        return None if data is None else interventions_from_dict(json.loads(data))
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
-        discard(path, f"the cached interventions {ikey:.12}", str(err).splitlines()[0][:160] if str(err) else type(err).__name__)
-        return None
+    return _load_beside(key, f"interventions-{ikey[:16]}.json", interventions_from_dict, f"the cached interventions {ikey:.12}")
 
 
 def store_interventions(key: str, ikey: str, results: InterventionResults) -> None:
+    _store_beside(key, f"interventions-{ikey[:16]}.json", interventions_to_dict(results))
+
+
+def _load_beside(key: str, name: str, parse: Callable[[dict], Any], what: str) -> Any:
+    """Results stored beside the trace of run `key`; None if absent, or discarded (CacheWarning) if corrupt."""
+    path = runs_dir() / key / name
+    try:
+        data = read_checked(path)
+        return None if data is None else parse(json.loads(data))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        discard(path, what, str(err).splitlines()[0][:160] if str(err) else type(err).__name__)
+        return None
+
+
+def _store_beside(key: str, name: str, data: dict) -> None:
     directory = runs_dir() / key
-    if directory.is_dir():
-        write_checked(directory / f"interventions-{ikey[:16]}.json", dumps(interventions_to_dict(results)).encode())
+    if directory.is_dir():  # results of a trace that was not stored (--no-cache, an unknown model) are not either
+        write_checked(directory / name, dumps(data).encode())
 
 
 def _discard_entry(directory: Path, what: str, reason: str) -> None:
