@@ -188,7 +188,7 @@ def test_a_corrupt_omega_entry_is_recomputed_and_never_unpickled(tiny, preloaded
         def __reduce__(self):
             return (open, (str(marker), "w"))
 
-    data = pickle.dumps({"Q_a": Evil()})
+    data = pickle.dumps({"Q_a": Evil()}, protocol=2)
     omega[1].write_bytes(data)
     import hashlib
 
