@@ -385,6 +385,10 @@ def _report(plan: Plan, result, console: Console) -> None:
         for choice in result.auto_roots:
             table.add_row(str(choice.root), f"{choice.direct_effect:.3f}", f"{choice.fired} prompts")
         console.print(table)
+        for choice in result.auto_roots:
+            if not choice.from_end:
+                console.print(f"{choice.root.layer}.{choice.root.head} never fires from the last token, where its effect is read; "
+                              f"traced on {choice.root.dest}->{choice.root.src}, the pair it fires on most", highlight=False)
         for skip in result.skipped_roots:
             console.print(f"skipped {skip.layer}.{skip.head} (mean direct effect {skip.direct_effect:.3f}): {skip.reason}",
                           highlight=False)

@@ -126,7 +126,9 @@ def test_auto_roots_name_the_heads_they_skip():
     effects = np.array([[0.1, 5.0], [2.0, 1.0]])  # 0.1 has the largest effect but never fires between roles
     evidence = RootEvidence(effects * 4, 4, {(1, 0): Counter({("end", "IO"): 3}), (1, 1): Counter({("end", "S2"): 2})}, {})
     chosen, skipped = auto_roots(evidence, 2)
-    assert [str(c.root) for c in chosen] == ["1.0 end->IO", "1.1 end->S2"]
+    assert [str(c.root) for c in chosen] == ["1.0 end->IO", "1.1 end->S2"] and all(c.from_end for c in chosen)
+    elsewhere = RootEvidence(effects, 1, {}, {(1, 0): Counter({("S2", "S2"): 5})})
+    assert auto_roots(elsewhere, 1)[0][0].from_end is False
     assert [(s.layer, s.head, s.direct_effect) for s in skipped] == [(0, 1, 5.0)]
     assert "never fires" in skipped[0].reason
     evidence_b = RootEvidence(effects * 2, 2, {(0, 1): Counter({("end", "IO"): 1})}, {})

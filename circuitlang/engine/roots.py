@@ -26,11 +26,15 @@ class RootError(ValueError):
 
 @dataclass(frozen=True)
 class RootChoice:
-    """An automatically chosen root: its mean direct effect and in how many prompts its pair fires."""
+    """An automatically chosen root: its mean direct effect and in how many prompts its pair fires.
+
+    from_end: False when the head never fires from the last token (where its effect is read), so its pair
+    is the one it fires on most anywhere."""
 
     root: Root
     direct_effect: float
     fired: int
+    from_end: bool = True
 
 
 def direct_effects(acts: Activations, head_writes: Tensor, W_U: Tensor, targets: Tensor, distractors: Tensor) -> Tensor:
@@ -115,12 +119,13 @@ def auto_roots(evidence: RootEvidence, k: int) -> tuple[tuple[RootChoice, ...], 
     skipped: list[RootSkip] = []
     for flat in np.argsort(-mean.flatten(), kind="stable").tolist():
         layer, head = divmod(flat, H)
-        best = evidence.at_end.get((layer, head)) or evidence.anywhere.get((layer, head))
+        at_end = evidence.at_end.get((layer, head))
+        best = at_end or evidence.anywhere.get((layer, head))
         if not best:
             skipped.append(RootSkip(layer, head, float(mean[layer, head]), "never fires between named roles"))
             continue
         (dest, src), fired = max(best.items(), key=lambda item: (item[1], item[0]))
-        chosen.append(RootChoice(Root(layer, head, dest, src), float(mean[layer, head]), fired))
+        chosen.append(RootChoice(Root(layer, head, dest, src), float(mean[layer, head]), fired, from_end=bool(at_end)))
         if len(chosen) == k:
             break
     if not chosen:

@@ -138,7 +138,8 @@ def load_run(key: str) -> CachedRun | None:
 def _parse_run(trace_data: Any, extras: Any) -> CachedRun:
     if not isinstance(extras, dict) or extras.get("engine") != ENGINE_VERSION:
         raise ValueError("run.json is not a run of this engine")
-    roots = tuple(RootChoice(Root(**c["root"]), float(c["direct_effect"]), int(c["fired"])) for c in extras["auto_roots"])
+    roots = tuple(RootChoice(Root(**c["root"]), float(c["direct_effect"]), int(c["fired"]), bool(c.get("from_end", True)))
+                  for c in extras["auto_roots"])
     skipped = tuple(RootSkip(int(s["layer"]), int(s["head"]), float(s["direct_effect"]), str(s["reason"])) for s in extras["skipped_roots"])
     diffs = tuple(float("nan") if d is None else float(d) for d in extras["logit_diff"])
     if not isinstance(trace_data, dict):
