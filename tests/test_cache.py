@@ -10,7 +10,7 @@ import torch
 
 import circuitlang.runner.execute as run_module
 from circuitlang.engine import omega_cache as cache
-from circuitlang.engine.omega_cache import CacheWarning, cached_layer_slices, omega_cache
+from circuitlang.engine.omega_cache import cached_layer_slices, omega_cache
 from circuitlang.runner.cache import REUSED, load_run, model_identity, run_key
 from circuitlang.runner.execute import cached_run
 from circuitlang.engine.geometry import AttentionGeometry, layer_slices

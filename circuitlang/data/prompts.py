@@ -13,7 +13,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator
 
 MAX_PROMPTS = 100_000
 """The most prompts a run takes (`prompts ioi N`, or the prompts of one file)."""
