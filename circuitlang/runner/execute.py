@@ -188,14 +188,8 @@ def run_plan_interventions(plan: Plan, run: RunResult, *, model: LoadedModel | N
     length = max(len(p.token_ids) for p in prompts)
     starts = sorted(iv.start_layers(plans))
     size = chunk or chunk_size(model, prompts)
-    total = iv.passes_needed(plans)
-    done = [0]
-
-    def tick(k: int) -> None:
-        done[0] += k
-        if progress is not None:
-            progress("interventions", done[0], total)
-
+    passes = iv.passes_needed(plans)
+    tick = _ticker(progress, "interventions", passes)
     columns = []
     if acts is not None:
         columns.append(iv.intervene_chunk(model, geometry, acts, np.arange(len(prompts)), plans, f_base, answers,
@@ -208,7 +202,7 @@ def run_plan_interventions(plan: Plan, run: RunResult, *, model: LoadedModel | N
         columns.append(iv.intervene_chunk(model, geometry, acts, ids, plans, f_base, answers, centre=iv._norm_centres(model),
                                           tick=tick))
         del acts
-    return iv.finish_interventions(model.name, plan.seed, iv._norm_centres(model), False, plans, columns, done[0], time.perf_counter() - t0)
+    return iv.finish_interventions(model.name, plan.seed, iv._norm_centres(model), False, plans, columns, passes, time.perf_counter() - t0)
 
 
 def cached_run(plan: Plan, *, device: str | None = None, progress: Progress | None = None, use_cache: bool = True,
@@ -218,10 +212,10 @@ def cached_run(plan: Plan, *, device: str | None = None, progress: Progress | No
     With `use_cache` False (`--no-cache`) no cache is read or written. A run whose model cannot be
     identified (a hub model not yet downloaded) is computed and not stored. A cached trace whose
     intervene blocks are new loads the model for them alone, and stores their results beside the trace.
-    interventions=False leaves the intervene blocks out (`circ diff` compares traces only).
+    interventions=False leaves the intervene blocks and the evaluation out (`circ diff` compares traces only).
     """
     if not interventions:
-        plan = dataclasses.replace(plan, interventions=())
+        plan = dataclasses.replace(plan, interventions=(), evaluate=None)
     if not use_cache:
         return run_plan(plan, device=device, progress=progress, chunk=chunk), None
     keyed = plan if device is None else dataclasses.replace(plan, model=dataclasses.replace(plan.model, device=device))
