@@ -11,22 +11,18 @@ import pytest
 import torch
 
 from circuitlang.data.ioi import ioi_counterfactuals, ioi_prompts
-from circuitlang.data.prompts import DataError, Prompt, PromptSet, load_prompt_file, read_prompt_file
+from circuitlang.data.prompts import DataError, load_prompt_file, read_prompt_file
 from circuitlang.engine import evaluate as ev
 from circuitlang.engine.model import load_model
 from circuitlang.engine.trace import trace
 from circuitlang.lang.compiler import format_plan, parse_text
 from circuitlang.lang.errors import SpecError
 from circuitlang.lang.plan import Evaluation, Root
-from tiny_models import build_gpt2, build_handbuilt
-
-READER = dict(marker=0.25, qk=2.5, copy=6.0)  # as in test_intervene: 1.0 copies A into B's residual
-
+from tiny_models import READER, build_gpt2, build_handbuilt, reader_prompts, word_ids
 
 @pytest.fixture(scope="module")
 def words(gpt2_tokenizer):
-    ids = lambda word: gpt2_tokenizer(word, add_special_tokens=False)["input_ids"][0]  # noqa: E731
-    return {w: ids(w) for w in (" the", " went", " Mary", " to", " John", " store", ",", " and", " Paris")}
+    return word_ids(gpt2_tokenizer, (" the", " went", " Mary", " to", " John", " store", ",", " and", " Paris"))
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +40,7 @@ def hb_prompts(words):
         (" went", " the", " store", " Mary", " to", " the", " John"),
         (" the", " Mary", " and", " the", " store", " John"),
     ]
-    out = []
-    for layout in layouts:
-        a, b = layout.index(" Mary"), layout.index(" John")
-        ids = tuple(words[w] for w in layout)
-        cf = tuple(words[" Paris"] if k == a else t for k, t in enumerate(ids))
-        labels = tuple("A" if k == a else "B" if k == b else f"'{w.strip()}'" for k, w in enumerate(layout))
-        out.append(Prompt(text="".join(layout), token_ids=ids, roles=(("A", a), ("B", b)), labels=labels,
-                          target=words[" Mary"], distractor=words[" John"], counterfactual=cf))
-    return PromptSet(tuple(out), ("A", "B"), "hand-built")
+    return reader_prompts(words, layouts, "hand-built", counterfactual=" Paris")
 
 
 @pytest.fixture(scope="module")

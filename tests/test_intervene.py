@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from circuitlang.data.prompts import Prompt, PromptSet
 from circuitlang.engine.forward import capture
 from circuitlang.engine.geometry import attention_geometry
 from circuitlang.engine.intervene import (
@@ -27,17 +26,11 @@ from circuitlang.engine.model import load_model
 from circuitlang.engine.trace import trace
 from circuitlang.lang.plan import EdgeSelector, InterventionSet, Root
 from checks import busiest_roots
-from tiny_models import build_handbuilt
-
-# The hand-built circuit tuned so that interventions act on F: small markers (the norm barely rescales when
-# they change) and head 1.0 copying A into B's residual.
-READER = dict(marker=0.25, qk=2.5, copy=6.0)
-
+from tiny_models import READER, build_handbuilt, reader_prompts, word_ids
 
 @pytest.fixture(scope="module")
 def words(gpt2_tokenizer):
-    ids = lambda word: gpt2_tokenizer(word, add_special_tokens=False)["input_ids"][0]  # noqa: E731
-    return {w: ids(w) for w in (" the", " went", " Mary", " to", " John", " store", ",", " and")}
+    return word_ids(gpt2_tokenizer, (" the", " went", " Mary", " to", " John", " store", ",", " and"))
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +42,7 @@ def prompts(words):
         (" went", " the", " store", " Mary", " to", " the", " John"),
         (" Mary", " and", " the", " store", " John"),
     ]
-    out = []
-    for layout in layouts:
-        a, b = layout.index(" Mary"), layout.index(" John")
-        labels = tuple("A" if k == a else "B" if k == b else f"'{w.strip()}'" for k, w in enumerate(layout))
-        out.append(Prompt(text="".join(layout), token_ids=tuple(words[w] for w in layout), roles=(("A", a), ("B", b)),
-                          labels=labels, target=words[" Mary"], distractor=words[" John"]))
-    return PromptSet(tuple(out), ("A", "B"), "hand-built readers")
+    return reader_prompts(words, layouts, "hand-built readers")
 
 
 def _load(tmp_path_factory, tokenizer, words, name, **options):

@@ -126,3 +126,29 @@ def build_rotary(directory: Path, tokenizer, family: str, *, seed: int = 0) -> P
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return Path(directory)
+
+
+# The hand-built circuit tuned so that interventions and patching act on F: small markers (the norm barely
+# rescales when they change) and head 1.0 copying A into B's residual.
+READER = dict(marker=0.25, qk=2.5, copy=6.0)
+
+
+def word_ids(tokenizer, words) -> dict[str, int]:
+    """Each word's single token id."""
+    return {w: tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in words}
+
+
+def reader_prompts(ids: dict[str, int], layouts, description: str, counterfactual: str | None = None):
+    """Prompts with A (Mary) somewhere and B (John) last; F = logit(Mary) - logit(John) at B. With
+    `counterfactual`, each prompt's counterfactual puts that word where Mary was."""
+    from circuitlang.data.prompts import Prompt, PromptSet
+
+    out = []
+    for layout in layouts:
+        a, b = layout.index(" Mary"), layout.index(" John")
+        tokens = tuple(ids[w] for w in layout)
+        labels = tuple("A" if k == a else "B" if k == b else f"'{w.strip()}'" for k, w in enumerate(layout))
+        extra = {"counterfactual": tuple(ids[counterfactual] if k == a else t for k, t in enumerate(tokens))} if counterfactual else {}
+        out.append(Prompt(text="".join(layout), token_ids=tokens, roles=(("A", a), ("B", b)), labels=labels,
+                          target=ids[" Mary"], distractor=ids[" John"], **extra))
+    return PromptSet(tuple(out), ("A", "B"), description)
