@@ -36,8 +36,9 @@ import torch
 from torch import Tensor
 
 from circuitlang.data.prompts import PromptSet
-from circuitlang.engine.forward import FINAL, batch_tokens, logit_diff, run_to_final_norm
+from circuitlang.engine.forward import FINAL, batch_tokens, keepers, logit_diff, run_to_final_norm
 from circuitlang.engine.model import LoadedModel
+from circuitlang.engine.roots import direct_effects, last_token_writes
 
 METHODS = ("svt", "attribution", "dla", "random")
 SMALL_SIZES = (1, 2, 3, 5, 7, 10, 15, 20)
@@ -235,21 +236,15 @@ def head_outputs(model: LoadedModel, tokens: Tensor, lengths: Tensor, answers: T
     """(z [P, n, L, H, r], F [P], extra hooks' tensors): one plain pass in batches."""
     L = model.n_layers
     zs, fs, more = [], [], {name: [] for name in extra}
+    names = [_z_hook(l) for l in range(L)] + list(extra)
     for start in range(0, tokens.shape[0], batch_size):
-        got: dict[str, Tensor] = {}
-
-        def keeper(name: str) -> Callable:  # by the name asked for: the bridge calls hooks by their canonical alias
-            def keep(tensor, hook):
-                got[name] = tensor.detach().to("cpu", torch.float32, copy=True)
-            return keep
-
-        names = [_z_hook(l) for l in range(L)] + list(extra)
-        final = run_to_final_norm(model, tokens[start : start + batch_size], [(n, keeper(n)) for n in names])
+        got: dict[str, list[Tensor]] = {}
+        final = run_to_final_norm(model, tokens[start : start + batch_size], keepers(names, got))
         sl = slice(start, start + batch_size)
         fs.append(logit_diff(model, _last(final, lengths[sl]), answers[sl]).float())
-        zs.append(torch.stack([got[_z_hook(l)] for l in range(L)], dim=2))
+        zs.append(torch.stack([got[_z_hook(l)][0] for l in range(L)], dim=2))
         for name in extra:
-            more[name].append(got[name])
+            more[name].append(got[name][0])
     return torch.cat(zs), torch.cat(fs), {name: torch.cat(parts) for name, parts in more.items()}
 
 
@@ -348,14 +343,10 @@ def direct_logit_attribution(model: LoadedModel, batch: Batch, z_clean: Tensor, 
     read by W_U[:, target] - W_U[:, distractor]."""
     P = z_clean.shape[0]
     rows, last = torch.arange(P), batch.lengths - 1
-    writes = torch.einsum("plhr,lhrd->plhd", z_clean[rows, last], W_O)
     post = [scales[f"blocks.{l}.ln1_post.hook_scale"] for l in range(model.n_layers) if f"blocks.{l}.ln1_post.hook_scale" in scales]
-    if post:
-        writes = writes / torch.stack([s[rows, last].reshape(P) for s in post], dim=1)[:, :, None, None]
+    writes = last_token_writes(z_clean[rows, last], W_O, torch.stack([s[rows, last].reshape(P) for s in post], dim=1) if post else None)
     W_U = model.bridge.W_U.detach().to("cpu", torch.float32)
-    direction = (W_U[:, batch.answers[:, 0]] - W_U[:, batch.answers[:, 1]]).T  # [P, d]
-    final_scale = scales["ln_final.hook_scale"][rows, last].reshape(P)
-    return torch.einsum("plhd,pd->plh", writes, direction) / final_scale[:, None, None]
+    return direct_effects(writes, W_U, batch.answers[:, 0], batch.answers[:, 1], scales["ln_final.hook_scale"][rows, last].reshape(P))
 
 
 def tl_edge_support(model: LoadedModel) -> str | None:

@@ -106,8 +106,17 @@ def logit_diff(model: LoadedModel, final_last: Tensor, answers: Tensor) -> Tenso
     return (pair[:, 0] - pair[:, 1]).cpu()
 
 
-class _Stop(Exception):
-    pass
+def keepers(names: Sequence[str], store: dict[str, list[Tensor]]) -> list[Hook]:
+    """Hooks appending a float32 CPU copy of each named activation to store[name], once per pass.
+
+    Keyed by the name asked for (the bridge calls a hook by its canonical alias), and copied (later
+    blocks may write into the tensor in place)."""
+    def keeper(name: str) -> Callable:
+        def keep(tensor, hook):
+            store.setdefault(name, []).append(tensor.detach().to("cpu", torch.float32, copy=True))
+        return keep
+
+    return [(name, keeper(name)) for name in names]
 
 
 def run_to_final_norm(model: LoadedModel, tokens: Tensor, hooks: Sequence[Hook] = (), *, start: int = 0,
@@ -184,17 +193,12 @@ def capture(
     answers = [(p.target, p.distractor) for p in prompts]
     has_answers = all(t is not None and d is not None for t, d in answers)
     parts: dict[str, list[Tensor]] = {name: [] for name in names}
-
-    def keeper(name: str) -> Callable:  # by the name asked for: the bridge calls hooks by their canonical alias
-        def keep(tensor, hook):
-            parts[name].append(tensor.detach().to("cpu", torch.float32, copy=True))  # later blocks may write in place
-        return keep
-
+    hooks = keepers(sorted(names), parts)
     diffs = []
     total = tokens.shape[0]
     for start in range(0, total, batch_size):
         chunk = tokens[start : start + batch_size]
-        final = run_to_final_norm(model, chunk, [(name, keeper(name)) for name in sorted(names)])
+        final = run_to_final_norm(model, chunk, hooks)
         if has_answers:
             rows = torch.arange(chunk.shape[0])
             last = final[rows.to(final.device), (lengths[start : start + batch_size] - 1).to(final.device)]

@@ -575,7 +575,7 @@ def _stacked_pass(model, geometry, acts, groups: EdgeGroups, events, variants, b
     """One forward pass of len(variants) x len(batch) rows (variant-major) from layer `start`: F after, scores, magnitudes."""
     import torch
 
-    from circuitlang.engine.forward import logit_diff, run_to_final_norm
+    from circuitlang.engine.forward import keepers, logit_diff, run_to_final_norm
 
     B, V = len(batch), len(variants)
     n = acts.tokens.shape[1]
@@ -587,17 +587,11 @@ def _stacked_pass(model, geometry, acts, groups: EdgeGroups, events, variants, b
         like = next(deltas[name] for deltas in per_variant if name in deltas)
         stacked[name] = torch.cat([deltas.get(name, torch.zeros_like(like)) for deltas in per_variant])
     down_layers = sorted({ev[1] for ev in events})
-    captured: dict[str, Tensor] = {}
-
-    def keeper(name):
-        def keep(tensor, hook):
-            captured[name] = tensor.detach().to("cpu", torch.float32, copy=True)
-        return keep
-
+    captured: dict[str, list[Tensor]] = {}
     watch = [f"blocks.{l}.attn.hook_attn_scores" for l in down_layers]
     if any(place == "global" for _, place, _ in variants):
         watch += [f"blocks.{l}.ln1.hook_in" for l in down_layers]
-    hooks = [(name, _adder(delta)) for name, delta in stacked.items()] + [(name, keeper(name)) for name in watch]
+    hooks = [(name, _adder(delta)) for name, delta in stacked.items()] + keepers(watch, captured)
     tokens = acts.tokens[local].repeat(V, 1)
     resid = acts.resid[start][local].repeat(V, 1, 1) if start > 0 else None
     final = run_to_final_norm(model, tokens, hooks, start=start, resid=resid)
@@ -620,7 +614,7 @@ def _stacked_pass(model, geometry, acts, groups: EdgeGroups, events, variants, b
                 continue
             k = where[p]
             score_before[k].append(float(acts.scores[layer, local_of[p], head, i, j]) * raw_scale)
-            score_after[k].append(float(captured[f"blocks.{layer}.attn.hook_attn_scores"][v * B + k, head, i, j]) * raw_scale)
+            score_after[k].append(float(captured[f"blocks.{layer}.attn.hook_attn_scores"][0][v * B + k, head, i, j]) * raw_scale)
         # Magnitudes at each intervened token of each downstream head (global: per downstream layer).
         sel = [g for g, p in enumerate(groups.prompt.tolist()) if p in where]
         h_all = (groups.h if control == "signal" else groups.h_random) * sign_of[kind]
@@ -635,7 +629,7 @@ def _stacked_pass(model, geometry, acts, groups: EdgeGroups, events, variants, b
                 _magnitude(x, x + step, cosine[where[p]], ratio[where[p]])
         else:
             for p, layer, m in sorted({(int(groups.prompt[g]), int(groups.layer[g]), int(groups.token[g])) for g in sel}):
-                resid_new = captured[f"blocks.{layer}.ln1.hook_in"][v * B + where[p], m].double()
+                resid_new = captured[f"blocks.{layer}.ln1.hook_in"][0][v * B + where[p], m].double()
                 if centre:
                     resid_new = resid_new - resid_new.mean()
                 x = acts.x[layer, local_of[p], m]

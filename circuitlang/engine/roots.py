@@ -37,27 +37,23 @@ class RootChoice:
     from_end: bool = True
 
 
-def direct_effects(acts: Activations, head_writes: Tensor, W_U: Tensor, targets: Tensor, distractors: Tensor) -> Tensor:
+def direct_effects(head_writes: Tensor, W_U: Tensor, targets: Tensor, distractors: Tensor, final_scale: Tensor) -> Tensor:
     """[P, L, H]: each head's direct logit attribution to target - distractor at each prompt's last token.
 
-    head_writes [P, L, H, d]: what each head adds to the residual at the last token.
+    head_writes [P, L, H, d]: what each head adds to the residual at the last token; final_scale [P]: the
+    final norm's scale there.
     """
-    last = acts.lengths - 1
     direction = (W_U[:, targets] - W_U[:, distractors]).T  # [P, d]
-    scale = acts.final_scale[torch.arange(len(last)), last]  # [P]
-    return torch.einsum("plhd,pd->plh", head_writes, direction) / scale[:, None, None]
+    return torch.einsum("plhd,pd->plh", head_writes, direction) / final_scale[:, None, None]
 
 
-def last_token_writes(acts: Activations, W_O: Tensor) -> Tensor:
-    """[P, L, H, d]: what every head writes to the residual at each prompt's last token.
+def last_token_writes(z_last: Tensor, W_O: Tensor, post_scale: Tensor | None = None) -> Tensor:
+    """[P, L, H, d]: what every head writes to the residual at each prompt's last token, from z_last [P, L, H, r].
 
-    W_O carries any post-attention norm gain (geometry.py); that norm's scale divides the write.
+    W_O carries any post-attention norm gain (geometry.py); that norm's scale post_scale [P, L] divides the write.
     """
-    prompts, last = torch.arange(acts.z.shape[0]), acts.lengths - 1
-    writes = torch.einsum("plhr,lhrd->plhd", acts.z[prompts, last], W_O)
-    if acts.post_scale is not None:
-        writes = writes / acts.post_scale[:, prompts, last].T[:, :, None, None]
-    return writes
+    writes = torch.einsum("plhr,lhrd->plhd", z_last, W_O)
+    return writes if post_scale is None else writes / post_scale[:, :, None, None]
 
 
 @dataclass(frozen=True)

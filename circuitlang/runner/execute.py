@@ -81,7 +81,10 @@ def evidence_of(model: LoadedModel, acts: Activations, prompts: PromptSet, thres
     W_U = model.bridge.W_U.detach().to("cpu", torch.float32)
     targets = torch.tensor([p.target for p in prompts])
     distractors = torch.tensor([p.distractor for p in prompts])
-    effects = direct_effects(acts, last_token_writes(acts, geometry.W_O), W_U, targets, distractors)
+    rows, last = torch.arange(len(prompts)), acts.lengths - 1
+    post = acts.post_scale[:, rows, last].T if acts.post_scale is not None else None
+    writes = last_token_writes(acts.z[rows, last], geometry.W_O, post)
+    effects = direct_effects(writes, W_U, targets, distractors, acts.final_scale[rows, last])
     return root_evidence(acts, effects, prompts, threshold)
 
 
@@ -225,21 +228,21 @@ def cached_run(plan: Plan, *, device: str | None = None, progress: Progress | No
         key = rc.run_key(keyed, identity) if identity else None
     except OSError:  # the prompts file went missing: the run reports it
         key = None
-    ikey = rc.interventions_key(keyed)
+    ikey, fkey = rc.interventions_key(keyed), rc.faithfulness_key(keyed)
     hit = rc.load_run(key) if key else None
     if hit is not None:
         result = RunResult(plan, hit.trace, hit.auto_roots, hit.logit_diff, skipped_roots=hit.skipped_roots, reused=("trace",))
         if not plan.interventions:
-            return _cached_faithfulness(plan, result, key, device, progress), key
+            return _cached_faithfulness(plan, result, key, fkey, device, progress), key
         results = rc.load_interventions(key, ikey)
         if results is not None:
             result = dataclasses.replace(result, interventions=results, reused=("trace", "interventions"))
-            return _cached_faithfulness(plan, result, key, device, progress), key
+            return _cached_faithfulness(plan, result, key, fkey, device, progress), key
         with omega_cache():
             results = run_plan_interventions(plan, result, device=device, progress=progress, chunk=chunk)
         with contextlib.suppress(OSError):
             rc.store_interventions(key, ikey, results)
-        return _cached_faithfulness(plan, dataclasses.replace(result, interventions=results), key, device, progress), key
+        return _cached_faithfulness(plan, dataclasses.replace(result, interventions=results), key, fkey, device, progress), key
     with omega_cache():
         result = run_plan(plan, device=device, progress=progress, chunk=chunk)
     if key:
@@ -249,16 +252,14 @@ def cached_run(plan: Plan, *, device: str | None = None, progress: Progress | No
             if result.interventions is not None:
                 rc.store_interventions(key, ikey, result.interventions)
             if result.faithfulness is not None:
-                rc.store_faithfulness(key, rc.faithfulness_key(keyed), result.faithfulness)
+                rc.store_faithfulness(key, fkey, result.faithfulness)
     return result, None
 
 
-def _cached_faithfulness(plan: Plan, result: RunResult, key: str, device: str | None, progress: Progress | None) -> RunResult:
+def _cached_faithfulness(plan: Plan, result: RunResult, key: str, fkey: str, device: str | None, progress: Progress | None) -> RunResult:
     """A reused trace with the plan's `evaluate faithfulness` results: from the cache, else computed and stored."""
     if plan.evaluate is None:
         return result
-    keyed = plan if device is None else dataclasses.replace(plan, model=dataclasses.replace(plan.model, device=device))
-    fkey = rc.faithfulness_key(keyed)
     found = rc.load_faithfulness(key, fkey)
     if found is not None:
         return dataclasses.replace(result, faithfulness=found, reused=(*result.reused, "faithfulness"))
