@@ -9,6 +9,7 @@ src) order, edges in `canonical_edges` order). Peak memory follows the chunk, no
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Sequence
@@ -81,8 +82,8 @@ def trace_chunk(acts: Activations, geometry: AttentionGeometry, prompts: PromptS
     """Algorithm 1 on the activations `acts` of the chunk `prompts`, the first of which is prompt `start`."""
     positions = root_positions(prompts, roots, n_layers, n_heads)
     firing, events, edges = trace_activations(acts, geometry, positions, plan.threshold, plan.mass, plan.slices)
-    events = TracedEvents(**{**_columns(events), "prompt": events.prompt + start})
-    edges = TracedEdges(**{**_columns(edges), "prompt": edges.prompt + start})
+    events = dataclasses.replace(events, prompt=events.prompt + start)
+    edges = dataclasses.replace(edges, prompt=edges.prompt + start)
     diff = acts.logit_diff.double().numpy() if acts.logit_diff is not None else None
     return ChunkTrace(start, firing, events, edges, diff)
 
@@ -109,7 +110,3 @@ def merge_chunks(chunks: Sequence[ChunkTrace]) -> tuple[FiringStats, TracedEvent
     edges = canonical_edges(TracedEdges(**edge_cols))
     diffs = [c.logit_diff for c in chunks]
     return firing, events, edges, (np.concatenate(diffs) if all(d is not None for d in diffs) else None)
-
-
-def _columns(table) -> dict:
-    return {f: getattr(table, f) for f in type(table).__dataclass_fields__}
