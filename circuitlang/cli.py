@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -38,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--chunk", type=_at_least_one, metavar="N",
                      help="prompts per chunk (default: as many as fit in an eighth of the machine's memory, at most 2 GiB "
                      "of activations; $CIRCUITLANG_CHUNK_MB sets that budget)")
+    run.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                     help="run the chunks on Ray workers: a local Ray instance, or the cluster at ADDRESS "
+                     "(needs pip install \"circuitlang[ray]\"); the same trace as one process")
     check = commands.add_parser("check", help="parse and validate a spec (no model)",
                                 description="Parse and validate SPEC without loading the model.")
     check.add_argument("spec", metavar="SPEC")
@@ -141,20 +145,22 @@ def _run(plan: Plan, args, console: Console) -> int:
     from circuitlang.engine.roots import RootError
     from circuitlang.engine.trace import TraceError
     from circuitlang.runner.cache import REUSED
+    from circuitlang.runner.distributed import Cluster, DistributedError
     from circuitlang.runner.execute import cached_run
 
     errors = Console(stderr=True)
     if not _writable(plan.output.directory, errors):  # before the model loads, not after the trace
         return EXIT_SPEC
+    cluster = None if getattr(args, "ray", None) is None else Cluster(args.ray or None)
     with _progress(args.quiet) as bars, _cache_warnings(errors):
         try:
             result, reused = cached_run(plan, device=args.device, progress=bars, use_cache=not args.no_cache,
-                                        chunk=getattr(args, "chunk", None))
+                                        chunk=getattr(args, "chunk", None), cluster=cluster)
         except SpecError as err:  # a head out of range, known once the model is loaded
             errors.print(f"[red]error[/red] {err}", highlight=False, soft_wrap=True)
             return EXIT_SPEC
-        except (ModelLoadError, DataError, RootError, TraceError, InterventionError, EvaluationError) as err:
-            errors.print(f"[red]error[/red] {args.spec}: {err}", highlight=False, soft_wrap=True)
+        except (ModelLoadError, DataError, RootError, TraceError, InterventionError, EvaluationError, DistributedError) as err:
+            errors.print(f"[red]error[/red] {args.spec}: {escape(str(err))}", highlight=False, soft_wrap=True)
             return EXIT_RUN
     if reused:
         errors.print(REUSED.format(what=" and ".join(result.reused), key=reused), highlight=False, soft_wrap=True)

@@ -3,16 +3,19 @@
 This is the orchestration above the engine and the report: the engine's functions are pure (a chunk of
 prompts in, its share of the trace out), and this module decides the chunks, merges them, and reads
 and writes the run cache. With more than one chunk, `trace from auto` first reads its evidence from
-every chunk (a pass that keeps only what the choice needs), then traces them.
+every chunk (a pass that keeps only what the choice needs), then traces them. The chunks run in this
+process (`LocalChunks`) or on Ray workers (circuitlang.runner.distributed); both do a chunk's work through
+the same `ChunkWork` methods.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
@@ -32,7 +35,10 @@ from circuitlang.engine.trace import build_trace
 from circuitlang.lang.compiler import check_against_model
 from circuitlang.lang.plan import AutoRoots, FilePrompts, ModelSpec, Plan, Root
 from circuitlang.runner import cache as rc
-from circuitlang.runner.chunks import FORWARD_BATCH, chunk_bounds, chunk_size, merge_chunks, trace_chunk
+from circuitlang.runner.chunks import FORWARD_BATCH, ChunkTrace, chunk_bounds, chunk_size, merge_chunks, trace_chunk
+
+if TYPE_CHECKING:
+    from circuitlang.runner.distributed import Cluster
 
 Progress = Callable[[str, int, int], None]
 
@@ -94,76 +100,162 @@ def choose_roots(model: LoadedModel, acts: Activations, prompts: PromptSet, k: i
     return auto_roots(evidence_of(model, acts, prompts, threshold, geometry or attention_geometry(model)), k)[0]
 
 
+@dataclass(frozen=True)
+class InterventionJob:
+    """What every chunk of the interventions reads: the sets resolved against the trace, F(X) per prompt, the
+    answers, and the layers where the sets' partial passes start."""
+
+    plans: tuple[iv.SetPlan, ...]
+    f_base: np.ndarray
+    answers: torch.Tensor | None
+    starts: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ChunkWork:
+    """What every chunk of a run reads, and the work of one chunk: one process (`LocalChunks`) and each Ray
+    worker (circuitlang.runner.distributed) call these same methods, so both give the same trace."""
+
+    plan: Plan
+    model: LoadedModel
+    prompts: PromptSet
+    geometry: AttentionGeometry
+    length: int  # every chunk is padded to the longest prompt of the set, as one unchunked pass would be
+
+    @classmethod
+    def of(cls, plan: Plan, model: LoadedModel) -> ChunkWork:
+        prompts = build_prompts(plan, model)
+        return cls(plan, model, prompts, attention_geometry(model), max(len(p.token_ids) for p in prompts))
+
+    def forward(self, start: int, stop: int, resid_layers: tuple[int, ...] = ()) -> Activations:
+        return capture(self.model, self.prompts[start:stop], batch_size=FORWARD_BATCH, length=self.length, resid_layers=resid_layers)
+
+    def evidence(self, acts: Activations, start: int, stop: int) -> RootEvidence:
+        return evidence_of(self.model, acts, self.prompts[start:stop], self.plan.threshold, self.geometry)
+
+    def trace(self, acts: Activations, start: int, stop: int, roots: Sequence[Root]) -> ChunkTrace:
+        return trace_chunk(acts, self.geometry, self.prompts[start:stop], start, roots, self.plan, self.model.n_layers,
+                           self.model.n_heads)
+
+    def intervene(self, ids: np.ndarray, job: InterventionJob, acts: Activations | None = None,
+                  tick: Callable[[int], None] | None = None) -> dict[str, list]:
+        """The intervention rows of the prompts `ids`; acts: theirs, else a pass keeping the residual where the passes start."""
+        if acts is None:
+            subset = PromptSet(tuple(self.prompts[int(p)] for p in ids), self.prompts.role_names, self.prompts.description)
+            acts = capture(self.model, subset, batch_size=FORWARD_BATCH, length=self.length, resid_layers=job.starts)
+        return iv.intervene_chunk(self.model, self.geometry, acts, ids, job.plans, job.f_base, job.answers,
+                                  centre=iv._norm_centres(self.model), tick=tick)
+
+
+class LocalChunks:
+    """The chunks one after another in this process. The last chunk's activations stay until the next forward
+    pass: with one chunk, the trace and the interventions read the roots' pass instead of repeating it."""
+
+    def __init__(self, work: ChunkWork, progress: Progress | None, timings: dict[str, float], resid: tuple[int, ...] = (),
+                 forward_passes: int = 1):
+        self.work, self.progress, self.timings, self.resid = work, progress, timings, resid
+        self.tick_forward = _ticker(progress, "forward", len(work.prompts) * forward_passes)
+        self.kept: tuple[tuple[int, int], Activations] | None = None
+
+    def __enter__(self) -> LocalChunks:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.kept = None
+
+    def _acts(self, start: int, stop: int) -> Activations:
+        if self.kept is not None and self.kept[0] == (start, stop):
+            return self.kept[1]
+        self.kept = None  # freed before the next pass: peak memory follows one chunk
+        t = time.perf_counter()
+        acts = self.work.forward(start, stop, self.resid)
+        self._time("forward", t)
+        self.tick_forward(stop - start)
+        self.kept = ((start, stop), acts)
+        return acts
+
+    def _time(self, stage: str, t: float) -> None:
+        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - t
+
+    def evidence(self, bounds: Sequence[tuple[int, int]]) -> list[RootEvidence]:
+        parts = []
+        for start, stop in bounds:
+            acts = self._acts(start, stop)
+            t = time.perf_counter()
+            parts.append(self.work.evidence(acts, start, stop))
+            self._time("roots", t)
+        return parts
+
+    def trace(self, bounds: Sequence[tuple[int, int]], roots: Sequence[Root]) -> list[ChunkTrace]:
+        parts = []
+        tick = _ticker(self.progress, "trace", len(self.work.prompts))
+        for start, stop in bounds:
+            acts = self._acts(start, stop)
+            t = time.perf_counter()
+            parts.append(self.work.trace(acts, start, stop, roots))
+            self._time("trace", t)
+            tick(stop - start)
+        return parts
+
+    def intervene(self, ids: Sequence[np.ndarray], job: InterventionJob, passes: int) -> list[dict[str, list]]:
+        tick = _ticker(self.progress, "interventions", passes)
+        kept, self.kept = self.kept, None
+        if kept is not None and kept[0] == (0, len(self.work.prompts)) and set(job.starts) <= set(self.resid):
+            return [self.work.intervene(np.arange(len(self.work.prompts)), job, kept[1], tick)]
+        return [self.work.intervene(chunk, job, tick=tick) for chunk in ids]
+
+
+def _chunks(work: ChunkWork, cluster: Cluster | None, device: str | None, progress: Progress | None,
+            timings: dict[str, float], **local) -> contextlib.AbstractContextManager:
+    """Where the chunks run: this process, or the workers of a Ray cluster."""
+    if cluster is None:
+        return LocalChunks(work, progress, timings, **local)
+    from circuitlang.runner.distributed import RayChunks
+
+    return RayChunks(cluster, work.plan, device, progress, timings)
+
+
 def run_plan(plan: Plan, *, model: LoadedModel | None = None, device: str | None = None, progress: Progress | None = None,
-             chunk: int | None = None) -> RunResult:
+             chunk: int | None = None, cluster: Cluster | None = None) -> RunResult:
     """Everything `circ run` computes, in order: model, prompts, roots, the trace by chunks, interventions.
 
     chunk: prompts per chunk (default: as many as `chunks.default_budget()` bytes of activations hold).
+    cluster: run the chunks on Ray workers (circuitlang.runner.distributed.Cluster); the trace is the same.
     """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     if model is None:
-        model = resolve_model(plan.model, device, progress)
+        # With a cluster the workers run the passes on `device`; this process only needs the tokenizer and shapes.
+        model = resolve_model(plan.model, "cpu" if cluster is not None else device, progress)
     check_against_model(plan, model.n_layers, model.n_heads)
     timings["load"] = time.perf_counter() - t0
-    prompts = build_prompts(plan, model)
-    geometry = attention_geometry(model)
-    length = max(len(p.token_ids) for p in prompts)
+    work = ChunkWork.of(plan, model)
+    prompts = work.prompts
     size = chunk or chunk_size(model, prompts)
     # One chunk holds every prompt: keep its activations, with the residual entering every layer, for the
     # interventions (their partial passes start there), instead of a second forward pass.
     keep = bool(plan.interventions) and size >= len(prompts) and chunk_size(model, prompts, resid_layers=model.n_layers) >= len(prompts)
-    resid = tuple(range(model.n_layers)) if keep else ()
     bounds = chunk_bounds(len(prompts), size)
-    tick = _ticker(progress, "forward", len(prompts) * (1 + (isinstance(plan.roots, AutoRoots) and len(bounds) > 1)))
-
-    def acts_of(start: int, stop: int, **options) -> Activations:
-        t = time.perf_counter()
-        acts = capture(model, prompts[start:stop], batch_size=FORWARD_BATCH, length=length, **options)
-        timings["forward"] = timings.get("forward", 0.0) + time.perf_counter() - t
-        tick(stop - start)
-        return acts
-
-    chosen: tuple[RootChoice, ...] = ()
-    skipped: tuple[RootSkip, ...] = ()
-    first: Activations | None = None
-    if isinstance(plan.roots, AutoRoots):
-        evidence = None
-        for start, stop in bounds:
-            acts = acts_of(start, stop, resid_layers=resid)
+    auto = isinstance(plan.roots, AutoRoots)
+    with _chunks(work, cluster, device, progress, timings, resid=tuple(range(model.n_layers)) if keep else (),
+                 forward_passes=1 + (auto and len(bounds) > 1)) as chunks:
+        chosen: tuple[RootChoice, ...] = ()
+        skipped: tuple[RootSkip, ...] = ()
+        if auto:
+            chosen, skipped = auto_roots(functools.reduce(RootEvidence.merge, chunks.evidence(bounds)), plan.roots.k)
+            roots = [c.root for c in chosen]
+        else:
+            roots = list(plan.roots)
+        firing, events, edges, diffs = merge_chunks(chunks.trace(bounds, roots))
+        trace = build_trace(model, prompts, roots, plan.threshold, plan.mass, plan.slices, firing, events, edges, {})
+        timings["graph"] = trace.timings["graph"]
+        result = RunResult(plan=plan, trace=trace, auto_roots=chosen, logit_diff=tuple(diffs.tolist()) if diffs is not None else (),
+                           skipped_roots=skipped)
+        if plan.interventions:
             t = time.perf_counter()
-            part = evidence_of(model, acts, prompts[start:stop], plan.threshold, geometry)
-            evidence = part if evidence is None else evidence.merge(part)
-            timings["roots"] = timings.get("roots", 0.0) + time.perf_counter() - t
-            first = acts if len(bounds) == 1 else None
-            del acts
-        chosen, skipped = auto_roots(evidence, plan.roots.k)
-        roots = [c.root for c in chosen]
-    else:
-        roots = list(plan.roots)
-
-    parts = []
-    trace_tick = _ticker(progress, "trace", len(prompts))
-    for start, stop in bounds:
-        acts = first if first is not None else acts_of(start, stop, resid_layers=resid)
-        t = time.perf_counter()
-        parts.append(trace_chunk(acts, geometry, prompts[start:stop], start, roots, plan, model.n_layers, model.n_heads))
-        timings["trace"] = timings.get("trace", 0.0) + time.perf_counter() - t
-        trace_tick(stop - start)
-        first = acts if keep else None
-        acts = None
-    firing, events, edges, diffs = merge_chunks(parts)
-    del parts
-    trace = build_trace(model, prompts, roots, plan.threshold, plan.mass, plan.slices, firing, events, edges, {})
-    timings["graph"] = trace.timings["graph"]
-    result = RunResult(plan=plan, trace=trace, auto_roots=chosen, logit_diff=tuple(diffs.tolist()) if diffs is not None else (),
-                       skipped_roots=skipped)
-    if plan.interventions:
-        t = time.perf_counter()
-        result = dataclasses.replace(result, interventions=run_plan_interventions(plan, result, model=model, prompts=prompts,
-                                                                                  geometry=geometry, progress=progress, chunk=chunk,
-                                                                                  acts=first))
-        timings["interventions"] = time.perf_counter() - t
+            result = dataclasses.replace(result, interventions=run_plan_interventions(plan, result, work=work, chunks=chunks,
+                                                                                      progress=progress, chunk=chunk))
+            timings["interventions"] = time.perf_counter() - t
     if plan.evaluate is not None:
         t = time.perf_counter()
         result = dataclasses.replace(result, faithfulness=evaluate_plan(plan, model, prompts, trace, progress))
@@ -171,56 +263,43 @@ def run_plan(plan: Plan, *, model: LoadedModel | None = None, device: str | None
     return dataclasses.replace(result, trace=dataclasses.replace(trace, timings=timings))
 
 
-def run_plan_interventions(plan: Plan, run: RunResult, *, model: LoadedModel | None = None, prompts: PromptSet | None = None,
-                           geometry: AttentionGeometry | None = None, device: str | None = None, progress: Progress | None = None,
-                           chunk: int | None = None, acts: Activations | None = None) -> InterventionResults:
+def run_plan_interventions(plan: Plan, run: RunResult, *, work: ChunkWork | None = None, chunks=None, device: str | None = None,
+                           progress: Progress | None = None, chunk: int | None = None,
+                           cluster: Cluster | None = None) -> InterventionResults:
     """The plan's intervene blocks (section 5.4) on a traced run, chunk by chunk over the prompts they touch:
-    each chunk's clean pass keeps the residual where the sets' partial passes start. acts: the trace's
-    activations of every prompt, with the residual entering every layer (then no pass is repeated)."""
+    each chunk's clean pass keeps the residual where the sets' partial passes start. chunks: where run_plan
+    ran the trace (`LocalChunks` may still hold every prompt's activations: then no pass is repeated)."""
     t0 = time.perf_counter()
-    if model is None:
-        model = resolve_model(plan.model, device, progress)
-    if prompts is None:
-        prompts = build_prompts(plan, model)
-    if geometry is None:
-        geometry = attention_geometry(model)
+    if work is None:
+        work = ChunkWork.of(plan, resolve_model(plan.model, "cpu" if cluster is not None else device, progress))
+    model, prompts, geometry = work.model, work.prompts, work.geometry
     plans = iv.plan_sets(run.trace, prompts, plan.interventions, run.roots, plan.seed, geometry.W_Q.shape[-1], geometry.rotary)
     touched = np.unique(np.concatenate([sp.prompts for sp in plans] + [np.zeros(0, dtype=np.int64)])).astype(np.int64)
     f_base = np.array(run.logit_diff, dtype=np.float64) if run.logit_diff else np.full(len(prompts), np.nan)
     answers = torch.tensor([(p.target, p.distractor) for p in prompts], dtype=torch.long) if run.logit_diff else None
-    length = max(len(p.token_ids) for p in prompts)
-    starts = sorted(iv.start_layers(plans))
+    job = InterventionJob(tuple(plans), f_base, answers, tuple(sorted(iv.start_layers(plans))))
     size = chunk or chunk_size(model, prompts)
     passes = iv.passes_needed(plans)
-    tick = _ticker(progress, "interventions", passes)
-    columns = []
-    if acts is not None:
-        columns.append(iv.intervene_chunk(model, geometry, acts, np.arange(len(prompts)), plans, f_base, answers,
-                                          centre=iv._norm_centres(model), tick=tick))
-        touched = touched[:0]
-    for begin in range(0, len(touched), size):
-        ids = touched[begin : begin + size]
-        subset = PromptSet(tuple(prompts[int(p)] for p in ids), prompts.role_names, prompts.description)
-        acts = capture(model, subset, batch_size=FORWARD_BATCH, length=length, resid_layers=starts)
-        columns.append(iv.intervene_chunk(model, geometry, acts, ids, plans, f_base, answers, centre=iv._norm_centres(model),
-                                          tick=tick))
-        del acts
+    ids = [touched[begin : begin + size] for begin in range(0, len(touched), size)]
+    with contextlib.nullcontext(chunks) if chunks is not None else _chunks(work, cluster, device, progress, {}) as running:
+        columns = running.intervene(ids, job, passes)
     return iv.finish_interventions(model.name, plan.seed, iv._norm_centres(model), False, plans, columns, passes, time.perf_counter() - t0)
 
 
 def cached_run(plan: Plan, *, device: str | None = None, progress: Progress | None = None, use_cache: bool = True,
-               chunk: int | None = None, interventions: bool = True) -> tuple[RunResult, str | None]:
+               chunk: int | None = None, interventions: bool = True, cluster: Cluster | None = None) -> tuple[RunResult, str | None]:
     """`run_plan` through the caches. Returns (RunResult, the run key reused, or None if it was computed).
 
     With `use_cache` False (`--no-cache`) no cache is read or written. A run whose model cannot be
     identified (a hub model not yet downloaded) is computed and not stored. A cached trace whose
     intervene blocks are new loads the model for them alone, and stores their results beside the trace.
     interventions=False leaves the intervene blocks and the evaluation out (`circ diff` compares traces only).
+    cluster: what is computed runs on Ray (the same trace, so the same cache entries).
     """
     if not interventions:
         plan = dataclasses.replace(plan, interventions=(), evaluate=None)
     if not use_cache:
-        return run_plan(plan, device=device, progress=progress, chunk=chunk), None
+        return run_plan(plan, device=device, progress=progress, chunk=chunk, cluster=cluster), None
     keyed = plan if device is None else dataclasses.replace(plan, model=dataclasses.replace(plan.model, device=device))
     stage = (lambda what: progress(f"model: {what}", 0, 1)) if progress else None
     identity = rc.model_identity(plan.model.name, stage)
@@ -239,12 +318,12 @@ def cached_run(plan: Plan, *, device: str | None = None, progress: Progress | No
             result = dataclasses.replace(result, interventions=results, reused=("trace", "interventions"))
             return _cached_faithfulness(plan, result, key, fkey, device, progress), key
         with omega_cache():
-            results = run_plan_interventions(plan, result, device=device, progress=progress, chunk=chunk)
+            results = run_plan_interventions(plan, result, device=device, progress=progress, chunk=chunk, cluster=cluster)
         with contextlib.suppress(OSError):
             rc.store_interventions(key, ikey, results)
         return _cached_faithfulness(plan, dataclasses.replace(result, interventions=results), key, fkey, device, progress), key
     with omega_cache():
-        result = run_plan(plan, device=device, progress=progress, chunk=chunk)
+        result = run_plan(plan, device=device, progress=progress, chunk=chunk, cluster=cluster)
     if key:
         with contextlib.suppress(OSError):  # a cache that cannot be written costs only the reuse
             rc.store_run(key, rc.CachedRun(result.trace, result.auto_roots, result.skipped_roots, result.logit_diff),

@@ -1,0 +1,114 @@
+"""Prompt chunks on Ray workers: the same roots, trace and intervention numbers as one process, also when a
+worker dies mid-run; a chunk that fails every attempt ends `circ run` with one line and no output; without
+Ray, one line."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from circuitlang.cli import main
+from circuitlang.engine.model import load_model
+from circuitlang.lang import parse_text
+from circuitlang.runner import distributed
+from circuitlang.runner.distributed import ChunkWorker, Cluster
+from circuitlang.runner.execute import run_plan
+from test_runner import SPEC, assert_same_trace
+from tiny_models import build_gpt2
+
+ray = pytest.importorskip("ray", reason='the Ray tests need the extra: pip install "circuitlang[ray]"')
+
+CHUNK = 7  # 20 prompts: chunks 0-6, 7-13, 14-19
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    # The workers below are defined here: Ray's workers cannot import this test module, so send them whole.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield
+    ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, gpt2_tokenizer):
+    directory = build_gpt2(tmp_path_factory.mktemp("ray") / "tiny", gpt2_tokenizer, n_layer=4, n_head=4, n_embd=64, seed=5)
+    return directory, load_model(str(directory))
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CIRCUITLANG_CACHE", str(tmp_path / "cache"))
+
+
+def plan_for(tiny, roots="auto 2", interventions=True):
+    text = SPEC.format(model=tiny[0], roots=roots)
+    return parse_text(text if interventions else text[: text.index("intervene")])
+
+
+class DiesOnce(ChunkWorker):
+    """Exits on its first chunk of the trace, once in the whole run (the marker file outlives the worker)."""
+
+    marker = ""
+
+    def trace(self, start, stop, roots):
+        if not os.path.exists(self.marker):
+            Path(self.marker).touch()
+            os._exit(1)
+        return super().trace(start, stop, roots)
+
+
+class AlwaysDies:
+    """A worker that exits on every chunk (and loads nothing: Ray restarts it at once, each time)."""
+
+    def __init__(self, *args):
+        pass
+
+    def evidence(self, *args):
+        os._exit(1)
+
+
+def test_ray_gives_one_process_roots_trace_and_interventions_even_when_a_worker_dies(local_ray, tiny, tmp_path, monkeypatch):
+    plan = plan_for(tiny)
+    whole = run_plan(plan, model=tiny[1], chunk=CHUNK)
+    monkeypatch.setattr(DiesOnce, "marker", str(tmp_path / "died"))
+    monkeypatch.setattr(distributed, "ChunkWorker", DiesOnce)
+    on_ray = run_plan(plan, model=tiny[1], chunk=CHUNK, cluster=Cluster(workers=2))
+    assert (tmp_path / "died").exists()  # a worker did die mid-run, and Ray ran its chunk again
+    assert on_ray.roots == whole.roots and len(whole.roots) == 2
+    assert [(c.root, c.fired) for c in on_ray.auto_roots] == [(c.root, c.fired) for c in whole.auto_roots]
+    np.testing.assert_allclose([c.direct_effect for c in on_ray.auto_roots], [c.direct_effect for c in whole.auto_roots], rtol=1e-6)
+    assert_same_trace(on_ray.trace, whole.trace)
+    np.testing.assert_allclose(on_ray.logit_diff, whole.logit_diff, rtol=1e-6)
+    a, b = on_ray.interventions.rows, whole.interventions.rows
+    assert len(a) == len(b) > 0 and a.prompt.tolist() == b.prompt.tolist() and a.set.tolist() == b.set.tolist()
+    for f in ("f_after", "score_after", "cosine", "norm_ratio", "delta_f"):
+        np.testing.assert_allclose(getattr(a, f), getattr(b, f), rtol=1e-4, atol=1e-6)
+
+
+def test_a_chunk_that_always_fails_ends_the_run_with_one_line_and_no_output(local_ray, tiny, tmp_path, monkeypatch, capsys):
+    spec = tmp_path / "tiny.circ"
+    spec.write_text(SPEC.format(model=tiny[0], roots="auto 2"))
+    monkeypatch.setattr(distributed, "ChunkWorker", AlwaysDies)
+    out = tmp_path / "out"
+    code = main(["run", str(spec), "--ray", "--quiet", "--no-cache", "--chunk", str(CHUNK), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and not out.exists()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "roots: chunk" in err and "failed 3 times on the Ray workers" in err, err
+
+
+def test_without_ray_one_line_says_how_to_install_it(tiny, tmp_path, monkeypatch, capsys):
+    spec = tmp_path / "tiny.circ"
+    spec.write_text(SPEC.format(model=tiny[0], roots="auto 2"))
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    code = main(["run", str(spec), "--ray", "--quiet", "--no-cache", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and not (tmp_path / "out").exists()
+    assert len(err.splitlines()) == 1 and err.endswith('Ray is not installed: pip install "circuitlang[ray]"'), err
