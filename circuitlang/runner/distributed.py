@@ -10,6 +10,7 @@ raised by a chunk's own code (a bad root, say) is the error one process would ra
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
+from circuitlang.engine.omega_cache import _omega_on, omega_cache
 from circuitlang.engine.roots import RootEvidence
 from circuitlang.lang.plan import Plan, Root
 from circuitlang.runner.chunks import ChunkTrace
@@ -45,22 +47,31 @@ class Cluster:
 
 
 class ChunkWorker:
-    """A Ray actor: loads the model once, then does the work of the chunks it is sent."""
+    """A Ray actor: loads the model once, then does the work of the chunks it is sent. caches: whether the
+    driver runs inside `omega_cache()` (a CLI run): then the worker reads and writes its node's caches too."""
 
-    def __init__(self, plan: Plan, device: str | None, threads: int):
+    def __init__(self, plan: Plan, device: str | None, threads: int, caches: bool):
         import torch
 
         torch.set_num_threads(threads)  # Ray's CPU share, not the whole machine's cores per worker
-        self.work = ChunkWork.of(plan, resolve_model(plan.model, device))
+        self.caches = caches
+        with self._caches():
+            self.work = ChunkWork.of(plan, resolve_model(plan.model, device))
+
+    def _caches(self) -> contextlib.AbstractContextManager:
+        return omega_cache() if self.caches else contextlib.nullcontext()
 
     def evidence(self, start: int, stop: int) -> RootEvidence:
-        return self.work.evidence(self.work.forward(start, stop), start, stop)
+        with self._caches():
+            return self.work.evidence(self.work.forward(start, stop), start, stop)
 
     def trace(self, start: int, stop: int, roots: Sequence[Root]) -> ChunkTrace:
-        return self.work.trace(self.work.forward(start, stop), start, stop, roots)
+        with self._caches():
+            return self.work.trace(self.work.forward(start, stop), start, stop, roots)
 
     def intervene(self, ids: np.ndarray, job: InterventionJob) -> dict[str, list]:
-        return self.work.intervene(ids, job)
+        with self._caches():
+            return self.work.intervene(ids, job)
 
 
 def _ray():
@@ -108,7 +119,7 @@ class RayChunks:
         options = {"num_cpus": 1, "num_gpus": 1} if gpu else {"num_cpus": 1}
         # Ray restarts a dead worker (anywhere it has room) and runs its chunk again, `attempts` runs in all.
         actor = ray.remote(max_restarts=-1, max_task_retries=self.cluster.attempts - 1, **options)(ChunkWorker)
-        self.actors = [actor.remote(self.plan, self.device, 1) for _ in range(count)]
+        self.actors = [actor.remote(self.plan, self.device, 1, _omega_on.get()) for _ in range(count)]
         t0 = time.perf_counter()
         tick = _ticker(self.progress, "workers (model loaded)", count)
         tick(0)
