@@ -53,7 +53,7 @@ import torch
 from circuitlang.data.prompts import PromptSet
 from circuitlang.engine.forward import Activations
 from circuitlang.engine.graph import aggregate
-from circuitlang.engine.results import FiringStats, TracedEdges, TracedEvents
+from circuitlang.engine.results import WRITER_CLASSES, FiringStats, TracedEdges, TracedEvents
 from circuitlang.lang.plan import Root
 
 # Per-prompt fields of Activations and the axis that indexes prompts.
@@ -143,8 +143,13 @@ def reference_trace(
     acts: Activations,
     threshold: float = 0.5,
     mass: float = 0.7,
+    authors: bool = False,
 ) -> ReferenceResult:
     """Singular Vector Tracing of `prompts` (the first len(prompts) prompts of `acts`) from `roots`.
+
+    authors=True reads eq. (8) as the authors' released code does: the upstream write with a homogeneous
+    1 appended, [o; 1], the whole reading divided by the LayerNorm scale; and builds the graph as their
+    graph code does (`authors_graph`), not with the engine's aggregation.
 
     Returns the engine's outputs: the firing statistics of every head, the traced events and edges, and
     the graph. timings: "svd" (step 1), "stats" (step 2), "walk" (step 3), "graph" (aggregation).
@@ -199,6 +204,7 @@ def reference_trace(
     t0 = time.perf_counter()
     events: list[tuple] = []
     edges: list[tuple] = []
+    kept: dict[tuple, list[tuple]] = {}  # (prompt, layer, head, dest, src) -> its edges, s side first (authors=True)
     for p in range(P):
         visited: set[tuple[int, int, int, int]] = set()
 
@@ -216,18 +222,22 @@ def reference_trace(
                            len(chosen), np.array(chosen), float(weights @ xu[chosen]), float(weights @ xv[chosen])))
             if layer == 0:
                 return
+            chosen_edges = {}
             for side, token, vectors in (("d", dest, U), ("s", src, V)):
-                reader = vectors[:d, chosen] @ weights  # sum_k w_k u_k, without the homogeneous coordinate
+                reader = vectors[:, chosen] @ weights  # sum_k w_k u_k, homogeneous coordinate last
                 contributions = []
                 for up_layer in range(layer):
                     for up_head in range(H):
                         o = z[p, token, up_layer, up_head] @ W_O[up_layer, up_head]
-                        contributions.append(float(reader @ o) / scale[layer, p, token])
-                for k in select(contributions, mass):
-                    up_layer, up_head = divmod(k, H)
-                    edges.append((event, p, up_layer, up_head, layer, head, dest, src, side, contributions[k]))
+                        # the appendix's [o; 0] drops the homogeneous coordinate; the authors' code appends a 1
+                        read = reader @ np.append(o, 1.0) if authors else reader[:d] @ o
+                        contributions.append(float(read) / scale[layer, p, token])
+                chosen_edges[side] = [(divmod(k, H), contributions[k]) for k in select(contributions, mass)]
+                for (up_layer, up_head), c in chosen_edges[side]:
+                    edges.append((event, p, up_layer, up_head, layer, head, dest, src, side, c))
                     for up_src in range(token + 1):
                         svt(up_layer, up_head, token, up_src)
+            kept[p, layer, head, dest, src] = [(side, up, c) for side in ("s", "d") for up, c in chosen_edges[side]]
 
         for root in roots:
             svt(root.layer, root.head, prompts[p].role(root.dest), prompts[p].role(root.src))
@@ -236,18 +246,78 @@ def reference_trace(
     t0 = time.perf_counter()
     ev = _events_table(events)
     ed = _edges_table(edges)
-    graph = aggregate(ev, ed, tuple(p.labels for p in prompts), firing.counts)
+    labels = tuple(p.labels for p in prompts)
+    if authors:
+        graph = authors_graph(kept, prompts, roots, labels, firing.counts, ev)
+    else:
+        graph = aggregate(ev, ed, labels, firing.counts)
     timings["graph"] = time.perf_counter() - t0
     return ReferenceResult(ev, ed, graph, firing, timings)
+
+
+def authors_graph(kept: dict[tuple, list[tuple]], prompts: PromptSet, roots: Sequence[Root], labels, firing_counts,
+                  events: TracedEvents) -> nx.DiGraph:
+    """The graph as the authors' graph code builds it from the same events and kept edges.
+
+    Per prompt and root, their walk recurses without memo (an event reached by two paths is walked twice)
+    and lists each event's s-side edges, then its d-side edges, then recurses into the s side's heads and
+    the d side's. Each listed edge is added in order: a new edge gets count 1, its contribution as total and
+    its side as type, and remembers the prompt; a listed edge whose remembered prompt differs adds 1 and its
+    contribution (the remembered prompt is never updated); otherwise nothing. An attention edge gets the
+    same additions as the edges into its token."""
+    graph = nx.DiGraph()
+    first_prompt: dict[tuple, int] = {}
+
+    def walk(p, layer, head, dest, src) -> list[tuple]:
+        if (p, layer, head, dest, src) not in kept:
+            return []
+        listed = [(side, up, c, layer, head, dest, src) for side, up, c in kept[p, layer, head, dest, src]]
+        for side, up, _ in kept[p, layer, head, dest, src]:
+            token = dest if side == "d" else src
+            for up_src in range(token + 1):
+                listed += walk(p, *up, token, up_src)
+        return listed
+
+    for p, prompt in enumerate(prompts):
+        for root in roots:
+            for side, up, c, layer, head, dest, src in walk(p, root.layer, root.head, prompt.role(root.dest), prompt.role(root.src)):
+                down = (layer, head, labels[p][dest if side == "d" else src])
+                if not graph.has_edge(up, down):
+                    graph.add_edge(up, down, kind="communication", type=side, count=1, total=c)
+                    first_prompt[up, down] = p
+                    added = 1
+                elif first_prompt[up, down] != p:
+                    graph.edges[up, down]["count"] += 1
+                    graph.edges[up, down]["total"] += c
+                    added = 1
+                else:
+                    added = 0
+                if not graph.has_edge(down, down[:2]):
+                    graph.add_edge(down, down[:2], kind="attention", count=1)
+                else:
+                    graph.edges[down, down[:2]]["count"] += added
+    for _, _, data in graph.edges(data=True):
+        if data["kind"] == "communication":
+            data["mean"] = data["total"] / data["count"]
+    traced = {}
+    for l, h in zip(events.layer.tolist(), events.head.tolist()):
+        traced[l, h] = traced.get((l, h), 0) + 1
+    graph.add_nodes_from(traced)
+    for node in graph.nodes:
+        graph.nodes[node].update({"kind": "head", "firing": int(firing_counts[node]), "traced": traced.get(node, 0)}
+                                 if len(node) == 2 else {"kind": "token"})
+    return graph
 
 
 def _events_table(events: list[tuple]) -> TracedEvents:
     cols = list(zip(*events)) if events else [()] * 11
     ints = lambda c: np.array(c, dtype=np.int64)  # noqa: E731
     floats = lambda c: np.array(c, dtype=np.float64)  # noqa: E731
+    unsplit = np.full((len(cols[0]), len(WRITER_CLASSES)), np.nan)  # the reference does not split the signal
     return TracedEvents(prompt=ints(cols[0]), layer=ints(cols[1]), head=ints(cols[2]), dest=ints(cols[3]),
                         src=ints(cols[4]), score=floats(cols[5]), attention=floats(cols[6]), n_slices=ints(cols[7]),
-                        slices=tuple(cols[8]), signal_dest=floats(cols[9]), signal_src=floats(cols[10]))
+                        slices=tuple(cols[8]), signal_dest=floats(cols[9]), signal_src=floats(cols[10]),
+                        split_dest=unsplit, split_src=unsplit)
 
 
 def _edges_table(edges: list[tuple]) -> TracedEdges:

@@ -63,6 +63,9 @@ def assert_same_trace(a, b):
             u, v = getattr(x, f.name), getattr(y, f.name)
             if f.name == "slices":
                 assert all(np.array_equal(p, q) for p, q in zip(u, v))
+            elif f.name.startswith("split"):  # the MLPs' share is a difference: to 1e-6 of the whole signal
+                signal = np.abs(getattr(x, "signal_" + f.name.removeprefix("split_")))[:, None]
+                assert np.all(np.abs(u - v) <= 1e-6 * signal + 1e-9), f"{table}.{f.name}"
             elif u.dtype == np.float64:
                 np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-9)
             else:
@@ -229,3 +232,18 @@ def test_the_engine_imports_neither_the_report_nor_the_runner():
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not any(n.startswith(("circuitlang.report", "circuitlang.runner", "circuitlang.cli")) for n in names), path.name
+
+
+@pytest.mark.parametrize("settings", ["sources heads mlp embed bias", "readings authors"])
+def test_sources_and_readings_chunk_like_the_unchunked_run(tiny, preloaded, settings):
+    plan = parse_text(SPEC.format(model=tiny[0], roots="auto 2") + settings + "\n")
+    whole = run_plan(plan)
+    assert whole.trace.config.sources == " ".join(plan.writers) and whole.trace.config.readings == str(plan.readings)
+    if plan.writers != ("heads",):
+        assert (whole.trace.edges.up_head < 0).any()
+    chunked = run_plan(plan, chunk=7)
+    assert_same_trace(chunked.trace, whole.trace)
+    for u, v, d in whole.trace.graph.edges(data=True):
+        if d["kind"] == "communication":
+            assert (d["count"], d["type"]) == (chunked.trace.graph.edges[u, v]["count"], chunked.trace.graph.edges[u, v]["type"])
+            assert d["total"] == pytest.approx(chunked.trace.graph.edges[u, v]["total"], rel=1e-6)

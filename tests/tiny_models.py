@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 
 
-def build_gpt2(directory: Path, tokenizer, *, n_layer=3, n_head=4, n_embd=64, qk_scale=6.0, seed=0) -> Path:
-    """A random GPT-2 whose query/key weights are scaled by `qk_scale` so heads fire on single tokens."""
+def build_gpt2(directory: Path, tokenizer, *, n_layer=3, n_head=4, n_embd=64, qk_scale=6.0, seed=0, value_bias=0.0) -> Path:
+    """A random GPT-2 whose query/key weights are scaled by `qk_scale` so heads fire on single tokens, with
+    random query/key biases, and value biases of spread `value_bias` (zero, as initialised, by default)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
@@ -19,6 +20,7 @@ def build_gpt2(directory: Path, tokenizer, *, n_layer=3, n_head=4, n_embd=64, qk
         for block in model.transformer.h:
             block.attn.c_attn.weight[:, : 2 * n_embd] *= qk_scale
             block.attn.c_attn.bias[: 2 * n_embd].normal_(0, 0.5)
+            block.attn.c_attn.bias[2 * n_embd :].normal_(0, value_bias) if value_bias else None
             block.ln_1.weight.uniform_(0.5, 1.5)
             block.ln_1.bias.normal_(0, 0.2)
     model.save_pretrained(directory)

@@ -126,15 +126,26 @@ def head_contributions(directions: Tensor, W_O: Tensor, z: Tensor, post_scale: T
     return contributions if post_scale is None else contributions / post_scale[:, :, None]
 
 
-def select_upstream(contributions: Tensor, mass: float) -> Tensor:
+def bias_contributions(directions: Tensor, bias: Tensor, post_scale: Tensor | None = None) -> Tensor:
+    """[E, l, ...]: eq. (8) for constant writes bias [l, ..., d] (each layer's b_O [l, d], or each head's
+    value bias through W_O [l, H, d]), read by directions [E, d] over any post-attention norm scale [E, l]."""
+    d = bias.shape[-1]
+    read = (directions @ bias.reshape(-1, d).T).view(directions.shape[0], *bias.shape[:-1])
+    return read if post_scale is None else read / post_scale.view(*post_scale.shape, *(1,) * (bias.dim() - 2))
+
+
+def select_upstream(contributions: Tensor, mass: float, negative: str = "top") -> Tensor:
     """Bool like contributions [E, m]: the smallest set holding `mass` of the total per event (section 5.3).
 
     Sorted decreasing, keep up to and including the first position where the running sum exceeds
-    mass * total (ties with that contribution are kept too, as in the paper's trace).
+    mass * total (ties with that contribution are kept too, as in the paper's trace). A total <= 0
+    keeps the top writer (negative="top", the authors' code) or nothing ("none": the text's smallest
+    set reaching mass * total is then the empty one).
     """
     ranked, _ = contributions.sort(dim=-1, descending=True)
-    target = mass * contributions.sum(-1, keepdim=True)
-    past = ranked.cumsum(-1) > target
+    total = contributions.sum(-1, keepdim=True)
+    past = ranked.cumsum(-1) > mass * total
     first = torch.where(past.any(-1), past.to(torch.int8).argmax(-1), ranked.shape[-1] - 1)
     cutoff = ranked.gather(-1, first[:, None])
-    return contributions >= cutoff
+    keep = contributions >= cutoff
+    return keep & (total > 0) if negative == "none" else keep

@@ -37,8 +37,8 @@ class Activations:
     logit at each prompt's last token (section 5.4), when the prompts name both.
     Rotary family only: q_scale, k_scale [L, P, H, n] (q/k norm scales, per query head), post_scale
     [L, P, n] (the post-attention norm's scale), cos and sin [L, n, rotary_dim].
-    writers=True only: embed [P, n, d] (the residual before layer 0) and mlp_out [L, P, n, d] (each MLP
-    block's write to the residual), for the completeness check.
+    embed [P, n, d]: the residual before layer 0 (the embeddings' write); writers=True only: mlp_out
+    [L, P, n, d] (each MLP block's write to the residual), for `sources mlp` and the completeness check.
     resid: {l: [P, n, d]} the residual entering block l, for the layers asked for (partial passes start there).
     """
 
@@ -187,9 +187,7 @@ def capture(
     if writers:
         fields["mlp_out"] = next(h for h in _MLP_WRITE if f"blocks.0.{h}" in available)
     names = {f"blocks.{l}.{hook}" for hook in fields.values() for l in range(L)} | {"ln_final.hook_scale"}
-    names |= {f"blocks.{l}.hook_resid_pre" for l in resid_layers}
-    if writers:
-        names.add("blocks.0.hook_resid_pre")
+    names |= {f"blocks.{l}.hook_resid_pre" for l in {0, *resid_layers}}
     answers = [(p.target, p.distractor) for p in prompts]
     has_answers = all(t is not None and d is not None for t, d in answers)
     parts: dict[str, list[Tensor]] = {name: [] for name in names}
@@ -225,7 +223,7 @@ def capture(
         lengths=lengths,
         final_scale=torch.cat(parts.pop("ln_final.hook_scale")).squeeze(-1),
         logit_diff=torch.cat(diffs) if has_answers else None,
-        embed=torch.cat(parts["blocks.0.hook_resid_pre"]) if writers else None,
+        embed=torch.cat(parts["blocks.0.hook_resid_pre"]),
         resid={l: torch.cat(parts.pop(f"blocks.{l}.hook_resid_pre")) for l in resid_layers} or None,
         **stacked,
     )

@@ -24,7 +24,8 @@ class AttentionGeometry:
 
     W_Q [L, H, d, r], b_Q [L, H, r]; W_K, b_K: the key weights each query head reads; q_gain, k_gain
     [L, r]: q/k norm gains (ones without q/k norms); W_O [L, H, r, d] with the post-attention norm's gain
-    multiplied in, b_O [L, d]; rotary: whether Omega depends on the offset i - j.
+    multiplied in, b_O [L, d]; rotary: whether Omega depends on the offset i - j; value_out [L, H, d]:
+    each head's value bias times its W_O, the part of b_O that eq. (4) gives the head (None where zero).
     """
 
     W_Q: Tensor
@@ -38,6 +39,7 @@ class AttentionGeometry:
     rotary: bool
     has_qk_norm: bool
     has_post_norm: bool
+    value_out: Tensor | None = None
 
 
 def _norm_gain(module, width: int) -> Tensor:
@@ -77,12 +79,15 @@ def attention_geometry(model: LoadedModel) -> AttentionGeometry:
         post = torch.stack([_norm_gain(block.ln1_post, d) for block in b.blocks])  # [L, d]
         W_O = W_O * post[:, None, None, :]
         b_O = b_O * post
+    value_out = None
+    if model.value_bias is not None:  # attention rows sum to 1, so the bias reaches the output whole
+        value_out = torch.einsum("lhr,lhrd->lhd", model.value_bias.repeat_interleave(group, dim=1), W_O)
     return AttentionGeometry(
         W_Q=W_Q, b_Q=b_Q,
         W_K=W_K.repeat_interleave(group, dim=1), b_K=b_K.repeat_interleave(group, dim=1),
         q_gain=q_gain, k_gain=k_gain, W_O=W_O, b_O=b_O,
         rotary=b.cfg.positional_embedding_type == "rotary",
-        has_qk_norm=has_qk_norm, has_post_norm=has_post_norm,
+        has_qk_norm=has_qk_norm, has_post_norm=has_post_norm, value_out=value_out,
     )
 
 

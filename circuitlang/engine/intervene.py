@@ -224,7 +224,8 @@ def _role_match(trace: Trace, prompts: PromptSet, token: np.ndarray, role: str) 
 
 
 def select_edges(trace: Trace, prompts: PromptSet, selector: EdgeSelector, roots: Sequence[Root] = ()) -> np.ndarray:
-    """Bool mask over the trace's edge rows that `selector` picks (see EdgeSelector)."""
+    """Bool mask over the trace's edge rows that `selector` picks (see EdgeSelector). Only edges from heads:
+    section 5.4 moves a head's output; the writers of `sources` (MLPs, biases, embeddings) are left alone."""
     e = trace.edges
     token = np.where(e.side == "d", e.dest, e.src)
     up = lambda head: (e.up_layer == head[0]) & (e.up_head == head[1])  # noqa: E731
@@ -255,7 +256,7 @@ def select_edges(trace: Trace, prompts: PromptSet, selector: EdgeSelector, roots
         mask &= e.side == selector.side
     if selector.role is not None:
         mask &= _role_match(trace, prompts, token, selector.role)
-    return mask
+    return mask & (e.up_head >= 0)
 
 
 # --- the interventions (torch from here on, imported inside the functions) ---------------------------

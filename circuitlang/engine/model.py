@@ -47,6 +47,25 @@ class LoadedModel:
     device: str
     dtype: torch.dtype
     attn_scale: float  # the divisor between the raw score A'_ij of eq. (3) and `hook_attn_scores`
+    # [L, KV heads, r]: each head's value bias with the norm's bias folded in, which compatibility mode then
+    # folds into the shared b_O (None where it is zero); `readings ... value head` gives it back to the head.
+    value_bias: torch.Tensor | None = None
+
+
+def _value_bias(bridge) -> torch.Tensor | None:
+    """b_V + beta W_V per head, read before compatibility mode folds it into b_O (fold_ln puts the norm's
+    bias beta there; centring leaves it), or None for a model without value or norm biases."""
+    try:
+        b_V, W_V = bridge.b_V, bridge.W_V
+    except AttributeError:
+        return None
+    if b_V is None:
+        return None
+    beta = [getattr(getattr(block.ln1, "original_component", block.ln1), "bias", None) for block in bridge.blocks]
+    value = b_V.detach().float().clone()
+    if all(b is not None for b in beta):
+        value += torch.einsum("ld,lhdr->lhr", torch.stack([b.detach().float() for b in beta]), W_V.detach().float())
+    return value.cpu() if value.abs().max() > 0 else None
 
 
 def _is_local(name: str) -> bool:
@@ -221,6 +240,7 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32", *, hf_mod
             bridge = TransformerBridge.boot_transformers(
                 name, device=device, dtype=DTYPES[dtype], hf_model=hf_model
             )
+            value_bias = _value_bias(bridge)
             bridge.enable_compatibility_mode()
     except (OSError, ValueError) as err:
         if _is_local(name):
@@ -252,4 +272,5 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32", *, hf_mod
         device=device,
         dtype=DTYPES[dtype],
         attn_scale=attn_scale,
+        value_bias=value_bias,
     )

@@ -12,6 +12,23 @@ import networkx as nx
 import numpy as np
 
 
+# Writers other than heads (`sources mlp embed bias`) are graph nodes and edge sources (layer, code) with a
+# negative code in the head's place: the MLP of a layer, the attention output bias b_O of a layer, and
+# the embeddings (layer -1: they write before layer 0).
+MLP, BIAS, EMBED = -1, -2, -3
+WRITER_CODES = {MLP: "mlp", BIAS: "bias", EMBED: "embed"}
+# The classes an event's signal is split into (TracedEvents.split_dest / split_src), in column order.
+WRITER_CLASSES = ("heads", "mlp", "embed", "bias", "homogeneous")
+
+
+def writer_label(node: tuple) -> str:
+    """(9, 6) -> "9.6", (5, MLP) -> "mlp 5", (3, BIAS) -> "bias 3", (-1, EMBED) -> "embed"."""
+    layer, head = node[0], node[1]
+    if head >= 0:
+        return f"{layer}.{head}"
+    return WRITER_CODES[head] if head == EMBED else f"{WRITER_CODES[head]} {layer}"
+
+
 @dataclass(frozen=True)
 class FiringStats:
     """Every firing event of every head (section 4.3), decomposed into slices (section 4.1).
@@ -33,7 +50,9 @@ class TracedEvents:
     prompt, layer, head, dest, src: the event; score: A'_ij (eq. 3); attention: A_ij;
     n_slices: |S_ij|; slices[e]: indices k in S_ij, in decreasing order of their term;
     signal_dest / signal_src: the sqrt(sigma)-weighted signal projection of x_i / x_j (the sum of every
-    residual writer's contribution, eq. 8 extended to all writers).
+    residual writer's contribution, eq. 8 extended to all writers); split_dest / split_src [E, 5]: that
+    signal split by writer class (WRITER_CLASSES: heads, MLPs, embeddings, biases, the homogeneous
+    coordinate), each row summing to the signal (NaN in a trace.json written before the split existed).
     """
 
     prompt: np.ndarray
@@ -47,6 +66,8 @@ class TracedEvents:
     slices: tuple[np.ndarray, ...]
     signal_dest: np.ndarray
     signal_src: np.ndarray
+    split_dest: np.ndarray
+    split_src: np.ndarray
 
     def __len__(self) -> int:
         return len(self.prompt)
@@ -54,9 +75,10 @@ class TracedEvents:
 
 @dataclass(frozen=True)
 class TracedEdges:
-    """Communication edges (l, b) -> (layer, head, token), one row per traced event and selected upstream head.
+    """Communication edges (l, b) -> (layer, head, token), one row per traced event and selected upstream writer.
 
-    event: row in TracedEvents; side: "s" (through the src token, V subspace) or "d" (dest token, U
+    event: row in TracedEvents; up_layer, up_head: the upstream head, or a writer (up_head MLP, BIAS or
+    EMBED) with `sources`; side: "s" (through the src token, V subspace) or "d" (dest token, U
     subspace); contribution: c of eq. (8).
     """
 
@@ -81,6 +103,8 @@ class TraceConfig:
     mass: float
     slices: str
     roots: tuple[str, ...]
+    sources: str = "heads"  # the `sources` statement
+    readings: str = "circuitlang"  # the `readings` statement (lang.plan.Readings)
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,8 @@ from circuitlang.engine.geometry import AttentionGeometry, attention_geometry
 from circuitlang.engine.graph import aggregate
 from circuitlang.engine.model import LoadedModel
 from circuitlang.engine.omega import OmegaSlices
-from circuitlang.engine.results import FiringStats, Trace, TraceConfig, TracedEdges, TracedEvents
-from circuitlang.lang.plan import Root, SliceRule
+from circuitlang.engine.results import BIAS, EMBED, MLP, WRITER_CLASSES, FiringStats, Trace, TraceConfig, TracedEdges, TracedEvents
+from circuitlang.lang.plan import Readings, Root, SliceRule
 
 Progress = Callable[[str, int, int], None]
 
@@ -118,6 +118,57 @@ def upstream_contributions(acts: Activations, W_O: Tensor, direction: Tensor, pr
     return dc.head_contributions(direction, W_O[:layer], acts.z[prompt, token, :layer], post)
 
 
+@dataclass(frozen=True)
+class SideWriters:
+    """One token side of a batch of events of one layer: eq. (8) for each writer an edge may come from.
+
+    candidates [E, m]: the writers the mass rule chooses among (heads first, then the `sources` asked
+    for), with ids up_layer, up_head [m] (results.MLP, BIAS, EMBED for writers that are not heads);
+    split [E, 5]: the token's signal by writer class (results.WRITER_CLASSES), summing to the signal.
+    """
+
+    candidates: Tensor
+    up_layer: Tensor
+    up_head: Tensor
+    split: Tensor
+
+
+def side_writers(acts: Activations, geometry: AttentionGeometry, direction: Tensor, homog: Tensor, signal: Tensor,
+                 prompt: Tensor, token: Tensor, layer: int, readings: Readings, writers: Sequence[str]) -> SideWriters:
+    """Contributions of the writers below `layer` to each event's signal at `token` (direction, homog from
+    `event_signals`), read as `readings` says (docs/method.md, "Readings of the paper")."""
+    E, H = len(prompt), geometry.W_O.shape[1]
+    post = acts.post_scale[:layer, prompt, token].T if acts.post_scale is not None else None
+    heads = upstream_contributions(acts, geometry.W_O, direction, prompt, token, layer)  # [E, layer, H]
+    b_O = geometry.b_O[:layer]
+    if readings.value == "head" and geometry.value_out is not None:  # (b): eq. (4), the bias is the head's
+        heads = heads + dc.bias_contributions(direction, geometry.value_out[:layer], post)
+        b_O = b_O - geometry.value_out[:layer].sum(1)
+    bias = dc.bias_contributions(direction, b_O, post)  # [E, layer]
+    embed = (acts.embed[prompt, token] * direction).sum(-1)
+    # The MLPs' share is what the other writers leave of the signal: exact by completeness (tested with each
+    # MLP's own write in writer_contributions), and no MLP output needs keeping unless MLPs are sources.
+    rest = heads.sum((1, 2)) + embed + bias.sum(1) + homog
+    mlp = signal - rest if layer > 0 else torch.zeros_like(signal)  # no MLP writes below layer 0: no rounding noise
+    split = torch.stack([heads.sum((1, 2)), mlp, embed, bias.sum(1), homog], dim=1)
+
+    if readings.homogeneous == "one":  # (a): the authors' [o; 1] adds the homogeneous term to every head
+        scale = acts.scale[layer, prompt, token]
+        heads = heads + (homog / scale)[:, None, None]
+    columns = [heads.reshape(E, layer * H)]
+    up_layer = [torch.arange(layer).repeat_interleave(H)]
+    up_head = [torch.arange(H).repeat(layer)]
+    for kind, values, code in (("mlp", None, MLP), ("bias", bias, BIAS), ("embed", embed[:, None], EMBED)):
+        if kind not in writers:
+            continue
+        if kind == "mlp":
+            values = torch.einsum("led,ed->el", acts.mlp_out[:layer, prompt, token], direction)
+        columns.append(values)
+        up_layer.append(torch.arange(values.shape[1]) if kind != "embed" else torch.tensor([-1]))
+        up_head.append(torch.full((values.shape[1],), code))
+    return SideWriters(torch.cat(columns, 1), torch.cat(up_layer), torch.cat(up_head), split)
+
+
 _ROOT = re.compile(r"^\s*(\d+)\.(\d+)\s+([\w+-]+)\s*->\s*([\w+-]+)\s*$")
 
 
@@ -127,6 +178,20 @@ def parse_root(text: str) -> Root:
     if not match:
         raise TraceError(f"root {text!r} is not of the form 'layer.head dest->src', e.g. '9.6 end->IO'")
     return Root(int(match[1]), int(match[2]), match[3], match[4])
+
+
+def root_events(events: TracedEvents, prompts: PromptSet, roots: Sequence[Root]) -> list[list[int]]:
+    """Per prompt, the event rows where each root fired, in the roots' order (where the authors' graph
+    code starts its walks, `readings ... count events`)."""
+    row = {key: e for e, key in enumerate(zip(events.prompt.tolist(), events.layer.tolist(), events.head.tolist(),
+                                              events.dest.tolist(), events.src.tolist()))}
+    found = [[] for _ in prompts]
+    for k, prompt in enumerate(prompts):
+        for root in roots:
+            e = row.get((k, root.layer, root.head, prompt.role(root.dest), prompt.role(root.src)))
+            if e is not None:
+                found[k].append(e)
+    return found
 
 
 def root_positions(prompts: PromptSet, roots: Sequence[Root], n_layers: int, n_heads: int) -> list[tuple[Root, Tensor, Tensor]]:
@@ -151,6 +216,8 @@ def trace(
     mass: float = 0.7,
     slices: SliceRule | str = "paper",
     *,
+    readings: Readings = Readings(),
+    writers: Sequence[str] = ("heads",),
     activations: Activations | None = None,
     geometry: AttentionGeometry | None = None,
     progress: Progress | None = None,
@@ -163,7 +230,7 @@ def trace(
     t0 = time.perf_counter()
     if activations is None:
         tick = (lambda done, total: progress("forward", done, total)) if progress else None
-        activations = capture(model, prompts, progress=tick)
+        activations = capture(model, prompts, progress=tick, writers="mlp" in writers)
     timings["forward"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if geometry is None:
@@ -171,18 +238,22 @@ def trace(
     timings["geometry"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    firing, events, edges = trace_activations(activations, geometry, root_pos, threshold, mass, rule, progress)
+    firing, events, edges = trace_activations(activations, geometry, root_pos, threshold, mass, rule, progress,
+                                              readings=readings, writers=writers)
     timings["trace"] = time.perf_counter() - t0
-    return build_trace(model, prompts, roots, threshold, mass, rule, firing, events, edges, timings)
+    return build_trace(model, prompts, roots, threshold, mass, rule, firing, events, edges, timings, readings=readings, writers=writers)
 
 
 def build_trace(model: LoadedModel, prompts: PromptSet, roots: Sequence[Root], threshold: float, mass: float, rule: SliceRule,
-                firing: FiringStats, events: TracedEvents, edges: TracedEdges, timings: dict[str, float]) -> Trace:
+                firing: FiringStats, events: TracedEvents, edges: TracedEdges, timings: dict[str, float], *,
+                readings: Readings = Readings(), writers: Sequence[str] = ("heads",)) -> Trace:
     """The Trace of these statistics, events and edges: the graph aggregated over prompts (Fig. 5)."""
     t0 = time.perf_counter()
     labels = tuple(p.labels for p in prompts)
-    graph = aggregate(events, edges, labels, firing.counts)
-    config = TraceConfig(threshold=threshold, mass=mass, slices=str(rule), roots=tuple(str(r) for r in roots))
+    root_rows = root_events(events, prompts, roots) if readings.count == "events" else None
+    graph = aggregate(events, edges, labels, firing.counts, root_rows)
+    config = TraceConfig(threshold=threshold, mass=mass, slices=str(rule), roots=tuple(str(r) for r in roots),
+                         sources=" ".join(writers), readings=str(readings))
     token_text = tuple(tuple(model.tokenizer.decode([t]) for t in p.token_ids) for p in prompts)
     return Trace(
         config=config,
@@ -208,11 +279,14 @@ def trace_activations(
     mass: float,
     rule: SliceRule,
     progress: Progress | None = None,
+    *,
+    readings: Readings = Readings(),
+    writers: Sequence[str] = ("heads",),
 ) -> tuple[FiringStats, TracedEvents, TracedEdges]:
-    """The walk of Algorithm 1 over cached activations; see the module docstring."""
+    """The walk of Algorithm 1 over cached activations; see the module docstring. `writers` ("heads" and
+    any of "mlp", "embed", "bias") are the writers an edge may come from; the walk recurses through heads."""
     L, P, H, n, _ = acts.pattern.shape
     r = geometry.W_Q.shape[-1]
-    W_O = geometry.W_O
     fires = dc.firing_mask(acts.pattern, acts.scores, acts.lengths, threshold)  # [L, P, H, n, n]
     wanted = torch.zeros_like(fires)
     prompt_ids = torch.arange(P)
@@ -241,25 +315,31 @@ def trace_activations(
             sig = event_signals(acts, slices, dec, rows, layer)
             E, base = len(rows), n_events
             n_events += E
+            sides = {side: side_writers(acts, geometry, direction, homog, signal, p, token, layer, readings, writers)
+                     for side, direction, homog, signal, token in (("d", sig.dir_d, sig.homog_d, sig.signal_d, i),
+                                                                   ("s", sig.dir_s, sig.homog_s, sig.signal_s, j))}
             _append(events, prompt=p, layer=torch.full((E,), layer), head=a, dest=i, src=j,
                     score=dec.terms[rows].sum(-1), attention=acts.pattern[layer, p, a, i, j], n_slices=sizes[rows],
-                    signal_dest=sig.signal_d, signal_src=sig.signal_s)
+                    signal_dest=sig.signal_d, signal_src=sig.signal_s, split_dest=sides["d"].split, split_src=sides["s"].split)
             events["slices"] += [o[:k].numpy() for o, k in zip(dec.order[rows], sizes[rows].tolist())]
-            if layer == 0:
-                continue
-            for side, direction, token in (("d", sig.dir_d, i), ("s", sig.dir_s, j)):
-                contrib = upstream_contributions(acts, W_O, direction, p, token, layer).reshape(E, layer * H)
-                e_idx, up = dc.select_upstream(contrib, mass).nonzero(as_tuple=True)
-                up_l, up_h = up // H, up % H
+            for side, token in (("d", i), ("s", j)):
+                w = sides[side]
+                if w.candidates.shape[1] == 0:  # layer 0 without other sources: nothing upstream
+                    continue
+                e_idx, col = dc.select_upstream(w.candidates, mass, readings.negative).nonzero(as_tuple=True)
+                up_l, up_h = w.up_layer[col], w.up_head[col]
                 _append(edges, event=base + e_idx, prompt=p[e_idx], up_layer=up_l, up_head=up_h,
                         layer=torch.full((len(e_idx),), layer), head=a[e_idx], dest=i[e_idx], src=j[e_idx],
-                        side=np.full(len(e_idx), side), contribution=contrib[e_idx, up])
-                # Algorithm 1, lines 18-27: recurse where the upstream head fires with this token as dest.
-                tok, pp = token[e_idx], p[e_idx]
-                wanted[up_l, pp, up_h, tok] |= fires[up_l, pp, up_h, tok]
+                        side=np.full(len(e_idx), side), contribution=w.candidates[e_idx, col])
+                # Algorithm 1, lines 18-27: recurse where the upstream head fires with this token as dest
+                # (an MLP, a bias or the embeddings is a leaf: SVT explains attention).
+                head = up_h >= 0
+                tok, pp = token[e_idx][head], p[e_idx][head]
+                wanted[up_l[head], pp, up_h[head], tok] |= fires[up_l[head], pp, up_h[head], tok]
 
-    floats = {"score", "attention", "signal_dest", "signal_src", "contribution"}
-    columns = lambda table: {k: _cat(v, np.float64 if k in floats else np.str_ if k == "side" else np.int64)  # noqa: E731
+    floats = {"score", "attention", "signal_dest", "signal_src", "split_dest", "split_src", "contribution"}
+    columns = lambda table: {k: _cat(v, np.float64 if k in floats else np.str_ if k == "side" else np.int64,  # noqa: E731
+                                     (0, len(WRITER_CLASSES)) if k.startswith("split") else (0,))
                              for k, v in table.items() if k != "slices"}
     firing = FiringStats(counts=counts, slice_counts=tuple(slice_counts), slice_usage=usage)
     return firing, TracedEvents(**columns(events), slices=tuple(events["slices"])), canonical_edges(TracedEdges(**columns(edges)))
@@ -277,8 +357,8 @@ def _append(table: dict[str, list], **columns) -> None:
         table[key].append(value.numpy() if isinstance(value, Tensor) else value)
 
 
-def _cat(parts: list, dtype) -> np.ndarray:
-    return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)
+def _cat(parts: list, dtype, empty: tuple[int, ...]) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype) if parts else np.zeros(empty, dtype=dtype)
 
 
 def writer_contributions(acts: Activations, geometry: AttentionGeometry, events: TracedEvents, side: str) -> dict[str, np.ndarray]:

@@ -30,8 +30,12 @@ from circuitlang.lang.plan import (
     ModelSpec,
     Output,
     Plan,
+    READING_KEYS,
+    READING_SETS,
+    Readings,
     Root,
     SliceRule,
+    WRITERS,
     Where,
 )
 
@@ -113,6 +117,8 @@ def format_plan(plan: Plan) -> str:
         f"slices  {plan.slices}",
         f"keep    mass {_decimal(plan.mass)}",
         f"show    edges in >= {plan.show_min_count} prompts",
+        f"sources {' '.join(plan.writers)}",
+        f"readings {plan.readings}",
     ]
     if plan.compare is not None:
         lines.append("compare " + (f"known {plan.compare}" if isinstance(plan.compare, str)
@@ -320,6 +326,42 @@ class _Compiler:
                 chosen = tuple(sorted({self.count(n, "a circuit size", MAX_INDEX) for n in sizes.children}))
         draws = self.count(random, "the number of random rankings", MAX_RANDOM_DRAWS, least=0) if random else Evaluation.random
         return {"evaluate": Evaluation(kind, mean is not None, chosen, draws)}
+
+    def _sources(self, keyword, *words):
+        chosen = []
+        for w in words:
+            if w not in WRITERS:
+                raise self.error(w, f'unknown source "{w}"; sources are {listing(WRITERS, "and")}' + did_you_mean(w, WRITERS))
+            if w in chosen:
+                raise self.error(w, f'source "{w}" is given twice')
+            chosen.append(str(w))
+        if "heads" not in chosen:
+            raise self.error(keyword, "sources must include heads: the trace recurses only through heads "
+                             f"(e.g. sources heads {' '.join(chosen)})")
+        return {"writers": tuple(w for w in WRITERS if w in chosen)}
+
+    def _readings(self, keyword, name, *overrides):
+        if name not in READING_SETS:
+            raise self.error(name, f'unknown set of readings "{name}"; sets are {listing(tuple(READING_SETS))}'
+                             + did_you_mean(name, tuple(READING_SETS)))
+        values = dict(vars(READING_SETS[str(name)]))
+        given: set[str] = set()
+        for key, value in zip(overrides[::2], overrides[1::2]):
+            if key not in READING_KEYS:
+                raise self.error(key, f'unknown reading "{key}"; readings are {listing(READING_KEYS, "and")}'
+                                 + did_you_mean(key, READING_KEYS))
+            if key in given:
+                raise self.error(key, f'reading "{key}" is given twice')
+            allowed = tuple(sorted({getattr(r, key) for r in READING_SETS.values()}))
+            if value not in allowed:
+                raise self.error(value, f'reading {key} is {listing(allowed)}, got "{value}"' + did_you_mean(value, allowed))
+            given.add(str(key))
+            values[str(key)] = str(value)
+        if len(overrides) % 2:
+            key = overrides[-1]
+            raise self.error(key, f'reading "{key}" needs a value, e.g. readings {name} {key} '
+                             f"{getattr(READING_SETS['circuitlang'], str(key), 'VALUE')}")
+        return {"readings": Readings(**values)}
 
     # intervene blocks
 

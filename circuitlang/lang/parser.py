@@ -23,7 +23,7 @@ _PARSER = Lark(
 )
 
 STATEMENTS = ("model", "prompts", "trace", "firing", "slices", "keep", "show", "compare", "output",
-              "seed", "extends", "evaluate", "intervene")
+              "seed", "extends", "evaluate", "sources", "readings", "intervene")
 _BLOCK_WORDS = ("edge", "edges", "top", "ablate", "boost", "global", "local", "against", "}")
 _LITERALS = {t.name: t.pattern.value for t in _PARSER.terminals if isinstance(t.pattern, PatternStr)}
 KEYWORDS = frozenset(v for v in _LITERALS.values() if v.isidentifier())

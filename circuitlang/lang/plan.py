@@ -124,6 +124,44 @@ class InterventionSet:
     line: int = 0
 
 
+WRITERS = ("heads", "mlp", "embed", "bias")  # `sources ...`: the residual writers an edge may come from
+
+
+@dataclass(frozen=True)
+class Readings:
+    """Where the paper's text and the authors' released code differ, which one the trace follows
+    (docs/method.md, "Readings of the paper"; `readings` in a spec).
+
+    homogeneous: (a) the upstream write in eq. (8), `zero` for [o; 0] (the appendix), `one` for [o; 1]
+    (the authors' code); value: (b) the value bias `folded` into the shared b_O (the authors' loading) or
+    part of each `head`'s output (eq. 4); negative: (c) a side whose writers sum to <= 0 keeps its `top`
+    writer (the code) or `none` (the text's smallest set reaching the mass of the sum); count: (d) an
+    edge counts the `prompts` it is seen in (the text) or, as the authors' graph code does, every event
+    that reaches it after its first prompt (`events`).
+    """
+
+    homogeneous: Literal["zero", "one"] = "zero"
+    value: Literal["folded", "head"] = "folded"
+    negative: Literal["top", "none"] = "top"
+    count: Literal["prompts", "events"] = "prompts"
+
+    def __str__(self) -> str:
+        """The named set with the fewest overrides, then the overrides: `authors`, `paper count events`."""
+        def overrides(base: Readings) -> list[str]:
+            return [f"{k} {getattr(self, k)}" for k in READING_KEYS if getattr(self, k) != getattr(base, k)]
+
+        name = min(READING_SETS, key=lambda n: len(overrides(READING_SETS[n])))
+        return " ".join([name, *overrides(READING_SETS[name])])
+
+
+READING_KEYS = ("homogeneous", "value", "negative", "count")
+READING_SETS = {  # the order breaks ties in Readings.__str__
+    "circuitlang": Readings(),
+    "paper": Readings("zero", "head", "none", "prompts"),
+    "authors": Readings("one", "folded", "top", "events"),
+}
+
+
 COUNTERFACTUALS = ("abc", "flipped", "file")
 DEFAULT_RANDOM_DRAWS = 10
 
@@ -163,6 +201,8 @@ class Plan:
     interventions: tuple[InterventionSet, ...] = ()
     seed: int = 0
     evaluate: Evaluation | None = None
-    sources: tuple[str, ...] = field(default=(), compare=False)
+    writers: tuple[str, ...] = ("heads",)  # `sources`: the writers an edge may come from (WRITERS)
+    readings: Readings = Readings()
+    sources: tuple[str, ...] = field(default=(), compare=False)  # the spec files read, child first
     # where statements ("model", "compare", ...) and heads ("9.9", first mention) were written
     where: tuple[tuple[str, Where], ...] = field(default=(), compare=False, repr=False)

@@ -18,10 +18,10 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from circuitlang.engine.results import Trace
+from circuitlang.engine.results import Trace, writer_label
 from circuitlang.lang import SpecError, parse_spec, parse_text
 from circuitlang.atomic import atomic_write
-from circuitlang.report.draw import (DRAWING_FORMATS, PENWIDTH, Drawing, digraph, head_label, layered_nodes, render_dot,
+from circuitlang.report.draw import (DRAWING_FORMATS, PENWIDTH, Drawing, digraph, head_label, layered_nodes, writer_attrs, render_dot,
                                      token_attrs)
 from circuitlang.report.export import dumps, edge_filter, node_id, plain, read_trace_json
 
@@ -142,11 +142,12 @@ def diff_inputs(a: str, b: str, load: Callable[[str], Trace], min_count: int | N
 
 
 def _edge_text(c: EdgeChange) -> tuple[str, str]:
-    return f"{c.up[0]}.{c.up[1]}", f"{c.down[0]}.{c.down[1]} {c.down[2]}"
+    return writer_label(c.up), f"{c.down[0]}.{c.down[1]} {c.down[2]}"
 
 
 def _heads(nodes: tuple[Node, ...]) -> str:
-    return ", ".join(f"{n[0]}.{n[1]}" for n in nodes if len(n) == 2) or "—"
+    """Heads and the writer nodes of `sources` (mlp 5, embed), as the report writes them."""
+    return ", ".join(writer_label(n) for n in nodes if len(n) == 2) or "—"
 
 
 def render_diff(diff: TraceDiff, console: Console, top: int = 15) -> None:
@@ -228,6 +229,8 @@ def build_diff_dot(diff: TraceDiff):
         colour = where[n]
         if len(n) == 3:
             return {**token_attrs(n), "color": colour, "penwidth": "1.5"}
+        if n[1] < 0:
+            return {**writer_attrs(n), "color": colour, "penwidth": "2"}
         return {"label": head_label(n), "shape": "ellipse", "style": "filled", "fillcolor": FILL[colour],
                 "color": colour, "penwidth": "2", "tooltip": f"head {n[0]}.{n[1]}"}
 

@@ -12,7 +12,7 @@ from typing import Callable, Iterable, NamedTuple
 
 import graphviz
 
-from circuitlang.engine.results import Trace
+from circuitlang.engine.results import BIAS, EMBED, MLP, Trace, writer_label
 from circuitlang.atomic import atomic_write
 from circuitlang.report.export import Head, edge_filter
 
@@ -64,8 +64,19 @@ def digraph(name: str, title: str) -> graphviz.Digraph:
 
 
 def head_label(n: tuple) -> str:
-    """A head as the paper writes it, `layer.head` (`9.6`), as token boxes (`9.6 end`) and the tables do."""
-    return f"{n[0]}.{n[1]}"
+    """A head as the paper writes it, `layer.head` (`9.6`), as token boxes (`9.6 end`) and the tables do;
+    a writer node of `sources` as `mlp 5`, `bias 3`, `embed`."""
+    return writer_label(n)
+
+
+# Writer nodes of `sources` (not heads): a shape of their own each, unfilled, so they never read as heads.
+WRITER_SHAPES = {MLP: "box3d", BIAS: "diamond", EMBED: "invhouse"}
+
+
+def writer_attrs(n: tuple) -> dict:
+    return {"label": writer_label(n), "shape": WRITER_SHAPES[n[1]], "color": "#7a5c00", "fontcolor": "#7a5c00",
+            "tooltip": {MLP: f"the MLP of layer {n[0]}", BIAS: f"the attention output bias b_O of layer {n[0]}",
+                        EMBED: "the embeddings"}[n[1]]}
 
 
 def token_attrs(n: tuple) -> dict:
@@ -82,7 +93,7 @@ def layered_nodes(dot: graphviz.Digraph, nodes: Iterable[tuple], style: Callable
     """
     nodes = sorted(nodes)
     # DOT ids: a role may hold any character (a ':' would name a port), so token boxes are numbered.
-    ids = {n: f"h{n[0]}_{n[1]}" if len(n) == 2 else f"t{n[0]}_{n[1]}_{k}" for k, n in enumerate(nodes)}
+    ids = {n: (f"h{n[0]}_{n[1]}" if n[1] >= 0 else f"w{k}") if len(n) == 2 else f"t{n[0]}_{n[1]}_{k}" for k, n in enumerate(nodes)}
     axis = []
     for layer in sorted({n[0] for n in nodes}):
         for row, members in (("tokens", [n for n in nodes if n[0] == layer and len(n) == 3]),
@@ -92,7 +103,7 @@ def layered_nodes(dot: graphviz.Digraph, nodes: Iterable[tuple], style: Callable
             with dot.subgraph(name=f"layer{layer}_{row}") as s:
                 s.attr(rank="same")
                 axis.append(f"axis{layer}_{row}")
-                s.node(axis[-1], label=f"layer {layer}" if row == "heads" else "", shape="plaintext",
+                s.node(axis[-1], label=("embeddings" if layer < 0 else f"layer {layer}") if row == "heads" else "", shape="plaintext",
                        fontcolor="#666666", width="0", height="0")
                 for n in members:
                     s.node(ids[n], **style(n))
@@ -106,12 +117,14 @@ def build_dot(trace: Trace, min_count: int = 1, known: Iterable[Head] = ()) -> g
     g = edge_filter(trace.graph, min_count)
     known = set(known)
     dot = digraph("trace", _title(trace, min_count, bool(known)))
-    traced = [g.nodes[n]["traced"] for n in g.nodes if len(n) == 2]
+    traced = [g.nodes[n]["traced"] for n in g.nodes if len(n) == 2 and n[1] >= 0]
     most = math.log1p(max(traced, default=1))
 
     def style(n: tuple) -> dict:
         if len(n) == 3:
             return token_attrs(n)
+        if n[1] < 0:
+            return writer_attrs(n)
         fill, font = shade(math.log1p(g.nodes[n]["traced"]) / most if most else 0.0)
         border = {"color": KNOWN_BORDER, "penwidth": "3"} if n[:2] in known else {"color": "#444444", "penwidth": "1"}
         return {"label": head_label(n), "shape": "ellipse", "style": "filled", "fillcolor": fill, "fontcolor": font,
@@ -129,7 +142,7 @@ def build_dot(trace: Trace, min_count: int = 1, known: Iterable[Head] = ()) -> g
             continue
         width = lo + (hi - lo) * max(d["total"], 0.0) / heaviest
         dot.edge(ids[u], ids[v], color=SIDE_COLOURS[d["type"]], penwidth=f"{width:.2f}",
-                 tooltip=graphviz.escape(f"{u[0]}.{u[1]} -> {v[0]}.{v[1]} {v[2]} ({d['type']}): {d['count']} prompts, "
+                 tooltip=graphviz.escape(f"{writer_label(u)} -> {v[0]}.{v[1]} {v[2]} ({d['type']}): {d['count']} prompts, "
                                          f"total {d['total']:.3g}, mean {d['mean']:.3g}"))
     return dot
 

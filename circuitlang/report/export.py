@@ -17,12 +17,12 @@ import networkx as nx
 import numpy as np
 
 from circuitlang.data.ioi import known_heads
-from circuitlang.engine.results import FiringStats, Trace, TraceConfig, TracedEdges, TracedEvents
+from circuitlang.engine.results import WRITER_CLASSES, WRITER_CODES, FiringStats, Trace, TraceConfig, TracedEdges, TracedEvents, writer_label
 from circuitlang.atomic import atomic_write
 
 FORMAT = "circuitlang.trace/1"
 FLOAT_DIGITS = 7
-_FLOAT_COLUMNS = {"score", "attention", "signal_dest", "signal_src", "contribution"}
+_FLOAT_COLUMNS = {"score", "attention", "signal_dest", "signal_src", "split_dest", "split_src", "contribution"}
 
 Head = tuple[int, int]
 
@@ -48,18 +48,27 @@ def plain(value: Any) -> Any:
 
 
 def node_id(node: tuple) -> str:
-    """(9, 6) -> "9.6"; (9, 6, "end") -> "9.6:end"."""
-    return f"{node[0]}.{node[1]}" + (f":{node[2]}" if len(node) == 3 else "")
+    """(9, 6) -> "9.6"; (9, 6, "end") -> "9.6:end"; writers: (5, MLP) -> "mlp 5", (-1, EMBED) -> "embed"."""
+    return writer_label(node) + (f":{node[2]}" if len(node) == 3 else "")
+
+
+_WRITER_ID = {name: code for code, name in WRITER_CODES.items()}
 
 
 def parse_node_id(text: str) -> tuple:
     head, _, role = text.partition(":")
+    kind, _, layer = head.partition(" ")
+    if kind in _WRITER_ID:
+        return (int(layer) if layer else -1, _WRITER_ID[kind])
     layer, number = head.split(".")
     return (int(layer), int(number), role) if role else (int(layer), int(number))
 
 
 def _node_record(node: tuple, data: dict) -> dict:
-    """A node's attributes with its tuple id flattened into layer, head and (token nodes) role."""
+    """A node's attributes with its tuple id flattened into layer, head and (token nodes) role; a writer
+    node (`sources`) has its kind ("mlp", "bias", "embed") and no head."""
+    if len(node) == 2 and node[1] < 0:
+        return {"layer": node[0]} | data
     flat = {"layer": node[0], "head": node[1]} | ({"role": node[2]} if len(node) == 3 else {})
     return flat | data
 
@@ -112,6 +121,9 @@ def _table(cls, columns: dict[str, list]):
         dtype = np.float64 if name in _FLOAT_COLUMNS else np.str_ if name == "side" else np.int64
         return np.array(values, dtype=dtype)
 
+    if cls is TracedEvents:  # a trace.json from before the split by writer class: unknown, not zero
+        unknown = np.full((len(columns["prompt"]), len(WRITER_CLASSES)), np.nan)
+        columns = {"split_dest": unknown, "split_src": unknown} | columns
     return cls(**{k: tuple(np.array(v, dtype=np.int64) for v in vs) if k == "slices" else array(k, vs) for k, vs in columns.items()})
 
 
@@ -176,8 +188,27 @@ def edge_filter(graph: nx.DiGraph, min_count: int) -> nx.DiGraph:
     return out
 
 
+def writer_shares(trace: Trace, heads: Iterable[Head]) -> dict[Head, dict[str, dict[str, float]]]:
+    """Per head and token side ("d", "s"): each writer class's share of the signal of the head's traced
+    events (WRITER_CLASSES; the ratio of sums, so the shares add to 1). Heads without traced events, or
+    from a trace.json older than the split, are left out."""
+    ev = trace.events
+    out = {}
+    for layer, head in heads:
+        mine = (ev.layer == layer) & (ev.head == head)
+        sides = {}
+        for side, split in (("d", ev.split_dest[mine]), ("s", ev.split_src[mine])):
+            total = split.sum()
+            if len(split) and np.isfinite(total) and total != 0:
+                sides[side] = {name: float(split[:, k].sum() / total) for k, name in enumerate(WRITER_CLASSES)}
+        if sides:
+            out[layer, head] = sides
+    return out
+
+
 def graph_heads(graph: nx.DiGraph) -> set[Head]:
-    return {n for n in graph.nodes if len(n) == 2}
+    """The graph's head nodes (not its token nodes, nor the writer nodes of `sources`)."""
+    return {n for n in graph.nodes if len(n) == 2 and n[1] >= 0}
 
 
 def known_head_set(compare: str | Iterable[str] | None) -> set[Head]:

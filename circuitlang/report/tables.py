@@ -13,9 +13,9 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from circuitlang.engine.results import Trace
+from circuitlang.engine.results import WRITER_CLASSES, Trace, writer_label
 from circuitlang.report.draw import shade
-from circuitlang.report.export import Head, edge_filter, graph_heads, precision_recall
+from circuitlang.report.export import Head, edge_filter, graph_heads, precision_recall, writer_shares
 
 HEATMAP_HEADS = 12  # heads per heatmap table; wider models get one table per 12 heads
 
@@ -37,7 +37,8 @@ def _summary(trace: Trace, shown, min_count: int) -> Table:
         ("prompts", f"{len(trace.labels)}  ({trace.prompts})"),
         ("roots", ", ".join(c.roots)),
         ("firing", f"attention > {c.threshold}; {int(trace.firing.counts.sum())} firing events in all"),
-        ("slices / mass", f"S_ij rule {c.slices}; upstream heads holding {c.mass:.0%} of the contribution"),
+        ("slices / mass", f"S_ij rule {c.slices}; upstream writers holding {c.mass:.0%} of the contribution"),
+        ("sources", f"{c.sources}; readings {c.readings}"),
         ("traced", f"{len(trace.events)} events, {len(trace.edges)} edge rows"),
         ("graph", f"{len(graph_heads(g))} heads, {comm} communication edges"),
         (f"count >= {min_count}", f"{len(graph_heads(shown))} heads, {shown_comm} communication edges"),
@@ -82,7 +83,7 @@ def _edges(shown, key: str, top: int, title: str) -> Table:
     for name in ("up", "down token", "type", "count", "total", "mean"):
         table.add_column(name, justify="left" if name in ("up", "down token", "type") else "right")
     for u, v, d in comm[:top]:
-        table.add_row(f"{u[0]}.{u[1]}", f"{v[0]}.{v[1]} {v[2]}", d["type"], str(d["count"]), f"{d['total']:.3g}", f"{d['mean']:.3g}")
+        table.add_row(writer_label(u), f"{v[0]}.{v[1]} {v[2]}", d["type"], str(d["count"]), f"{d['total']:.3g}", f"{d['mean']:.3g}")
     return table
 
 
@@ -101,6 +102,31 @@ def _slices(trace: Trace, shown, top: int) -> Table:
         q1, median, q3 = np.percentile(sizes, [25, 50, 75])
         table.add_row(f"{l}.{h}", str(len(sizes)), str(shown.nodes[l, h]["traced"]), f"{median:g}", f"{q1:g}-{q3:g}",
                       f"{sizes.min()}-{sizes.max()}", f"{sizes.mean():.1f}")
+    return table
+
+
+def _writers(trace: Trace, shown, top: int) -> Table | None:
+    """Each root's and the most traced heads' signal by writer class, dest and src side (the head-only
+    trace explains the `heads` share; the rest is what `sources mlp embed bias` can add)."""
+    roots = [tuple(int(x) for x in r.split()[0].split(".")) for r in trace.config.roots]
+    ranked = sorted(graph_heads(shown) - set(roots), key=lambda n: (-shown.nodes[n]["traced"], n))
+    heads = list(dict.fromkeys(roots + ranked[: max(top - len(roots), 0)]))
+    shares = writer_shares(trace, heads)
+    if not shares:
+        return None
+    table = Table(title="Where each head's signal comes from (share of its traced events' signal)", box=box.SIMPLE_HEAD,
+                  caption="d: destination token, s: source token; roots first. MLPs: the signal less every other writer "
+                          "(exact by completeness)")
+    table.add_column("head")
+    table.add_column("side")
+    for name in WRITER_CLASSES:
+        table.add_column(name, justify="right")
+    for head in heads:
+        for side in ("d", "s"):
+            if side in shares.get(head, {}):
+                mark = " (root)" if head in roots else ""
+                table.add_row(f"{head[0]}.{head[1]}{mark}" if side == "d" else "", side,
+                              *(f"{shares[head][side][name]:.0%}" for name in WRITER_CLASSES))
     return table
 
 
@@ -128,5 +154,8 @@ def render_report(trace: Trace, console: Console, *, min_count: int = 1, known: 
     console.print(_edges(shown, "count", top, f"Top edges by count (of {len(trace.labels)} prompts)"))
     console.print(_edges(shown, "total", top, "Top edges by total contribution"))
     console.print(_slices(trace, shown, top))
+    writers = _writers(trace, shown, top)
+    if writers is not None:
+        console.print(writers)
     if known is not None:
         console.print(_known(shown_heads, set(known)))

@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
-from circuitlang.engine.results import Trace
+from circuitlang.engine.results import WRITER_CLASSES, Trace
 from circuitlang.atomic import atomic_write
 from circuitlang.report.draw import ATTENTION_COLOUR, DARK, KNOWN_BORDER, LIGHT, PENWIDTH, SIDE_COLOURS
-from circuitlang.report.export import node_id, parse_node_id, plain
+from circuitlang.report.export import graph_heads, node_id, parse_node_id, plain, writer_shares
 
 if TYPE_CHECKING:
     from circuitlang.engine.intervene import InterventionResults
@@ -171,7 +171,8 @@ def trace_view_data(trace: Trace, *, min_count: int = 1, compare: str | Iterable
         })
     attention = {node_id(u): d["count"] for u, v, d in g.edges(data=True) if d["kind"] == "attention"}
     heads = []
-    for n in sorted(n for n in g.nodes if len(n) == 2):
+    shares = writer_shares(trace, graph_heads(g))
+    for n in sorted(graph_heads(g)):
         l, h = n
         usage = trace.firing.slice_usage[l, h]
         used = np.nonzero(usage)[0]
@@ -179,6 +180,7 @@ def trace_view_data(trace: Trace, *, min_count: int = 1, compare: str | Iterable
             "id": node_id(n), "firing": int(trace.firing.counts[l, h]), "traced": int(g.nodes[n].get("traced", 0)),
             "hist": _histogram(trace.firing.slice_counts[l][h]),
             "usage": usage[: used[-1] + 1 if len(used) else 0].tolist(),
+            "split": {side: {k: _round(v) for k, v in by.items()} for side, by in shares.get(n, {}).items()},
         })
     c = trace.config
     text = trace.token_text or tuple(tuple(label.strip("'") for label in row) for row in trace.labels)
@@ -187,7 +189,9 @@ def trace_view_data(trace: Trace, *, min_count: int = 1, compare: str | Iterable
         "title": title or f"{trace.model} · {trace.prompts}",
         "model": trace.model, "prompts": trace.prompts, "n_prompts": len(trace.labels),
         "n_layers": trace.n_layers, "n_heads": trace.n_heads,
-        "config": {"threshold": c.threshold, "mass": c.mass, "slices": c.slices, "roots": list(c.roots)},
+        "config": {"threshold": c.threshold, "mass": c.mass, "slices": c.slices, "roots": list(c.roots),
+                   "sources": c.sources, "readings": c.readings},
+        "writer_classes": list(WRITER_CLASSES),
         "roots": sorted({_root_head(r) for r in c.roots}),
         "min_count": min_count,
         "known": _known_classes(compare),

@@ -28,10 +28,12 @@ FORWARD_BATCH = 64  # prompts per forward pass inside a chunk
 BUDGET_ENV = "CIRCUITLANG_CHUNK_MB"
 
 
-def activation_bytes(model: LoadedModel, n: int, resid_layers: int = 0) -> int:
-    """Bytes one prompt of n positions takes in Activations, with the trace's per-layer working copies."""
+def activation_bytes(model: LoadedModel, n: int, resid_layers: int = 0, writers: bool = False) -> int:
+    """Bytes one prompt of n positions takes in Activations (with each MLP's write: `writers`), with the
+    trace's per-layer working copies."""
     L, H, d, r = model.n_layers, model.n_heads, model.d_model, model.d_head
-    floats = L * n * d * (1 + resid_layers / max(L, 1)) + n * L * H * r + 2 * L * H * n * n + 6 * L * H * n + 2 * L * n
+    residual_copies = 1 + (resid_layers + 1) / max(L, 1) + writers  # x, the residuals kept, the embeddings, MLP writes
+    floats = L * n * d * residual_copies + n * L * H * r + 2 * L * H * n * n + 6 * L * H * n + 2 * L * n
     per_layer_work = 2 * H * n * r + 2 * H * n * n  # token projections onto both bases, firing masks
     # Measured on Gemma 3 270M: a capture's peak is ~1.5x what its Activations hold (the batches beside the
     # field being stacked); the trace's and the interventions' working tensors come on top.
@@ -50,12 +52,13 @@ def default_budget() -> int:
     return int(min(2 * 2**30, max(memory // 8, 64 * 2**20)))
 
 
-def chunk_size(model: LoadedModel, prompts: PromptSet, budget: int | None = None, resid_layers: int = 0) -> int:
+def chunk_size(model: LoadedModel, prompts: PromptSet, budget: int | None = None, resid_layers: int = 0,
+               writers: bool = False) -> int:
     """Prompts per chunk within `budget` bytes of activations (with the residual at `resid_layers` layers);
     a multiple of the forward batch when larger, so the forward passes batch the prompts exactly as an
     unchunked run does."""
     n = max(len(p.token_ids) for p in prompts)
-    size = max(1, (budget or default_budget()) // activation_bytes(model, n, resid_layers))
+    size = max(1, (budget or default_budget()) // activation_bytes(model, n, resid_layers, writers))
     if size >= FORWARD_BATCH:
         size -= size % FORWARD_BATCH
     return min(size, len(prompts))
@@ -81,7 +84,8 @@ def trace_chunk(acts: Activations, geometry: AttentionGeometry, prompts: PromptS
                 plan: Plan, n_layers: int, n_heads: int) -> ChunkTrace:
     """Algorithm 1 on the activations `acts` of the chunk `prompts`, the first of which is prompt `start`."""
     positions = root_positions(prompts, roots, n_layers, n_heads)
-    firing, events, edges = trace_activations(acts, geometry, positions, plan.threshold, plan.mass, plan.slices)
+    firing, events, edges = trace_activations(acts, geometry, positions, plan.threshold, plan.mass, plan.slices,
+                                              readings=plan.readings, writers=plan.writers)
     events = dataclasses.replace(events, prompt=events.prompt + start)
     edges = dataclasses.replace(edges, prompt=edges.prompt + start)
     diff = acts.logit_diff.double().numpy() if acts.logit_diff is not None else None

@@ -128,7 +128,8 @@ class ChunkWork:
         return cls(plan, model, prompts, attention_geometry(model), max(len(p.token_ids) for p in prompts))
 
     def forward(self, start: int, stop: int, resid_layers: tuple[int, ...] = ()) -> Activations:
-        return capture(self.model, self.prompts[start:stop], batch_size=FORWARD_BATCH, length=self.length, resid_layers=resid_layers)
+        return capture(self.model, self.prompts[start:stop], batch_size=FORWARD_BATCH, length=self.length, resid_layers=resid_layers,
+                       writers="mlp" in self.plan.writers)
 
     def evidence(self, acts: Activations, start: int, stop: int) -> RootEvidence:
         return evidence_of(self.model, acts, self.prompts[start:stop], self.plan.threshold, self.geometry)
@@ -231,7 +232,7 @@ def run_plan(plan: Plan, *, model: LoadedModel | None = None, device: str | None
     timings["load"] = time.perf_counter() - t0
     work = ChunkWork.of(plan, model)
     prompts = work.prompts
-    size = chunk or chunk_size(model, prompts)
+    size = chunk or chunk_size(model, prompts, writers="mlp" in plan.writers)
     # One chunk holds every prompt: keep its activations, with the residual entering every layer, for the
     # interventions (their partial passes start there), instead of a second forward pass.
     keep = bool(plan.interventions) and size >= len(prompts) and chunk_size(model, prompts, resid_layers=model.n_layers) >= len(prompts)
@@ -247,7 +248,8 @@ def run_plan(plan: Plan, *, model: LoadedModel | None = None, device: str | None
         else:
             roots = list(plan.roots)
         firing, events, edges, diffs = merge_chunks(chunks.trace(bounds, roots))
-        trace = build_trace(model, prompts, roots, plan.threshold, plan.mass, plan.slices, firing, events, edges, {})
+        trace = build_trace(model, prompts, roots, plan.threshold, plan.mass, plan.slices, firing, events, edges, {},
+                            readings=plan.readings, writers=plan.writers)
         timings["graph"] = trace.timings["graph"]
         result = RunResult(plan=plan, trace=trace, auto_roots=chosen, logit_diff=tuple(diffs.tolist()) if diffs is not None else (),
                            skipped_roots=skipped)

@@ -16,7 +16,14 @@
   const fmtInt = (x) => Number(x).toLocaleString("en-US");
   const headOf = (id) => id.split(":")[0];
   const roleOf = (id) => { const k = id.indexOf(":"); return k < 0 ? null : id.slice(k + 1); };
-  const parseHead = (id) => headOf(id).split(".").map(Number);
+  // Writer nodes of `sources` ("mlp 5", "bias 3", "embed") take a negative head number, as in trace.json's layout.
+  const WRITERS = { mlp: -1, bias: -2, embed: -3 };
+  const writerKind = (id) => { const w = headOf(id).split(" ")[0]; return w in WRITERS ? w : null; };
+  const parseHead = (id) => {
+    const kind = writerKind(id);
+    if (kind) { const l = headOf(id).split(" ")[1]; return [l === undefined ? -1 : Number(l), WRITERS[kind]]; }
+    return headOf(id).split(".").map(Number);
+  };
   const label = (id) => { const r = roleOf(id); return r === null ? id : `${headOf(id)} ${r}`; };  // the paper's 9.6, 9.6 end
   const edgeKey = (e) => `${e.u}>${e.v}`;
   const el = (tag, attrs = {}, parent = null) => {
@@ -235,9 +242,16 @@
     const traced = [...nodes.values()].filter((n) => n.role === null).map((n) => (heads.get(n.id) || {}).traced || 0);
     const most = Math.log1p(Math.max(1, ...traced));
     for (const n of nodes.values()) {
-      const g = el("g", { class: "node " + (n.role === null ? "head" : "token"), "data-id": n.id, transform: `translate(${n.x},${n.y})` }, gNodes);
+      const kind = n.role === null ? writerKind(n.id) : null;
+      const g = el("g", { class: "node " + (kind ? "writer" : n.role === null ? "head" : "token"), "data-id": n.id,
+                          transform: `translate(${n.x},${n.y})` }, gNodes);
       const title = el("title", {}, g);
-      if (n.role === null) {
+      if (kind) {
+        el("rect", { x: -HEAD_RX, y: -HEAD_RY, width: 2 * HEAD_RX, height: 2 * HEAD_RY }, g);
+        const t = el("text", { "text-anchor": "middle", dy: "0.35em" }, g);
+        t.textContent = n.id;
+        title.textContent = writerText(n.id);
+      } else if (n.role === null) {
         let fill, font = "black", stroke = null;
         if (DIFF) {
           const w = nodeWhere.get(n.id);
@@ -322,7 +336,7 @@
       g.classList.toggle("inset", !!state.set && hlEdges.has(k));
     }
     const status = document.getElementById("status");
-    const nHeads = [...current.nodes.values()].filter((n) => n.role === null).length;
+    const nHeads = [...current.nodes.values()].filter((n) => n.role === null && !writerKind(n.id)).length;
     status.textContent = `${fmtInt(current.vis.length)} edges · ${nHeads} heads` + (q ? ` · ${matches.size} match` : "");
     status.setAttribute("data-edges", current.vis.length);
     status.setAttribute("data-heads", nHeads);
@@ -485,11 +499,26 @@
 
   const byCount = (a, b) => (DIFF ? Math.max(edges[b].ca, edges[b].cb) - Math.max(edges[a].ca, edges[a].cb) : edges[b].count - edges[a].count) || a - b;
 
+  function writerText(id) {
+    const [l] = parseHead(id);
+    return { mlp: `the MLP of layer ${l}`, bias: `the attention output bias b_O of layer ${l}`, embed: "the embeddings" }[writerKind(id)]
+      + " (a source, not a head: the trace does not recurse into it)";
+  }
+
+  function splitTable(split) {
+    const classes = D.writer_classes || [];
+    const sides = ["d", "s"].filter((s) => split && split[s]);
+    if (!sides.length) return "";
+    return `<h3>its signal by writer (share of its traced events' signal)</h3><table class="split"><tr><th>side</th>${classes.map((c) => `<th>${esc(c)}</th>`).join("")}</tr>` +
+      sides.map((s) => `<tr><td>${s}</td>${classes.map((c) => `<td>${fmt(100 * split[s][c], 2)}%</td>`).join("")}</tr>`).join("") + "</table>";
+  }
+
   function headPanel(id) {
     const vis = new Set(current.vis);
     const into = [], out = [];
     edges.forEach((e, k) => { if (!vis.has(k)) return; if (headOf(e.v) === id) into.push(k); if (e.u === id) out.push(k); });
     into.sort(byCount); out.sort(byCount);
+    if (writerKind(id)) return `<h2>${esc(id)}</h2><p class="note" id="writer-kind">${esc(writerText(id))}</p>` + edgeTable(out, "edges out of it", "v");
     const badges = (roots.has(id) ? `<span class="badge root">root</span>` : "") + (known[id] ? `<span class="badge known">${esc(known[id])}</span>` : "");
     if (DIFF) {
       const w = nodeWhere.get(id);
@@ -507,6 +536,7 @@
         <dt>mean |S<sub>ij</sub>|</dt><dd id="head-mean-s">${fmt(meanS)}</dd>
         ${D.compare ? `<dt>known class</dt><dd id="head-class">${esc(known[id] || "— (not in the " + D.compare + " list)")}</dd>` : ""}
       </dl>
+      ${splitTable(h.split)}
       <h3>|S<sub>ij</sub>| over its ${fmtInt(events)} firing events (Fig. 3)</h3>${chart(h.hist, "hist", "|S_ij|", 1)}
       <h3>slice usage: firings using slice k (Fig. 2)</h3>${chart(h.usage, "usage", "slice k", 0)}
       ${edgeTable(into, "edges into its tokens", "u")}${edgeTable(out, "edges out of it", "v")}
