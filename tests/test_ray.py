@@ -1,6 +1,6 @@
 """Prompt chunks on Ray workers: the same roots, trace and intervention numbers as one process, also when a
-worker dies mid-run; a chunk that fails every attempt ends `circ run` with one line and no output; without
-Ray, one line."""
+worker dies mid-run; a chunk that fails every attempt ends `circ run` with one line and no output; so do a
+cluster that does not answer and a missing Ray."""
 
 from __future__ import annotations
 
@@ -102,6 +102,17 @@ def test_a_chunk_that_always_fails_ends_the_run_with_one_line_and_no_output(loca
     assert code == 1 and not out.exists()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert "roots: chunk" in err and "failed 3 times on the Ray workers" in err, err
+
+
+def test_a_cluster_that_does_not_answer_is_one_line_at_once(tiny, tmp_path, monkeypatch, capsys):
+    spec = tmp_path / "tiny.circ"
+    spec.write_text(SPEC.format(model=tiny[0], roots="auto 2"))
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as a fresh `circ run` process
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray must not be asked to connect"))
+    code = main(["run", str(spec), "--ray", "127.0.0.1:1", "--quiet", "--no-cache", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and not (tmp_path / "out").exists()
+    assert len(err.splitlines()) == 1 and "cannot reach the Ray cluster at 127.0.0.1:1" in err, err
 
 
 def test_without_ray_one_line_says_how_to_install_it(tiny, tmp_path, monkeypatch, capsys):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -103,6 +104,8 @@ class RayChunks:
     def _start(self) -> RayChunks:
         ray = self.ray
         if not ray.is_initialized():
+            if self.cluster.address:
+                _check_reachable(self.cluster.address)
             try:
                 ray.init(address=self.cluster.address, include_dashboard=False, logging_level=logging.ERROR,
                          log_to_driver=False)
@@ -182,6 +185,17 @@ class RayChunks:
             tick(1)
         self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - t0
         return results
+
+
+def _check_reachable(address: str) -> None:
+    """Ray retries an address that does not answer for minutes, logging every try: say so at once, in one line."""
+    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    if not colon or not port.isdigit():  # "auto", or a form only Ray resolves
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as err:
+        raise DistributedError(f"cannot reach the Ray cluster at {address}: {err.strerror or err}") from None
 
 
 def _first_line(err: BaseException) -> str:
