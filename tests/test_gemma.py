@@ -91,3 +91,23 @@ def test_f_is_the_models_logit_difference_and_partial_interventions_equal_whole_
     for f in ("f_after", "score_before", "score_after", "cosine", "norm_ratio"):
         torch.testing.assert_close(torch.from_numpy(getattr(partial.rows, f)), torch.from_numpy(getattr(whole.rows, f)),
                                    rtol=1e-4, atol=1e-4, equal_nan=True)
+
+
+def test_writers_beyond_heads_on_gemma(gemma, prompts, acts):
+    """`sources heads mlp embed bias` on the real model: MLP writer nodes, every event's signal split by
+    class and summing to the signal (MLPs checked against their own writes), the same numbers twice."""
+    import numpy as np
+
+    from circuitlang.engine.results import MLP, WRITER_CLASSES
+    from circuitlang.engine.trace import writer_contributions
+
+    roots = [c.root for c in choose_roots(gemma, acts, prompts, 2, 0.3)]
+    runs = [trace(gemma, prompts, roots, 0.3, writers=("heads", "mlp", "embed", "bias"), activations=acts) for _ in range(2)]
+    t = runs[0]
+    assert (t.edges.up_head == MLP).any() and any(t.graph.nodes[n]["kind"] == "mlp" for n in t.graph.nodes)
+    assert np.array_equal(t.edges.contribution, runs[1].edges.contribution)
+    signal = t.events.signal_dest
+    assert np.isfinite(t.events.split_dest).all()
+    np.testing.assert_allclose(t.events.split_dest.sum(1), signal, rtol=1e-4, atol=1e-4 * np.abs(signal).max())
+    mlp = sum(v for k, v in writer_contributions(acts, attention_geometry(gemma), t.events, "d").items() if k.startswith("mlp"))
+    np.testing.assert_allclose(t.events.split_dest[:, WRITER_CLASSES.index("mlp")], mlp, atol=1e-3 * np.abs(signal).max())

@@ -17,7 +17,7 @@ from circuitlang.cli import main
 from circuitlang.report import edge_filter, read_trace_json
 from circuitlang.report.diff import BOTH, ONLY_A, ONLY_B, diff_to_dict, diff_traces
 from circuitlang.report.draw import SIDE_COLOURS
-from circuitlang.report.export import node_id
+from circuitlang.report.export import graph_heads, node_id, writer_shares
 from tiny_models import build_gpt2
 
 REPO = Path(__file__).resolve().parents[1]
@@ -329,3 +329,31 @@ def test_html_is_an_output_format(tmp_path, capsys):
     spec.write_text('output "x" json htm\n')
     assert main(["check", str(spec)]) == 2
     assert '"html"' in capsys.readouterr().err
+
+
+def test_writer_nodes_and_each_heads_signal_by_writer(browser, runs):
+    """`sources heads mlp embed bias`: writer nodes drawn as such (not heads), and a head's panel lists its
+    signal by writer class with the shares the report computes."""
+    spec = runs / "writers.circ"
+    spec.write_text(f'extends "{runs / "b.circ"}"\nsources heads mlp embed bias\nshow edges in >= 1 prompts\n')
+    assert main(["run", str(spec), "--out", str(runs / "writers"), "--no-cache", "--quiet"]) == 0
+    t = read_trace_json(runs / "writers" / "trace.json")
+    writers = {node_id(n) for n in t.graph.nodes if len(n) == 2 and n[1] < 0}
+    assert writers, "this model's MLPs and embeddings carry much of its signal"
+    page = Page(browser, runs / "writers" / "trace.html")
+    drawn = set(page.page.eval_on_selector_all("svg .node.writer", "els => els.map(e => e.dataset.id)"))
+    assert drawn == writers
+    assert not drawn & set(page.page.eval_on_selector_all("svg .node.head", "els => els.map(e => e.dataset.id)"))
+    first = sorted(drawn)[0]
+    page.page.click(f'svg .node.writer[data-id="{first}"]')
+    assert "not a head" in page.text("#writer-kind")
+    shares = writer_shares(t, graph_heads(t.graph))
+    head = max(shares, key=lambda n: t.graph.nodes[n]["traced"])
+    page.page.click(f'svg .node.head[data-id="{head[0]}.{head[1]}"]')
+    cells = page.page.eval_on_selector_all("table.split tr", "rows => rows.map(r => [...r.children].map(c => c.textContent))")
+    header, *rows = cells
+    for row in rows:
+        side = row[0]
+        for name, cell in zip(header[1:], row[1:]):
+            assert float(cell.rstrip("%")) == pytest.approx(100 * shares[head][side][name], abs=0.5)
+    page.close()
