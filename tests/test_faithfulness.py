@@ -308,3 +308,38 @@ def test_gemma_numbers_are_finite_and_reproducible(gemma):
     few = ev.Batch(batch.tokens[:2], batch.cf_tokens[:2], batch.lengths[:2], batch.answers[:2])
     tl = ev.tl_attribution(gemma, few)
     torch.testing.assert_close(ap[:2], tl, rtol=1e-3, atol=1e-3 * float(tl.abs().max()))
+
+
+def test_edge_level_scores_the_traces_own_edges_with_transformer_lens(tmp_path_factory, gpt2_tokenizer):
+    from transformer_lens.tools.analysis.attribution_patching import faithfulness as tl_faithfulness
+
+    from checks import busiest_roots
+    from circuitlang.engine.forward import capture
+
+    model = load_model(str(build_gpt2(tmp_path_factory.mktemp("edges"), gpt2_tokenizer, n_layer=3)))
+    prompts = ioi_counterfactuals(ioi_prompts(gpt2_tokenizer, 4, seed=1), gpt2_tokenizer, "abc", seed=2)
+    acts = capture(model, prompts)
+    t = trace(model, prompts, busiest_roots(acts, prompts, 2, k=2), activations=acts)
+    # the mapping: side d -> the downstream head's query input at dest, side s -> its key input at src
+    circuit = ev.trace_edge_circuit(t, 0, int(acts.lengths[0]) - 1, model.n_layers)
+    rows = np.nonzero(t.edges.prompt == 0)[0]
+    assert len(rows) and len(circuit) > len(rows) // 2
+    for k in rows:
+        side, (l, h) = t.edges.side[k], (t.edges.layer[k], t.edges.head[k])
+        token = t.edges.dest[k] if side == "d" else t.edges.src[k]
+        readers = {(r.kind, r.layer, r.head, r.position) for w, r in circuit if (w.layer, w.head) == (t.edges.up_layer[k], t.edges.up_head[k])}
+        assert ("q_input" if side == "d" else "k_input", l, h, token) in readers
+    assert {r.kind for _, r in circuit} >= {"logits"}
+    res = ev.evaluate_faithfulness(model, prompts, t, against="abc", sizes=(5,), random_draws=2, seed=0)
+    edge = res.edge_level
+    assert edge["supported"] and edge["n_prompts"] + edge["skipped_prompts"] == 4 and np.isfinite(edge["recovered"])
+    # the mean is of TransformerLens's own per-prompt numbers
+    batch = ev.Batch.of(model, prompts)
+    own = []
+    for row in range(4):
+        n = int(batch.lengths[row])
+        t_id, d_id = batch.answers[row].tolist()
+        own.append(tl_faithfulness(model.bridge, batch.tokens[row : row + 1, :n], batch.cf_tokens[row : row + 1, :n],
+                                   lambda logits: logits[0, -1, t_id] - logits[0, -1, d_id],
+                                   ev.trace_edge_circuit(t, row, n - 1, model.n_layers)).recovered)
+    assert edge["recovered"] == pytest.approx(float(np.mean(own)), abs=1e-6)

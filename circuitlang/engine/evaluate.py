@@ -361,6 +361,70 @@ def tl_edge_support(model: LoadedModel) -> str | None:
     return None
 
 
+EDGE_PROMPTS = 8  # prompts the edge-level check runs on: TransformerLens's `faithfulness` takes one pair a call,
+# enumerates every edge of the model in Python and runs a pass per edge class (about 2 s a prompt on 3 layers)
+
+
+def trace_edge_circuit(trace: Any, prompt: int, last: int, n_layers: int) -> list[tuple[Any, Any]]:
+    """TransformerLens 4's (writer, reader) edges for one prompt's traced edges: an edge from (l', b) into head
+    (l, h) through its destination token i is b's output at i read by h's query input at i, through its source
+    token j the key input at j (an MLP or the embeddings of `sources`: their write at that token); and each
+    traced head's write into the logits at the last token, where the task metric reads it."""
+    from transformer_lens.tools.analysis.attribution_patching import Node
+
+    e = trace.edges
+    rows = np.nonzero(e.prompt == prompt)[0]
+    circuit, outputs = set(), set()
+    for k in rows.tolist():
+        up, down = (int(e.up_layer[k]), int(e.up_head[k])), (int(e.layer[k]), int(e.head[k]))
+        token = int(e.dest[k] if e.side[k] == "d" else e.src[k])
+        if up[1] >= 0:
+            writer = Node("attn_head_out", position=token, layer=up[0], head=up[1])
+            outputs.add(up)
+        elif up[1] == -1:  # results.MLP
+            writer = Node("mlp_out", position=token, layer=up[0])
+        elif up[1] == -3:  # results.EMBED
+            writer = Node("embed", position=token)
+        else:  # a b_O is no node of TransformerLens's graph: it is never ablated
+            continue
+        reader = Node("q_input" if e.side[k] == "d" else "k_input", position=token, layer=down[0], head=down[1])
+        circuit.add((writer, reader))
+        outputs.add(down)
+    logits = Node("logits", position=last, layer=n_layers - 1)
+    circuit |= {(Node("attn_head_out", position=last, layer=l, head=h), logits) for l, h in outputs}
+    return sorted(circuit, key=repr)
+
+
+def tl_edge_faithfulness(model: LoadedModel, batch: Batch, trace: Any) -> dict[str, Any]:
+    """TransformerLens 4's edge-level `faithfulness` (every edge outside the circuit takes the counterfactual run's
+    write) of each prompt's traced edges with the traced heads' logit edges (`trace_edge_circuit`), on the first
+    EDGE_PROMPTS prompts: the mean and spread of the recovered fraction, and the mean edge count."""
+    from transformer_lens.tools.analysis.attribution_patching import faithfulness as tl_faithfulness
+
+    recovered, edges, skipped = [], [], 0
+    for row in range(min(EDGE_PROMPTS, batch.tokens.shape[0])):
+        n = int(batch.lengths[row])
+        target, distractor = batch.answers[row].tolist()
+
+        def metric(logits, t=target, d=distractor):
+            return logits[0, -1, t] - logits[0, -1, d]
+
+        circuit = trace_edge_circuit(trace, row, n - 1, model.n_layers)
+        try:
+            result = tl_faithfulness(model.bridge, batch.tokens[row : row + 1, :n].to(model.device),
+                                     batch.cf_tokens[row : row + 1, :n].to(model.device), metric, circuit)
+        except ValueError as err:
+            if "equal" not in str(err):  # a pair whose clean and corrupt metrics tie has no gap to recover
+                raise
+            skipped += 1
+            continue
+        recovered.append(float(result.recovered))
+        edges.append(len(circuit))
+    return {"recovered": float(np.mean(recovered)) if recovered else float("nan"),
+            "recovered_std": float(np.std(recovered)) if recovered else float("nan"),
+            "edges": float(np.mean(edges)) if edges else 0.0, "n_prompts": len(recovered), "skipped_prompts": skipped}
+
+
 # ---------------------------------------------------------------------------------------------- the evaluation
 
 
@@ -475,6 +539,10 @@ def evaluate_faithfulness(
     edge_level["supported"] = refusal is None
     if refusal is not None:
         edge_level["reason"] = refusal
+    elif use_tl and hasattr(trace, "graph"):  # a real trace (not a ranking's stub): its edges, scored by TransformerLens
+        t = time.perf_counter()
+        edge_level |= tl_edge_faithfulness(model, batch, trace)
+        timings["edge_level"] = time.perf_counter() - t
 
     timings["evaluation"] = time.perf_counter() - t_start
     timings["passes"] = float(passes)
@@ -501,7 +569,7 @@ def traced_heads(trace: Any, min_count: int = 1) -> set[str]:
     """The heads of the traced circuit: those in a communication edge seen in at least min_count prompts."""
     heads = set()
     for up, down, data in trace.graph.edges(data=True):
-        if data.get("count", 0) >= min_count and len(up) == 2 and len(down) == 3:
+        if data.get("count", 0) >= min_count and len(up) == 2 and up[1] >= 0 and len(down) == 3:
             heads.add(f"{up[0]}.{up[1]}")
             heads.add(f"{down[0]}.{down[1]}")
     return heads

@@ -89,6 +89,11 @@ def render_faithfulness(results: FaithfulnessResults, console: Console) -> None:
     edge = results.edge_level
     if edge and not edge.get("supported", False):
         console.print(f"edge level: TransformerLens 4's faithfulness refuses this model: {edge.get('reason', '')}", highlight=False)
+    elif edge.get("n_prompts"):
+        console.print(f"edge level: TransformerLens 4's faithfulness of the trace's own edges ({edge['edges']:.0f} per prompt: "
+                      f"the query and key inputs it traced, and the traced heads' logit edges; every other edge, value "
+                      f"inputs included, ablated): {edge['recovered']:.2f} ± {edge['recovered_std']:.2f} of the gap recovered "
+                      f"over {edge['n_prompts']} prompts", highlight=False)
     if results.overlap:
         overlap = Table(title="Top-k heads against reference sets", box=box.SIMPLE_HEAD)
         for column in ("method", "reference", "k", "precision", "recall", "F1"):
