@@ -235,13 +235,18 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32", *, hf_mod
     if _is_local(name) and not Path(name).expanduser().is_dir():
         raise ModelLoadError(f"model directory {name!r} does not exist")
     offline = False if _is_local(name) or hf_model is not None else _check_hub_name(name)
+    from circuitlang.engine import weights_cache  # here: it reads the cache root from embedded, which imports this module
+
+    processed = weights_cache.processed_path(name, DTYPES[dtype], device) if hf_model is None else None
     try:
         with _quiet(), _hub_offline(offline):
             bridge = TransformerBridge.boot_transformers(
                 name, device=device, dtype=DTYPES[dtype], hf_model=hf_model
             )
             value_bias = _value_bias(bridge)
-            bridge.enable_compatibility_mode()
+        saved = weights_cache.read(processed, bridge)  # outside _quiet, which would hide a discarded entry's warning
+        with _quiet():
+            weights_cache.process_weights(bridge, processed, saved)
     except (OSError, ValueError) as err:
         if _is_local(name):
             raise ModelLoadError(f"could not load the model in {name!r}: {err}") from err

@@ -3,7 +3,7 @@ changes the spec but not the model skips the QR and SVDs (for rotary models one 
 offset, about 1 s a layer for Gemma 3 270M on one core). The key hashes the layer's exact inputs, so no
 model identity is needed and a dtype or device change cannot alias.
 
-An entry is the tensor file and `<key>.sha256`, the digest of its bytes. It is read only with
+An entry is the tensor file and `<key>.sha256`, the digest of its bytes. It is mapped into memory only with
 `torch.load(weights_only=True)` (plain tensors, never pickled objects), only when the digest matches,
 and only when the tensors have the shapes the layer needs; anything else is discarded with a
 `CacheWarning` and recomputed. Files are written beside their place and moved there in one step.
@@ -18,12 +18,12 @@ import io
 import warnings
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
 
-from circuitlang.atomic import atomic_write
+from circuitlang.atomic import atomic_path, atomic_write
 from circuitlang.engine.embedded import cache_root
 from circuitlang.engine.geometry import AttentionGeometry, layer_slices
 from circuitlang.engine.omega import OmegaSlices
@@ -56,12 +56,18 @@ def _layer_digest(geometry: AttentionGeometry, layer: int) -> str:
 
 @contextlib.contextmanager
 def omega_cache() -> Iterator[None]:
-    """Let `cached_layer_slices` read and write the Omega cache inside the block."""
+    """Let the engine's caches be read and written inside the block: the Omega cache (`cached_layer_slices`)
+    and the processed weights (`load_model`, engine/weights_cache.py)."""
     token = _omega_on.set(True)
     try:
         yield
     finally:
         _omega_on.reset(token)
+
+
+def caches_on() -> bool:
+    """Whether the block is inside `omega_cache()`."""
+    return _omega_on.get()
 
 
 def write_checked(path: Path, data: bytes) -> None:
@@ -79,13 +85,39 @@ def read_checked(path: Path) -> bytes | None:
         data = path.read_bytes()
     except FileNotFoundError:
         return None
-    try:
-        expected = _sidecar(path).read_text(encoding="ascii").strip()
-    except (OSError, UnicodeDecodeError) as err:
-        raise ValueError("its checksum file is missing or unreadable") from err
-    if hashlib.sha256(data).hexdigest() != expected:
+    if hashlib.sha256(data).hexdigest() != _expected_digest(path):
         raise ValueError("its contents do not match their checksum")
     return data
+
+
+def write_checked_file(path: Path, write: Callable[[Path], None]) -> None:
+    """`write_checked` for a file too large to hold twice in memory: `write(tmp)` writes it, the digest is
+    read back from the disk."""
+    with atomic_path(path) as tmp:
+        write(tmp)
+        with tmp.open("rb") as fh:
+            digest = hashlib.file_digest(fh, "sha256").hexdigest()
+    atomic_write(_sidecar(path), digest.encode())
+
+
+def verify_checked(path: Path) -> bool:
+    """`read_checked` for a file too large to hold in memory (it is read in blocks): False if the entry is
+    absent, True if it matches its digest; ValueError for an entry that does not check out."""
+    try:
+        with path.open("rb") as fh:
+            digest = hashlib.file_digest(fh, "sha256").hexdigest()
+    except FileNotFoundError:
+        return False
+    if digest != _expected_digest(path):
+        raise ValueError("its contents do not match their checksum")
+    return True
+
+
+def _expected_digest(path: Path) -> str:
+    try:
+        return _sidecar(path).read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError("its checksum file is missing or unreadable") from err
 
 
 def discard(path: Path, what: str, reason: str) -> None:
@@ -112,9 +144,8 @@ def cached_layer_slices(geometry: AttentionGeometry, layer: int, cos: Tensor | N
     path = omega_dir() / f"{_layer_digest(geometry, layer)}.pt"
     offsets = len(cos) if geometry.rotary else 1
     try:
-        data = read_checked(path)
-        if data is not None:
-            saved = _validated(torch.load(io.BytesIO(data), weights_only=True), geometry, layer)
+        if verify_checked(path):  # then mapped, not read: only the pages the trace touches come into memory
+            saved = _validated(torch.load(path, mmap=True, weights_only=True), geometry, layer)
             tables_match = not geometry.rotary or (
                 len(saved["cos"]) >= offsets and torch.equal(saved["cos"][:offsets], cos) and torch.equal(saved["sin"][:offsets], sin))
             if tables_match:

@@ -30,6 +30,7 @@ from circuitlang.engine.model import _is_local
 from circuitlang.engine.omega_cache import ENGINE_VERSION, discard, omega_dir, read_checked, write_checked
 from circuitlang.engine.results import Trace
 from circuitlang.engine.roots import RootChoice, RootSkip
+from circuitlang.engine.weights_cache import directory_digest
 from circuitlang.lang import format_plan
 from circuitlang.lang.plan import FilePrompts, Output, Plan, Root
 from circuitlang.report.export import dumps, trace_from_dict, trace_to_dict
@@ -50,7 +51,7 @@ def model_identity(name: str, progress: Callable[[str], None] | None = None) -> 
     """
     path = resolve_embedded(name, progress=progress) or name
     if _is_local(path):
-        return "dir:" + _directory_digest(Path(path)) if Path(path).is_dir() else None
+        return "dir:" + directory_digest(Path(path)) if Path(path).is_dir() else None
     from huggingface_hub import try_to_load_from_cache
 
     try:
@@ -58,18 +59,6 @@ def model_identity(name: str, progress: Callable[[str], None] | None = None) -> 
     except ValueError:  # not a valid repo id: the load reports it
         return None
     return f"hub:{name}@{Path(found).parent.name}" if isinstance(found, str) else None
-
-
-def _directory_digest(directory: Path) -> str:
-    h = hashlib.sha256()
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and not p.relative_to(directory).as_posix().startswith("."))
-    for f in files:
-        stat = f.stat()
-        h.update(f"{f.relative_to(directory).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    config = directory / "config.json"
-    if config.is_file():  # content too: a copy that keeps mtimes (cp -p) of an edited config
-        h.update(config.read_bytes())
-    return h.hexdigest()
 
 
 def trace_plan_text(plan: Plan) -> str:
