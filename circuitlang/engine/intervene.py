@@ -542,10 +542,12 @@ def intervene_chunk(model: LoadedModel, geometry: AttentionGeometry, acts: Activ
         groups = group_signals(acts, geometry, plan, centre, homogeneous,
                                rows=torch.tensor([local_of[int(p)] for p in plan.prompt.tolist()], dtype=torch.long))
         results: dict[tuple[str, str, str], dict] = {}
+        # Prompts of like length batched together: a pass stops at its batch's longest prompt (see _stacked_pass).
+        order = np.argsort(acts.lengths[[local_of[int(p)] for p in used]].numpy(), kind="stable")
         for start, variants in _by_start(sp).items():
             step = max(1, batch_rows // len(variants))
             for b0 in range(0, len(used), step):
-                batch = used[b0 : b0 + step]
+                batch = used[order[b0 : b0 + step]]
                 out = _stacked_pass(model, geometry, acts, groups, sp.events, variants, batch, local_of,
                                     start if partial else 0, answers, float(model.attn_scale), centre)
                 for variant, values in out.items():
@@ -555,7 +557,7 @@ def intervene_chunk(model: LoadedModel, geometry: AttentionGeometry, acts: Activ
                 if tick is not None:
                     tick(1)
         for kind, place, control in sp.variants:
-            values = {k: np.concatenate(v) for k, v in results[kind, place, control].items()}
+            values = {k: np.concatenate(v)[np.argsort(order)] for k, v in results[kind, place, control].items()}
             columns["set"] += [sp.set.name] * len(used)
             columns["kind"] += [kind] * len(used)
             columns["place"] += [place] * len(used)
@@ -579,8 +581,9 @@ def _stacked_pass(model, geometry, acts, groups: EdgeGroups, events, variants, b
     from circuitlang.engine.forward import keepers, logit_diff, run_to_final_norm
 
     B, V = len(batch), len(variants)
-    n = acts.tokens.shape[1]
     local = torch.tensor([local_of[int(p)] for p in batch.tolist()], dtype=torch.long)
+    # The padding after the batch's longest prompt changes nothing before it (causal attention): left out.
+    n = int(acts.lengths[local].max())
     per_variant = [intervention_deltas(model, geometry, groups, kind, place, control, batch.tolist(), n) for kind, place, control in variants]
     names = sorted({name for deltas in per_variant for name in deltas})
     stacked = {}
@@ -593,8 +596,8 @@ def _stacked_pass(model, geometry, acts, groups: EdgeGroups, events, variants, b
     if any(place == "global" for _, place, _ in variants):
         watch += [f"blocks.{l}.ln1.hook_in" for l in down_layers]
     hooks = [(name, _adder(delta)) for name, delta in stacked.items()] + keepers(watch, captured)
-    tokens = acts.tokens[local].repeat(V, 1)
-    resid = acts.resid[start][local].repeat(V, 1, 1) if start > 0 else None
+    tokens = acts.tokens[local, :n].repeat(V, 1)
+    resid = acts.resid[start][local, :n].repeat(V, 1, 1) if start > 0 else None
     final = run_to_final_norm(model, tokens, hooks, start=start, resid=resid)
     last = (acts.lengths[local] - 1).repeat(V)
     rows = torch.arange(B * V)
