@@ -151,9 +151,9 @@ def _run(plan: Plan, args, console: Console) -> int:
     errors = Console(stderr=True)
     if not _writable(plan.output.directory, errors):  # before the model loads, not after the trace
         return EXIT_SPEC
-    cluster = None if getattr(args, "ray", None) is None else Cluster(args.ray or None)
     with _progress(args.quiet) as bars, _cache_warnings(errors):
         try:
+            cluster = None if getattr(args, "ray", None) is None else Cluster(args.ray or None)
             result, reused = cached_run(plan, device=args.device, progress=bars, use_cache=not args.no_cache,
                                         chunk=getattr(args, "chunk", None), cluster=cluster)
         except SpecError as err:  # a head out of range, known once the model is loaded

@@ -1,6 +1,6 @@
 """Prompt chunks on Ray workers: the same roots, trace and intervention numbers as one process, also when a
-worker dies mid-run; a chunk that fails every attempt ends `circ run` with one line and no output; so do a
-cluster that does not answer and a missing Ray."""
+worker dies mid-run; a chunk that fails every attempt ends `circ run` with one line and no output; so does a
+cluster that does not answer (a missing Ray: tests/test_runner.py)."""
 
 from __future__ import annotations
 
@@ -113,13 +113,3 @@ def test_a_cluster_that_does_not_answer_is_one_line_at_once(tiny, tmp_path, monk
     err = capsys.readouterr().err.strip()
     assert code == 1 and not (tmp_path / "out").exists()
     assert len(err.splitlines()) == 1 and "cannot reach the Ray cluster at 127.0.0.1:1" in err, err
-
-
-def test_without_ray_one_line_says_how_to_install_it(tiny, tmp_path, monkeypatch, capsys):
-    spec = tmp_path / "tiny.circ"
-    spec.write_text(SPEC.format(model=tiny[0], roots="auto 2"))
-    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
-    code = main(["run", str(spec), "--ray", "--quiet", "--no-cache", "--out", str(tmp_path / "out")])
-    err = capsys.readouterr().err.strip()
-    assert code == 1 and not (tmp_path / "out").exists()
-    assert len(err.splitlines()) == 1 and err.endswith('Ray is not installed: pip install "circuitlang[ray]"'), err

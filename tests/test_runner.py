@@ -247,3 +247,16 @@ def test_sources_and_readings_chunk_like_the_unchunked_run(tiny, preloaded, sett
         if d["kind"] == "communication":
             assert (d["count"], d["type"]) == (chunked.trace.graph.edges[u, v]["count"], chunked.trace.graph.edges[u, v]["type"])
             assert d["total"] == pytest.approx(chunked.trace.graph.edges[u, v]["total"], rel=1e-6)
+
+
+def test_without_ray_one_line_says_how_to_install_it_before_the_model_loads(tiny, tmp_path, monkeypatch, capsys):
+    import sys
+
+    spec = tmp_path / "tiny.circ"
+    spec.write_text(SPEC.format(model=tiny[0], roots="auto 2"))
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    monkeypatch.setattr(execute, "resolve_model", lambda *a, **k: pytest.fail("the model must not load"))
+    code = main(["run", str(spec), "--ray", "--quiet", "--no-cache", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and not (tmp_path / "out").exists()
+    assert len(err.splitlines()) == 1 and err.endswith('Ray is not installed: pip install "circuitlang[ray]"'), err

@@ -46,6 +46,9 @@ class Cluster:
     workers: int | None = None
     attempts: int = 3
 
+    def __post_init__(self) -> None:
+        _ray()  # a missing Ray is one line before the model loads, not after
+
 
 class ChunkWorker:
     """A Ray actor: loads the model once, then does the work of the chunks it is sent. caches: whether the
