@@ -165,3 +165,20 @@ def test_sources_and_readings_in_a_spec():
                           ("readings paper value both", "reading value is folded or head")]:
         with pytest.raises(SpecError, match=message):
             parse_text(text + "\n")
+
+
+def test_circ_diff_shows_writer_nodes_as_such(biased, acts, prompts, roots):
+    from rich.console import Console
+
+    from circuitlang.report.diff import build_diff_dot, diff_traces, render_diff
+
+    heads_only = trace(biased[1], prompts, roots, activations=acts)
+    everything = trace(biased[1], prompts, roots, writers=ALL, activations=acts)
+    diff = diff_traces(heads_only, everything, 1)
+    assert any(len(n) == 2 and n[1] < 0 for n in diff.nodes_only_b)
+    source = build_diff_dot(diff).source
+    assert "invhouse" in source or "box3d" in source
+    console = Console(record=True, width=120)
+    render_diff(diff, console)
+    text = console.export_text()
+    assert "embed" in text or "mlp " in text
