@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from circuitlang.engine.omega_cache import _omega_on, omega_cache
+from circuitlang.engine.omega_cache import caches_on, omega_cache
 from circuitlang.engine.roots import RootEvidence
 from circuitlang.lang.plan import Plan, Root
 from circuitlang.runner.chunks import ChunkTrace
@@ -125,7 +125,7 @@ class RayChunks:
         options = {"num_cpus": 1, "num_gpus": 1} if gpu else {"num_cpus": 1}
         # Ray restarts a dead worker (anywhere it has room) and runs its chunk again, `attempts` runs in all.
         actor = ray.remote(max_restarts=-1, max_task_retries=self.cluster.attempts - 1, **options)(ChunkWorker)
-        self.actors = [actor.remote(self.plan, self.device, 1, _omega_on.get()) for _ in range(count)]
+        self.actors = [actor.remote(self.plan, self.device, 1, caches_on()) for _ in range(count)]
         t0 = time.perf_counter()
         tick = _ticker(self.progress, "workers (model loaded)", count)
         tick(0)
