@@ -13,15 +13,16 @@ import numpy as np
 import pytest
 
 from circuitlang.cli import main
-from circuitlang.engine.model import load_model
 from circuitlang.lang import parse_text
 from circuitlang.runner import distributed
 from circuitlang.runner.distributed import ChunkWorker, Cluster
 from circuitlang.runner.execute import run_plan
+import test_runner
 from test_runner import SPEC, assert_same_trace
-from tiny_models import build_gpt2
 
 ray = pytest.importorskip("ray", reason='the Ray tests need the extra: pip install "circuitlang[ray]"')
+
+tiny, private_cache = test_runner.tiny, test_runner.private_cache  # the runner's tiny model and private cache
 
 CHUNK = 7  # 20 prompts: chunks 0-6, 7-13, 14-19
 
@@ -34,17 +35,6 @@ def local_ray():
     yield
     ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, gpt2_tokenizer):
-    directory = build_gpt2(tmp_path_factory.mktemp("ray") / "tiny", gpt2_tokenizer, n_layer=4, n_head=4, n_embd=64, seed=5)
-    return directory, load_model(str(directory))
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("CIRCUITLANG_CACHE", str(tmp_path / "cache"))
 
 
 def plan_for(tiny, roots="auto 2", interventions=True):
