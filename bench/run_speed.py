@@ -4,14 +4,14 @@ On the embedded model (Gemma 3 270M, already converted), for each N, every measu
 process; peak RSS is read twice, for the model's load and for the run after it (Linux):
   forward   the model's plain forward pass over the N prompts (`bridge(tokens)`, full logits, batches of
             64): the unit every ratio is in.
-  edited    `circ run specs/ioi.circ` with a prompt seed no cache has seen: Omega cache warm, run cache
-            cold (the researcher who edited the spec); phases load, forward, roots, trace, graph,
-            interventions.
-  no-cache  the same with --no-cache (Omega slices recomputed too).
+  edited    `circ run specs/ioi.circ` with a prompt seed no cache has seen: Omega and processed-weights
+            caches warm, run cache cold (the researcher who edited the spec); phases load, forward, roots,
+            trace, graph, interventions.
+  no-cache  the same with --no-cache (Omega slices and the model's weight processing recomputed too).
   again     the unchanged spec a second time: trace and interventions from the run cache.
   validate  `specs/ioi-validate.circ` (4 sets, 26 variants) with the same new seed, run cache cold.
 Contenders are interleaved and repeated; medians and minimums are printed, with the ratios of the run
-(load excluded) to the forward pass.
+(load excluded) to the forward pass; "peak GB" is the whole process's peak, the larger of the two.
 
     python bench/run_speed.py --prompts 64 256 --repeats 2 --threads 1
 """
@@ -55,8 +55,10 @@ def worker(args) -> None:
                 model.bridge(tokens[start : start + 64])
         phases = {"load": load, "forward": time.perf_counter() - t1}
     else:
+        import contextlib
         import dataclasses
 
+        from circuitlang.engine.omega_cache import omega_cache
         from circuitlang.lang import parse_spec
         from circuitlang.lang.plan import IOIPrompts
         from circuitlang.runner.execute import cached_run
@@ -67,7 +69,8 @@ def worker(args) -> None:
         plan = dataclasses.replace(plan, prompts=IOIPrompts(args.n, "mixed", args.seed))
         load, load_rss = 0.0, None
         if args.preload:  # load first, so that the run's own peak memory can be read apart from the load's
-            model = execute.resolve_model(plan.model)
+            with contextlib.nullcontext() if args.no_cache else omega_cache():  # as cached_run loads it
+                model = execute.resolve_model(plan.model)
             load = time.perf_counter() - t0
             execute.resolve_model = lambda spec, device=None, progress=None: model
             load_rss = _reset_peak()
@@ -154,7 +157,7 @@ def main(argv=None) -> None:
                 print(f"repeat {repeat} N={n} {name:9s} wall {res['wall']:7.1f} s  peak RSS: load {load_rss} GB, after it {res['rss'] / 2**30:5.2f} GB  "
                       + " ".join(f"{k} {v:.1f}" for k, v in res["phases"].items()), flush=True)
     print()
-    print(f"{'N':>5} {'run':9s} {'median s':>9} {'min s':>7} {'x fwd (med)':>11} {'x fwd (min)':>11} {'load GB':>7} {'run GB':>6}  phases (median s)")
+    print(f"{'N':>5} {'run':9s} {'median s':>9} {'min s':>7} {'x fwd (med)':>11} {'x fwd (min)':>11} {'load GB':>7} {'run GB':>6} {'peak GB':>7}  phases (median s)")
     for n in args.prompts:
         fwd = [r["phases"]["forward"] for r in results.get(("forward", n), [])] or [float("nan")]
         for name in ("forward", "edited", "no-cache", "again", "validate"):
@@ -170,7 +173,7 @@ def main(argv=None) -> None:
             phases = {k: statistics.median(r["phases"].get(k, 0.0) for r in rows) for k in PHASES}
             print(f"{n:5d} {name:9s} {statistics.median(work):9.1f} {min(work):7.1f} {statistics.median(work) / statistics.median(fwd):11.2f} "
                   f"{min(work) / min(fwd):11.2f} {max(r.get('load_rss') or 0 for r in rows) / 2**30:7.2f} "
-                  f"{max(r['rss'] for r in rows) / 2**30:6.2f}  "
+                  f"{max(r['rss'] for r in rows) / 2**30:6.2f} {max(max(r['rss'], r.get('load_rss') or 0) for r in rows) / 2**30:7.2f}  "
                   + " ".join(f"{k} {v:.1f}" for k, v in phases.items() if v))
 
 
