@@ -344,8 +344,9 @@ def _cached_faithfulness(plan: Plan, result: RunResult, key: str, fkey: str, dev
     found = rc.load_faithfulness(key, fkey)
     if found is not None:
         return dataclasses.replace(result, faithfulness=found, reused=(*result.reused, "faithfulness"))
-    model = resolve_model(plan.model, device, progress)
-    found = evaluate_plan(plan, model, build_prompts(plan, model), result.trace, progress)
+    with omega_cache():  # the caches of a cached run: the processed weights load memory-mapped
+        model = resolve_model(plan.model, device, progress)
+        found = evaluate_plan(plan, model, build_prompts(plan, model), result.trace, progress)
     with contextlib.suppress(OSError):
         rc.store_faithfulness(key, fkey, found)
     return dataclasses.replace(result, faithfulness=found)
