@@ -158,14 +158,17 @@ def side_writers(acts: Activations, geometry: AttentionGeometry, direction: Tens
     columns = [heads.reshape(E, layer * H)]
     up_layer = [torch.arange(layer).repeat_interleave(H)]
     up_head = [torch.arange(H).repeat(layer)]
-    for kind, values, code in (("mlp", None, MLP), ("bias", bias, BIAS), ("embed", embed[:, None], EMBED)):
-        if kind not in writers:
-            continue
-        if kind == "mlp":
-            values = torch.einsum("led,ed->el", acts.mlp_out[:layer, prompt, token], direction)
-        columns.append(values)
-        up_layer.append(torch.arange(values.shape[1]) if kind != "embed" else torch.tensor([-1]))
-        up_head.append(torch.full((values.shape[1],), code))
+    others = {  # writer kind -> (contributions [E, m], their layers [m], their code), computed when asked for
+        "mlp": lambda: (torch.einsum("led,ed->el", acts.mlp_out[:layer, prompt, token], direction), torch.arange(layer), MLP),
+        "bias": lambda: (bias, torch.arange(layer), BIAS),
+        "embed": lambda: (embed[:, None], torch.tensor([-1]), EMBED),
+    }
+    for kind in ("mlp", "bias", "embed"):
+        if kind in writers:
+            values, layers, code = others[kind]()
+            columns.append(values)
+            up_layer.append(layers)
+            up_head.append(torch.full((len(layers),), code))
     return SideWriters(torch.cat(columns, 1), torch.cat(up_layer), torch.cat(up_head), split)
 
 
