@@ -38,6 +38,7 @@ from torch import Tensor
 from circuitlang.data.prompts import PromptSet
 from circuitlang.engine.forward import FINAL, batch_tokens, keepers, logit_diff, run_to_final_norm
 from circuitlang.engine.model import LoadedModel
+from circuitlang.engine.results import EMBED, MLP
 from circuitlang.engine.roots import direct_effects, last_token_writes
 
 METHODS = ("svt", "attribution", "dla", "random")
@@ -373,17 +374,18 @@ def trace_edge_circuit(trace: Any, prompt: int, last: int, n_layers: int) -> lis
     from transformer_lens.tools.analysis.attribution_patching import Node
 
     e = trace.edges
+    tokens = e.token
     rows = np.nonzero(e.prompt == prompt)[0]
     circuit, outputs = set(), set()
     for k in rows.tolist():
         up, down = (int(e.up_layer[k]), int(e.up_head[k])), (int(e.layer[k]), int(e.head[k]))
-        token = int(e.dest[k] if e.side[k] == "d" else e.src[k])
+        token = int(tokens[k])
         if up[1] >= 0:
             writer = Node("attn_head_out", position=token, layer=up[0], head=up[1])
             outputs.add(up)
-        elif up[1] == -1:  # results.MLP
+        elif up[1] == MLP:
             writer = Node("mlp_out", position=token, layer=up[0])
-        elif up[1] == -3:  # results.EMBED
+        elif up[1] == EMBED:
             writer = Node("embed", position=token)
         else:  # a b_O is no node of TransformerLens's graph: it is never ablated
             continue

@@ -28,12 +28,11 @@ def aggregate(events: TracedEvents, edges: TracedEdges, labels: tuple[tuple[str,
         return _with_nodes(authors_counts(events, edges, labels, root_rows), events, firing_counts)
     per_prompt: dict[tuple, float] = defaultdict(float)
     sides: dict[tuple, dict[str, set[int]]] = defaultdict(lambda: {"s": set(), "d": set()})
-    for p, ul, uh, l, h, i, j, side, c in zip(
+    for p, ul, uh, l, h, t, side, c in zip(
         edges.prompt.tolist(), edges.up_layer.tolist(), edges.up_head.tolist(), edges.layer.tolist(),
-        edges.head.tolist(), edges.dest.tolist(), edges.src.tolist(), edges.side.tolist(), edges.contribution.tolist(),
+        edges.head.tolist(), edges.token.tolist(), edges.side.tolist(), edges.contribution.tolist(),
     ):
-        role = labels[p][i if side == "d" else j]
-        key = ((ul, uh), (l, h, role))
+        key = ((ul, uh), (l, h, labels[p][t]))
         sides[key][side].add(p)
         per_prompt[key, p] += c
 
@@ -85,26 +84,28 @@ def authors_counts(events: TracedEvents, edges: TracedEdges, labels: tuple[tuple
     for rows in root_rows:
         for e in rows:
             visits[e] += 1
+    token = edges.token
     children = defaultdict(list)  # (prompt, layer, head, dest) -> the event rows of those firings, src ascending
     for e in sorted(range(E), key=lambda e: events.src[e]):
         children[events.prompt[e], events.layer[e], events.head[e], events.dest[e]].append(e)
-    by_event = defaultdict(list)
-    for k in range(len(edges)):
-        by_event[edges.event[k]].append(k)
+    # per event, its edge rows in the order their walk lists them: the s side, then d, each by (layer, head)
+    walked = defaultdict(list)
+    for k in np.lexsort((edges.up_head, edges.up_layer, edges.side != "s", edges.event)).tolist():
+        walked[edges.event[k]].append(k)
+    # each kept head's firings on the edge's token: where the walk goes from an edge row (none for a writer)
+    below = {k: children[edges.prompt[k], edges.up_layer[k], edges.up_head[k], token[k]] if edges.up_head[k] >= 0 else []
+             for k in range(len(edges))}
     for e in np.argsort(-events.layer, kind="stable"):  # parents before children: upstream is lower
-        for k in by_event[e]:
-            if edges.up_head[k] >= 0:
-                token = edges.dest[k] if edges.side[k] == "d" else edges.src[k]
-                for child in children[edges.prompt[k], edges.up_layer[k], edges.up_head[k], token]:
-                    visits[child] += visits[e]
+        for k in walked[e]:
+            for child in below[k]:
+                visits[child] += visits[e]
 
     key_of = lambda k: ((int(edges.up_layer[k]), int(edges.up_head[k])),  # noqa: E731
-                        (int(edges.layer[k]), int(edges.head[k]),
-                         labels[edges.prompt[k]][edges.dest[k] if edges.side[k] == "d" else edges.src[k]]))
+                        (int(edges.layer[k]), int(edges.head[k]), labels[edges.prompt[k]][token[k]]))
     first: dict[tuple, tuple[int, float, str]] = {}  # edge -> (its first prompt, first contribution, side)
     for prompt, rows in enumerate(root_rows):
-        for e in _walk_order(rows, by_event, children, events, edges):
-            for k in sorted(by_event[e], key=lambda k: (edges.side[k] != "s", edges.up_layer[k], edges.up_head[k])):
+        for e in _walk_order(rows, walked, below):
+            for k in walked[e]:
                 first.setdefault(key_of(k), (prompt, float(edges.contribution[k]), str(edges.side[k])))
     count = {key: 1 for key in first}
     total = {key: c for key, (_, c, _) in first.items()}
@@ -124,10 +125,10 @@ def authors_counts(events: TracedEvents, edges: TracedEdges, labels: tuple[tuple
     return graph
 
 
-def _walk_order(roots: list[int], by_event: dict, children: dict, events: TracedEvents, edges: TracedEdges) -> list[int]:
+def _walk_order(roots: list[int], walked: dict[int, list[int]], below: dict[int, list[int]]) -> list[int]:
     """The events of one prompt in the order the authors' depth-first walk first reaches them: the roots in
-    order; from an event, the heads kept on the s side (by layer, head), each one's firings on that token by
-    src, then the d side."""
+    order; from an event, its edge rows as `walked` orders them (the s side's heads by layer and head, then
+    the d side's), each one's firings on that token (`below`, by src)."""
     seen: set[int] = set()
     order: list[int] = []
     stack = list(reversed(roots))
@@ -137,10 +138,5 @@ def _walk_order(roots: list[int], by_event: dict, children: dict, events: Traced
             continue
         seen.add(e)
         order.append(e)
-        nxt = []
-        for k in sorted(by_event[e], key=lambda k: (edges.side[k] != "s", edges.up_layer[k], edges.up_head[k])):
-            if edges.up_head[k] >= 0:
-                token = edges.dest[k] if edges.side[k] == "d" else edges.src[k]
-                nxt += children[edges.prompt[k], edges.up_layer[k], edges.up_head[k], token]
-        stack += reversed(nxt)
+        stack += reversed([child for k in walked[e] for child in below[k]])
     return order

@@ -227,7 +227,7 @@ def select_edges(trace: Trace, prompts: PromptSet, selector: EdgeSelector, roots
     """Bool mask over the trace's edge rows that `selector` picks (see EdgeSelector). Only edges from heads:
     section 5.4 moves a head's output; the writers of `sources` (MLPs, biases, embeddings) are left alone."""
     e = trace.edges
-    token = np.where(e.side == "d", e.dest, e.src)
+    token = e.token
     up = lambda head: (e.up_layer == head[0]) & (e.up_head == head[1])  # noqa: E731
     down = lambda head: (e.layer == head[0]) & (e.head == head[1])  # noqa: E731
     if selector.kind == "edge":

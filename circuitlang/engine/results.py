@@ -96,6 +96,11 @@ class TracedEdges:
     def __len__(self) -> int:
         return len(self.prompt)
 
+    @property
+    def token(self) -> np.ndarray:
+        """The token each edge writes into: the destination through side "d", the source through "s"."""
+        return np.where(self.side == "d", self.dest, self.src)
+
 
 @dataclass(frozen=True)
 class TraceConfig:

@@ -148,9 +148,10 @@ def side_writers(acts: Activations, geometry: AttentionGeometry, direction: Tens
     embed = (acts.embed[prompt, token] * direction).sum(-1)
     # The MLPs' share is what the other writers leave of the signal: exact by completeness (tested with each
     # MLP's own write in writer_contributions), and no MLP output needs keeping unless MLPs are sources.
-    rest = heads.sum((1, 2)) + embed + bias.sum(1) + homog
-    mlp = signal - rest if layer > 0 else torch.zeros_like(signal)  # no MLP writes below layer 0: no rounding noise
-    split = torch.stack([heads.sum((1, 2)), mlp, embed, bias.sum(1), homog], dim=1)
+    head_sum, bias_sum = heads.sum((1, 2)), bias.sum(1)
+    # No MLP writes below layer 0: exactly zero there, not the rounding noise of the difference.
+    mlp = signal - (head_sum + embed + bias_sum + homog) if layer > 0 else torch.zeros_like(signal)
+    split = torch.stack([head_sum, mlp, embed, bias_sum, homog], dim=1)
 
     if readings.homogeneous == "one":  # (a): the authors' [o; 1] adds the homogeneous term to every head
         scale = acts.scale[layer, prompt, token]
