@@ -34,3 +34,19 @@ def assert_writers_complete(model, acts, events, rtol=1e-4) -> None:
         total = np.sum(list(parts.values()), axis=0)
         np.testing.assert_allclose(total, signal, rtol=rtol, atol=rtol * np.abs(signal).max())
         assert (signal > 0).all()
+
+
+def positions_run(monkeypatch) -> list[tuple[int, int, bool]]:
+    """Spy on the engine's passes: each call appends (rows, positions run, resumed after a cached prefix)."""
+    from circuitlang.engine import forward
+
+    calls: list[tuple[int, int, bool]] = []
+    real = forward.run_to_final_norm
+
+    def spy(model, tokens, hooks=(), *, start=0, resid=None, cache=None):
+        ran = tokens if start == 0 else resid
+        calls.append((ran.shape[0], ran.shape[1], cache is not None))
+        return real(model, tokens, hooks, start=start, resid=resid, cache=cache)
+
+    monkeypatch.setattr(forward, "run_to_final_norm", spy)
+    return calls

@@ -20,7 +20,7 @@ from circuitlang.engine.trace import decompose_layer, slices_for, trace
 from circuitlang.lang.plan import SliceRule
 from circuitlang.report import trace_to_dict
 from circuitlang.report.export import dumps
-from checks import assert_writers_complete
+from checks import assert_writers_complete, positions_run
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +69,10 @@ def test_trace_is_complete_non_empty_and_byte_identical(gemma, prompts, acts):
     assert dumps(trace_to_dict(first)) == dumps(trace_to_dict(second))
 
 
-def test_f_is_the_models_logit_difference_and_partial_interventions_equal_whole_passes(gemma, prompts, acts):
+def test_f_is_the_models_logit_difference_and_partial_interventions_equal_whole_passes(gemma, prompts, acts, monkeypatch):
     """F(X) from two unembedding columns equals the full logits' difference; the interventions of
-    specs/ioi.circ, run from each variant's first changed layer, equal passes through the whole model."""
+    specs/ioi.circ, run from each variant's first changed layer and, after the clean keys and values, from
+    its first changed position (the last token: the edges are `at end`), equal passes through the whole model."""
     from circuitlang.engine.intervene import run_interventions
     from circuitlang.lang.plan import EdgeSelector, InterventionSet
 
@@ -86,7 +87,10 @@ def test_f_is_the_models_logit_difference_and_partial_interventions_equal_whole_
     roots = [c.root for c in choose_roots(gemma, acts, prompts, k=3, threshold=0.3)]
     t = trace(gemma, prompts, roots, threshold=0.3, activations=acts)
     sets = [InterventionSet("into the strongest root", (EdgeSelector("into", root=1, role="end"),), random_control=True)]
-    partial, whole = (run_interventions(gemma, prompts, t, sets, roots, seed=0, partial=flag) for flag in (True, False))
+    calls = positions_run(monkeypatch)
+    partial = run_interventions(gemma, prompts, t, sets, roots, seed=0)
+    assert {(positions, resumed) for _, positions, resumed in calls[1:]} == {(1, True)}  # calls[0]: the capture
+    whole = run_interventions(gemma, prompts, t, sets, roots, seed=0, partial=False)
     assert len(partial.rows) == 8 * partial.sets[0].n_prompts > 0
     for f in ("f_after", "score_before", "score_after", "cosine", "norm_ratio"):
         torch.testing.assert_close(torch.from_numpy(getattr(partial.rows, f)), torch.from_numpy(getattr(whole.rows, f)),

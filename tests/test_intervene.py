@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import io
 import json
 import subprocess
@@ -18,6 +19,7 @@ from circuitlang.engine.intervene import (
     InterventionError,
     edge_groups,
     intervention_hooks,
+    pass_batches,
     run_interventions,
     select_edges,
     set_seed,
@@ -25,7 +27,7 @@ from circuitlang.engine.intervene import (
 from circuitlang.engine.model import load_model
 from circuitlang.engine.trace import trace
 from circuitlang.lang.plan import EdgeSelector, InterventionSet, Root
-from checks import busiest_roots
+from checks import busiest_roots, positions_run
 from tiny_models import READER, build_handbuilt, reader_prompts, word_ids
 
 @pytest.fixture(scope="module")
@@ -258,26 +260,44 @@ def test_variants_of_a_set_stack_into_one_pass_per_start_layer(reader, prompts, 
 
     monkeypatch.setattr(bridge, "forward", counting)
     sets = [one_set("a", random_control=True), one_set("b", (EdgeSelector("into", down=(1, 0)),), ("ablate",), ("local",), False)]
+    e = t.edges
+    token = np.where(e.side == "d", e.dest, e.src)
+    # A pass holds the prompts that share their first changed token (it runs from there): per set, the
+    # prompts' earliest edge token; each of the 3 prompts of "a" (edge 0.0 -> 1.0 on the A token) has its own.
+    firsts = lambda rows: {p: token[rows][e.prompt[rows] == p].min() for p in np.unique(e.prompt[rows])}  # noqa: E731
+    first_a, first_b = firsts(np.nonzero(e.up_head == 0)[0]), firsts(np.arange(len(e)))
+    assert len(set(first_a.values())) == 3 == len(first_a)
     res = run_interventions(reader, prompts, t, sets, [ROOT], seed=0, acts=acts)
-    # One capture for the residual where the passes start (acts came without it), then per set and start
-    # layer one pass of variants x prompts rows: "a" global from 0.0's layer (4 variants), "a" local and "b"
-    # from 1.0's layer, skipping layer 0.
-    assert calls == [(4, None), (4 * 3, None), (4 * 3, 1), (3, 1)] and res.passes == 3
+    # One capture for the residual where the passes start (acts came without it), then per set, start layer
+    # and first changed token one pass of variants x prompts rows: "a" global from 0.0's layer (4 variants),
+    # "a" local and "b" from 1.0's layer, skipping layer 0.
+    b_passes = sorted(collections.Counter(first_b.values()).values())
+    assert calls[0] == (4, None) and res.passes == len(calls) - 1 == 3 + 3 + len(b_passes)
+    assert calls[1:4] == [(4, None)] * 3 and calls[4:7] == [(4, 1)] * 3 and sorted(calls[7:]) == [(k, 1) for k in b_passes]
     assert len(res.rows) == 3 * (8 + 1)
-    calls.clear()
-    res = run_interventions(reader, prompts, t, sets[:1], [ROOT], seed=0, acts=acts, batch_rows=8)
-    assert [rows for rows, _ in calls[1:]] == [8, 4, 8, 4] == [4 * 2, 4 * 1] * 2 and res.passes == 4
+    # At most `step` prompts a batch, those of one first token together, each batch by length.
+    batches = pass_batches(np.array([3, 1, 3, 3, 1, 3]), np.array([9, 8, 7, 8, 6, 5]), step=2)
+    assert [b.tolist() for b in batches] == [[4, 1], [5, 2], [3, 0]]
 
 
-def test_partial_passes_equal_whole_model_passes(reader, tiny, tiny_run, prompts):
-    """Starting each variant at its first changed layer from the captured residual gives the numbers of a
-    pass through the whole model, on the hand-built reader and on a random GPT-2."""
+def test_partial_passes_equal_whole_model_passes(reader, tiny, tiny_run, prompts, monkeypatch):
+    """Starting each variant at its first changed layer from the captured residual, and at its first changed
+    position after the captured keys and values, gives the numbers of a pass through the whole model, on
+    the hand-built reader and on a random GPT-2."""
     acts, t = traced(reader, prompts)
     ps, tiny_acts, roots, tiny_trace = tiny_run
-    cases = ((reader, prompts, t, acts, [ROOT], [one_set("a", random_control=True)]),
-             (tiny, ps, tiny_trace, tiny_acts, roots, [one_set("x", (EdgeSelector("into", root=1),), random_control=True)]))
-    for model, p, tr, a, rs, sets in cases:
-        partial, whole = (run_interventions(model, p, tr, sets, rs, seed=0, acts=a, partial=flag) for flag in (True, False))
+    cases = ((reader, prompts, t, [ROOT], [one_set("a", random_control=True)]),
+             (tiny, ps, tiny_trace, roots, [one_set("x", (EdgeSelector("into", root=1),), random_control=True)]),
+             (tiny, ps, tiny_trace, roots, [one_set("dest", (EdgeSelector("into", root=1, side="d"),), random_control=True)]))
+    calls = positions_run(monkeypatch)
+    for model, p, tr, rs, sets in cases:
+        resumable = capture(model, p, resid_layers=range(model.n_layers), kv=True)
+        assert resumable.kv is not None and resumable.kv[0].shape[:2] == (model.n_layers, len(p))
+        calls.clear()
+        partial = run_interventions(model, p, tr, sets, rs, seed=0, acts=resumable)
+        resumed = [c for c in calls if c[2]]
+        assert resumed and all(positions < resumable.tokens.shape[1] for _, positions, _ in resumed)
+        whole = run_interventions(model, p, tr, sets, rs, seed=0, acts=resumable, partial=False)
         assert len(partial.rows) > 0 and np.isfinite(partial.rows.f_after).all()
         for f in ("f_after", "score_after", "cosine", "norm_ratio"):
             np.testing.assert_allclose(getattr(partial.rows, f), getattr(whole.rows, f), rtol=1e-4, atol=1e-5)

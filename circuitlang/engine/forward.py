@@ -10,11 +10,13 @@ the final norm (`ln_final.hook_normalized`) and reads the two unembedding column
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
+from transformers import DynamicCache
 
 from circuitlang.data.prompts import PromptSet
 from circuitlang.engine.model import LoadedModel
@@ -40,6 +42,8 @@ class Activations:
     embed [P, n, d]: the residual before layer 0 (the embeddings' write); writers=True only: mlp_out
     [L, P, n, d] (each MLP block's write to the residual), for `sources mlp` and the completeness check.
     resid: {l: [P, n, d]} the residual entering block l, for the layers asked for (partial passes start there).
+    kv: (keys, values), each [L, P, H_kv, n, r]: every layer's attention keys and values as the model caches
+    them (after any k-norm and rotation), kv=True only; a partial pass resumes after a prefix from them.
     """
 
     tokens: Tensor
@@ -59,6 +63,7 @@ class Activations:
     embed: Tensor | None = None
     mlp_out: Tensor | None = None
     resid: dict[int, Tensor] | None = None
+    kv: tuple[Tensor, Tensor] | None = None
 
 
 _PER_LAYER = {  # field: hook under blocks.{l}, kept when the model has it
@@ -120,13 +125,15 @@ def keepers(names: Sequence[str], store: dict[str, list[Tensor]]) -> list[Hook]:
 
 
 def run_to_final_norm(model: LoadedModel, tokens: Tensor, hooks: Sequence[Hook] = (), *, start: int = 0,
-                      resid: Tensor | None = None) -> Tensor:
+                      resid: Tensor | None = None, cache=None) -> Tensor:
     """[B, n, d]: the final-norm residual of a pass with `hooks`, stopping before the unembedding.
 
     start > 0 runs only blocks start..L-1 from `resid` [B, n, d], the residual entering block `start`
     (captured from a clean pass): the bridge's `start_at_layer` swaps it in at that block, and the
     blocks below it are skipped outright (the bridge would otherwise run them on the injected tensor
-    and discard their output).
+    and discard their output). cache: a Hugging Face key/value cache (`kv_cache`); the pass appends its
+    positions' keys and values to it, and attends to any it already holds (`prefix_cache`: the pass
+    then runs positions after that prefix only, at their own positions).
     """
     from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
@@ -134,13 +141,72 @@ def run_to_final_norm(model: LoadedModel, tokens: Tensor, hooks: Sequence[Hook] 
         raise StopAtLayerException(tensor)
 
     fwd = list(hooks) + [(FINAL, stop)]
-    with torch.inference_mode():
+    extra = {} if cache is None else {"past_key_values": cache}
+    with torch.inference_mode(), _cache_by_both_names(model, cache is not None):
         if start == 0:
-            out = model.bridge.run_with_hooks(tokens.to(model.device), fwd_hooks=fwd)
+            out = model.bridge.run_with_hooks(tokens.to(model.device), fwd_hooks=fwd, **extra)
         else:
             with _skip_blocks_below(model, start):
-                out = model.bridge.run_with_hooks(resid.to(model.device, model.dtype), fwd_hooks=fwd, start_at_layer=start)
+                out = model.bridge.run_with_hooks(resid.to(model.device, model.dtype), fwd_hooks=fwd, start_at_layer=start, **extra)
     return out
+
+
+def _hf_config(model: LoadedModel):
+    return getattr(getattr(model.bridge, "original_model", None), "config", None)
+
+
+def kv_cache(model: LoadedModel) -> DynamicCache:
+    """An empty Hugging Face key/value cache laid out for the model (sliding-window layers where it has them)."""
+    return DynamicCache(config=_hf_config(model))
+
+
+class PrefixCache(DynamicCache):
+    """Positions 0..first-1 of a batch, for a pass of that batch stacked `repeat` times (the variants): each
+    layer attends to them and to its new positions, and nothing is appended (one pass, no decoding after it),
+    so a layer's joined keys and values are freed once its attention has read them."""
+
+    def __init__(self, config, repeat: int):
+        super().__init__(config=config)
+        self.repeat = repeat
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        layer = self.layers[layer_idx]
+        return tuple(torch.cat([held.repeat(self.repeat, 1, 1, 1), new], dim=-2)
+                     for held, new in ((layer.keys, key_states), (layer.values, value_states)))
+
+
+def prefix_cache(model: LoadedModel, kv: tuple[Tensor, Tensor], rows: Tensor, first: int, repeat: int = 1) -> PrefixCache:
+    """The cache of positions 0..first-1 of the prompts `rows` of captured `kv` (`Activations.kv`), for a pass
+    of those rows stacked `repeat` times: the pass runs positions first.. only."""
+    cache = PrefixCache(_hf_config(model), repeat)
+    keys, values = kv
+    for layer in range(keys.shape[0]):
+        DynamicCache.update(cache, keys[layer, rows, :, :first].to(model.device, model.dtype),
+                            values[layer, rows, :, :first].to(model.device, model.dtype), layer)
+    return cache
+
+
+@contextlib.contextmanager
+def _cache_by_both_names(model: LoadedModel, active: bool) -> Iterator[None]:
+    """transformers 5 hands each attention layer its cache as `cache`; TransformerLens 4's attention bridges
+    read it as `past_key_values` and, not finding it, attend within the new positions alone. Give it both names."""
+    if not active:
+        yield
+        return
+
+    def alias(module, args, kwargs):
+        if kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
+            kwargs["past_key_values"] = kwargs["cache"]
+        return args, kwargs
+
+    handles = [block.attn.register_forward_pre_hook(alias, with_kwargs=True) for block in model.bridge.blocks]
+    try:
+        with warnings.catch_warnings():  # the bridge passes the cache on as `past_key_values`, which transformers 5 deprecates
+            warnings.filterwarnings("ignore", message=".*past_key_values.* is deprecated", category=FutureWarning)
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @contextlib.contextmanager
@@ -172,12 +238,15 @@ def capture(
     writers: bool = False,
     length: int | None = None,
     resid_layers: Sequence[int] = (),
+    kv: bool = False,
     progress: Progress | None = None,
 ) -> Activations:
     """Run the model once over `prompts` in batches of `batch_size` and keep what the trace needs.
 
     length: pad to this many positions (chunks of one prompt set padded alike give identical numbers);
-    resid_layers: also keep the residual entering these blocks (where partial passes start).
+    resid_layers: also keep the residual entering these blocks (where partial passes start); kv: keep every
+    layer's keys and values (partial passes resume after a prefix from them; left out, as None, where the
+    model's cache drops positions, a sliding window shorter than the prompts).
     """
     pad = model.tokenizer.pad_token_id
     tokens, lengths = batch_tokens(prompts, 0 if pad is None else pad, length)
@@ -213,9 +282,14 @@ def capture(
     hooks = [(name, keeper(name)) for name in sorted(names)]
     diffs = []
     total = tokens.shape[0]
+    keys_values: list[Tensor] | None = None
     for at in range(0, total, batch_size):
         chunk = tokens[at : at + batch_size]
-        final = run_to_final_norm(model, chunk, hooks)
+        cache = kv_cache(model) if kv else None
+        final = run_to_final_norm(model, chunk, hooks, cache=cache)
+        if cache is not None:
+            keys_values = _keep_kv(cache, keys_values, at, total, chunk.shape[1])
+            kv = keys_values is not None
         if has_answers:
             rows = torch.arange(chunk.shape[0])
             last = final[rows.to(final.device), (lengths[at : at + batch_size] - 1).to(final.device)]
@@ -242,5 +316,20 @@ def capture(
         logit_diff=torch.cat(diffs) if has_answers else None,
         embed=kept["blocks.0.hook_resid_pre"],
         resid={l: kept[f"blocks.{l}.hook_resid_pre"] for l in resid_layers} or None,
+        kv=None if keys_values is None else tuple(keys_values),
         **stacked,
     )
+
+
+def _keep_kv(cache, kept: list[Tensor] | None, at: int, total: int, n: int) -> list[Tensor] | None:
+    """Copy a batch's cached keys and values into rows at.. of [L, P, H_kv, n, r] tensors; None if any layer
+    holds fewer than the n positions (its window is shorter: a prefix could not be resumed from it)."""
+    layers = cache.layers
+    if any(layer.keys is None or layer.keys.shape[-2] != n for layer in layers):
+        return None
+    if kept is None:
+        kept = [torch.empty((len(layers), total, *layers[0].keys.shape[1:]), dtype=torch.float32) for _ in range(2)]
+    for l, layer in enumerate(layers):
+        kept[0][l, at : at + layer.keys.shape[0]].copy_(layer.keys)
+        kept[1][l, at : at + layer.values.shape[0]].copy_(layer.values)
+    return kept

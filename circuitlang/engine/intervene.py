@@ -26,10 +26,13 @@ slices not in S_ij, from a torch.Generator seeded by the plan's seed and the set
 A set is applied all at once: every selected edge row in every prompt where it was traced, the
 deltas summed. Nothing below the first layer a variant changes can differ from the clean run, so each
 pass starts there, from the clean residual captured at that layer (the upstream head's layer for
-global, the downstream head's for local), and stops at the final norm, where F reads two logits. The
-variants of a set (kind x place x control) that start at the same layer run stacked in one batch, and
-only over the prompts the set touches. `partial=False` runs every pass from the tokens instead: the
-same numbers, as the tests check.
+global, the downstream head's for local), and stops at the final norm, where F reads two logits. Under
+causal attention nothing before the first token a set changes differs either: the pass runs only the
+positions from there on, attending to the clean keys and values of the positions before (captured
+with the activations, `Activations.kv`); for `edges into root 1 at end` that is the last token alone.
+The variants of a set (kind x place x control) that start at the same layer run stacked in one batch,
+and only over the prompts the set touches. `partial=False` runs every pass from the tokens instead:
+the same numbers, as the tests check.
 
 This module's top level imports no torch, so that the report layer can read its result types.
 """
@@ -395,8 +398,9 @@ def edge_groups(acts: Activations, geometry: AttentionGeometry, trace: Trace, ro
 
 
 def intervention_deltas(model: LoadedModel, geometry: AttentionGeometry, groups: EdgeGroups, kind: str, place: str,
-                        control: str, batch: Sequence[int], n: int) -> dict[str, Tensor]:
-    """{hook name: what to add there} applying `groups` to a batch of prompts (global prompt ids `batch`).
+                        control: str, batch: Sequence[int], n: int, first: int = 0) -> dict[str, Tensor]:
+    """{hook name: what to add there} applying `groups` to a batch of prompts (global prompt ids `batch`),
+    over positions first..n-1 (a pass resumed after a clean prefix; no group of the batch writes before it).
 
     global: per upstream layer, the summed -/+h at `blocks.{l}.hook_attn_out`; local: per downstream
     layer and q/k/v, (-/+h / scale) W in each intervened head's slice (the key/value head of its group).
@@ -410,9 +414,10 @@ def intervention_deltas(model: LoadedModel, geometry: AttentionGeometry, groups:
     if len(idx) == 0:
         return {}
     rows = torch.tensor([where[int(p)] for p in groups.prompt[idx].tolist()], dtype=torch.long)
-    tok = groups.token[idx]
+    tok = groups.token[idx] - first
     h = (groups.h if control == "signal" else groups.h_random)[idx] * sign
     d = h.shape[-1]
+    n -= first
     deltas: dict[str, Tensor] = {}
     if place == "global":
         for layer in sorted(set(groups.up_layer[idx].tolist())):
@@ -448,9 +453,10 @@ def _adder(delta: Tensor) -> Callable:
 
 
 def intervention_hooks(model: LoadedModel, geometry: AttentionGeometry, groups: EdgeGroups, kind: str, place: str, control: str,
-                       batch: Sequence[int], n: int) -> list[tuple[str, Callable]]:
+                       batch: Sequence[int], n: int, first: int = 0) -> list[tuple[str, Callable]]:
     """Forward hooks adding `intervention_deltas` (see there) to a batch of prompts."""
-    return [(name, _adder(delta)) for name, delta in intervention_deltas(model, geometry, groups, kind, place, control, batch, n).items()]
+    deltas = intervention_deltas(model, geometry, groups, kind, place, control, batch, n, first)
+    return [(name, _adder(delta)) for name, delta in deltas.items()]
 
 
 def _norm_centres(model: LoadedModel) -> bool:
@@ -507,8 +513,9 @@ def passes_needed(plans: Sequence[SetPlan], prompt_ids: np.ndarray | None = None
         used = sp.prompts if prompt_ids is None else np.intersect1d(sp.prompts, prompt_ids)
         if len(used) == 0:
             continue
+        firsts = first_changes(sp.groups, used)
         for variants in _by_start(sp).values():
-            total += -(-len(used) // max(1, batch_rows // len(variants)))
+            total += len(pass_batches(firsts, np.zeros(len(used), dtype=np.int64), max(1, batch_rows // len(variants))))
     return total
 
 
@@ -542,14 +549,16 @@ def intervene_chunk(model: LoadedModel, geometry: AttentionGeometry, acts: Activ
         groups = group_signals(acts, geometry, plan, centre, homogeneous,
                                rows=torch.tensor([local_of[int(p)] for p in plan.prompt.tolist()], dtype=torch.long))
         results: dict[tuple[str, str, str], dict] = {}
-        # Prompts of like length batched together: a pass stops at its batch's longest prompt (see _stacked_pass).
-        order = np.argsort(acts.lengths[[local_of[int(p)] for p in used]].numpy(), kind="stable")
+        order_of: dict[tuple[str, str, str], np.ndarray] = {}  # each variant's rows in the order its passes ran them
+        firsts = first_changes(plan, used)
+        resume = partial and acts.kv is not None
         for start, variants in _by_start(sp).items():
-            step = max(1, batch_rows // len(variants))
-            for b0 in range(0, len(used), step):
-                batch = used[order[b0 : b0 + step]]
-                out = _stacked_pass(model, geometry, acts, groups, sp.events, variants, batch, local_of,
-                                    start if partial else 0, answers, float(model.attn_scale), centre)
+            batches = pass_batches(firsts, acts.lengths[[local_of[int(p)] for p in used]].numpy(), max(1, batch_rows // len(variants)))
+            order_of.update(dict.fromkeys(variants, np.concatenate(batches)))
+            for rows in batches:
+                out = _stacked_pass(model, geometry, acts, groups, sp.events, variants, used[rows], local_of,
+                                    start if partial else 0, int(firsts[rows[0]]) if resume else 0, answers,
+                                    float(model.attn_scale), centre)
                 for variant, values in out.items():
                     acc = results.setdefault(variant, {k: [] for k in values})
                     for k, v in values.items():
@@ -557,7 +566,7 @@ def intervene_chunk(model: LoadedModel, geometry: AttentionGeometry, acts: Activ
                 if tick is not None:
                     tick(1)
         for kind, place, control in sp.variants:
-            values = {k: np.concatenate(v)[np.argsort(order)] for k, v in results[kind, place, control].items()}
+            values = {k: np.concatenate(v)[np.argsort(order_of[kind, place, control])] for k, v in results[kind, place, control].items()}
             columns["set"] += [sp.set.name] * len(used)
             columns["kind"] += [kind] * len(used)
             columns["place"] += [place] * len(used)
@@ -573,18 +582,41 @@ def intervene_chunk(model: LoadedModel, geometry: AttentionGeometry, acts: Activ
     return columns
 
 
+def first_changes(plan: GroupPlan, prompts: np.ndarray) -> np.ndarray:
+    """[len(prompts)]: the first position the groups `plan` change in each of `prompts` (ascending, each with a group)."""
+    keep = np.isin(plan.prompt.numpy(), prompts)
+    firsts = np.full(len(prompts), np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(firsts, np.searchsorted(prompts, plan.prompt.numpy()[keep]), plan.token.numpy()[keep])
+    return firsts
+
+
+def pass_batches(firsts: np.ndarray, lengths: np.ndarray, step: int) -> list[np.ndarray]:
+    """The prompts of a set (indices) in batches of at most `step` that share their first changed position,
+    each by length: a pass runs from that position to its batch's longest prompt (see _stacked_pass)."""
+    order = np.lexsort((lengths, firsts))
+    out = []
+    for first in np.unique(firsts):
+        same = order[firsts[order] == first]
+        out += [same[b : b + step] for b in range(0, len(same), step)]
+    return out
+
+
 def _stacked_pass(model, geometry, acts, groups: EdgeGroups, events, variants, batch: np.ndarray, local_of: dict[int, int],
-                  start: int, answers, raw_scale: float, centre: bool) -> dict[tuple, dict[str, np.ndarray]]:
-    """One forward pass of len(variants) x len(batch) rows (variant-major) from layer `start`: F after, scores, magnitudes."""
+                  start: int, first: int, answers, raw_scale: float, centre: bool) -> dict[tuple, dict[str, np.ndarray]]:
+    """One pass of len(variants) x len(batch) rows (variant-major) from layer `start` and position `first`:
+    F after, scores, magnitudes."""
     import torch
 
-    from circuitlang.engine.forward import keepers, logit_diff, run_to_final_norm
+    from circuitlang.engine.forward import keepers, logit_diff, prefix_cache, run_to_final_norm
 
     B, V = len(batch), len(variants)
     local = torch.tensor([local_of[int(p)] for p in batch.tolist()], dtype=torch.long)
-    # The padding after the batch's longest prompt changes nothing before it (causal attention): left out.
+    # Causal attention: the padding after the batch's longest prompt changes nothing before it, and nothing
+    # before the batch's first changed position changes at any layer, so the pass runs positions first..n-1
+    # and attends to the clean keys and values of the positions before it.
     n = int(acts.lengths[local].max())
-    per_variant = [intervention_deltas(model, geometry, groups, kind, place, control, batch.tolist(), n) for kind, place, control in variants]
+    per_variant = [intervention_deltas(model, geometry, groups, kind, place, control, batch.tolist(), n, first)
+                   for kind, place, control in variants]
     names = sorted({name for deltas in per_variant for name in deltas})
     stacked = {}
     for name in names:
@@ -596,10 +628,11 @@ def _stacked_pass(model, geometry, acts, groups: EdgeGroups, events, variants, b
     if any(place == "global" for _, place, _ in variants):
         watch += [f"blocks.{l}.ln1.hook_in" for l in down_layers]
     hooks = [(name, _adder(delta)) for name, delta in stacked.items()] + keepers(watch, captured)
-    tokens = acts.tokens[local, :n].repeat(V, 1)
-    resid = acts.resid[start][local, :n].repeat(V, 1, 1) if start > 0 else None
-    final = run_to_final_norm(model, tokens, hooks, start=start, resid=resid)
-    last = (acts.lengths[local] - 1).repeat(V)
+    tokens = acts.tokens[local, first:n].repeat(V, 1)
+    resid = acts.resid[start][local, first:n].repeat(V, 1, 1) if start > 0 else None
+    cache = prefix_cache(model, acts.kv, local, first, V) if first > 0 else None
+    final = run_to_final_norm(model, tokens, hooks, start=start, resid=resid, cache=cache)
+    last = (acts.lengths[local] - 1 - first).repeat(V)
     rows = torch.arange(B * V)
     f_after = (logit_diff(model, final[rows.to(final.device), last.to(final.device)], answers[torch.from_numpy(batch)].repeat(V, 1)).double().numpy()
                if answers is not None else np.full(B * V, np.nan))
@@ -618,7 +651,8 @@ def _stacked_pass(model, geometry, acts, groups: EdgeGroups, events, variants, b
                 continue
             k = where[p]
             score_before[k].append(float(acts.scores[layer, local_of[p], head, i, j]) * raw_scale)
-            score_after[k].append(float(captured[f"blocks.{layer}.attn.hook_attn_scores"][0][v * B + k, head, i, j]) * raw_scale)
+            # i >= first: each event's edges write at its dest or its src, both <= i.
+            score_after[k].append(float(captured[f"blocks.{layer}.attn.hook_attn_scores"][0][v * B + k, head, i - first, j]) * raw_scale)
         # Magnitudes at each intervened token of each downstream head (global: per downstream layer).
         sel = [g for g, p in enumerate(groups.prompt.tolist()) if p in where]
         h_all = (groups.h if control == "signal" else groups.h_random) * sign_of[kind]
@@ -633,7 +667,7 @@ def _stacked_pass(model, geometry, acts, groups: EdgeGroups, events, variants, b
                 _magnitude(x, x + step, cosine[where[p]], ratio[where[p]])
         else:
             for p, layer, m in sorted({(int(groups.prompt[g]), int(groups.layer[g]), int(groups.token[g])) for g in sel}):
-                resid_new = captured[f"blocks.{layer}.ln1.hook_in"][0][v * B + where[p], m].double()
+                resid_new = captured[f"blocks.{layer}.ln1.hook_in"][0][v * B + where[p], m - first].double()
                 if centre:
                     resid_new = resid_new - resid_new.mean()
                 x = acts.x[layer, local_of[p], m]
@@ -674,7 +708,7 @@ def run_interventions(
         geometry = attention_geometry(model)
     plans = plan_sets(trace, prompts, sets, roots, seed, geometry.W_Q.shape[-1], geometry.rotary)
     if acts is None or (partial and not start_layers(plans) <= set(acts.resid or ())):
-        acts = capture(model, prompts, resid_layers=sorted(start_layers(plans)))
+        acts = capture(model, prompts, resid_layers=sorted(start_layers(plans)), kv=True)
     f_base, answers = baseline(prompts, acts.logit_diff)
     total = passes_needed(plans, batch_rows=batch_rows)
     done = [0]

@@ -28,12 +28,13 @@ FORWARD_BATCH = 64  # prompts per forward pass inside a chunk
 BUDGET_ENV = "CIRCUITLANG_CHUNK_MB"
 
 
-def activation_bytes(model: LoadedModel, n: int, resid_layers: int = 0, writers: bool = False) -> int:
-    """Bytes one prompt of n positions takes in Activations (with each MLP's write: `writers`), with the
-    trace's per-layer working copies."""
+def activation_bytes(model: LoadedModel, n: int, resid_layers: int = 0, writers: bool = False, kv: bool = False) -> int:
+    """Bytes one prompt of n positions takes in Activations (with each MLP's write: `writers`; every layer's
+    keys and values: `kv`), with the trace's per-layer working copies."""
     L, H, d, r = model.n_layers, model.n_heads, model.d_model, model.d_head
+    H_kv = getattr(model.bridge.cfg, "n_key_value_heads", None) or H
     residual_copies = 1 + (resid_layers + 1) / max(L, 1) + writers  # x, the residuals kept, the embeddings, MLP writes
-    floats = L * n * d * residual_copies + n * L * H * r + 2 * L * H * n * n + 6 * L * H * n + 2 * L * n
+    floats = L * n * d * residual_copies + n * L * H * r + 2 * L * H * n * n + 6 * L * H * n + 2 * L * n + kv * 2 * L * H_kv * n * r
     per_layer_work = 2 * H * n * r + 2 * H * n * n  # token projections onto both bases, firing masks
     # Measured on Gemma 3 270M: a capture's peak is ~1.5x what its Activations hold (the batches beside the
     # field being stacked); the trace's and the interventions' working tensors come on top.
@@ -53,12 +54,12 @@ def default_budget() -> int:
 
 
 def chunk_size(model: LoadedModel, prompts: PromptSet, budget: int | None = None, resid_layers: int = 0,
-               writers: bool = False) -> int:
+               writers: bool = False, kv: bool = False) -> int:
     """Prompts per chunk within `budget` bytes of activations (with the residual at `resid_layers` layers);
     a multiple of the forward batch when larger, so the forward passes batch the prompts exactly as an
     unchunked run does."""
     n = max(len(p.token_ids) for p in prompts)
-    size = max(1, (budget or default_budget()) // activation_bytes(model, n, resid_layers, writers))
+    size = max(1, (budget or default_budget()) // activation_bytes(model, n, resid_layers, writers, kv))
     if size >= FORWARD_BATCH:
         size -= size % FORWARD_BATCH
     return min(size, len(prompts))

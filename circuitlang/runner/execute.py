@@ -127,9 +127,9 @@ class ChunkWork:
         prompts = build_prompts(plan, model)
         return cls(plan, model, prompts, attention_geometry(model), max(len(p.token_ids) for p in prompts))
 
-    def forward(self, start: int, stop: int, resid_layers: tuple[int, ...] = ()) -> Activations:
+    def forward(self, start: int, stop: int, resid_layers: tuple[int, ...] = (), kv: bool = False) -> Activations:
         return capture(self.model, self.prompts[start:stop], batch_size=FORWARD_BATCH, length=self.length, resid_layers=resid_layers,
-                       writers="mlp" in self.plan.writers)
+                       kv=kv, writers="mlp" in self.plan.writers)
 
     def evidence(self, acts: Activations, start: int, stop: int) -> RootEvidence:
         return evidence_of(self.model, acts, self.prompts[start:stop], self.plan.threshold, self.geometry)
@@ -140,21 +140,24 @@ class ChunkWork:
 
     def intervene(self, ids: np.ndarray, job: InterventionJob, acts: Activations | None = None,
                   tick: Callable[[int], None] | None = None) -> dict[str, list]:
-        """The intervention rows of the prompts `ids`; acts: theirs, else a pass keeping the residual where the passes start."""
+        """The intervention rows of the prompts `ids`; acts: theirs, else a pass keeping the residual where the passes start
+        and the keys and values they resume after."""
         if acts is None:
             subset = PromptSet(tuple(self.prompts[int(p)] for p in ids), self.prompts.role_names, self.prompts.description)
-            acts = capture(self.model, subset, batch_size=FORWARD_BATCH, length=self.length, resid_layers=job.starts)
+            acts = capture(self.model, subset, batch_size=FORWARD_BATCH, length=self.length, resid_layers=job.starts, kv=True)
         return iv.intervene_chunk(self.model, self.geometry, acts, ids, job.plans, job.f_base, job.answers,
                                   centre=iv._norm_centres(self.model), tick=tick)
 
 
 class LocalChunks:
     """The chunks one after another in this process. The last chunk's activations stay until the next forward
-    pass: with one chunk, the trace and the interventions read the roots' pass instead of repeating it."""
+    pass: with one chunk, the trace and the interventions read the roots' pass instead of repeating it
+    (keep: that pass also keeps what the interventions resume from, the residual entering every layer and
+    the keys and values)."""
 
-    def __init__(self, work: ChunkWork, progress: Progress | None, timings: dict[str, float], resid: tuple[int, ...] = (),
+    def __init__(self, work: ChunkWork, progress: Progress | None, timings: dict[str, float], keep: bool = False,
                  forward_passes: int = 1):
-        self.work, self.progress, self.timings, self.resid = work, progress, timings, resid
+        self.work, self.progress, self.timings, self.keep = work, progress, timings, keep
         self.tick_forward = _ticker(progress, "forward", len(work.prompts) * forward_passes)
         self.kept: tuple[tuple[int, int], Activations] | None = None
 
@@ -169,7 +172,7 @@ class LocalChunks:
             return self.kept[1]
         self.kept = None  # freed before the next pass: peak memory follows one chunk
         t = time.perf_counter()
-        acts = self.work.forward(start, stop, self.resid)
+        acts = self.work.forward(start, stop, tuple(range(self.work.model.n_layers)) if self.keep else (), kv=self.keep)
         self._time("forward", t)
         self.tick_forward(stop - start)
         self.kept = ((start, stop), acts)
@@ -200,9 +203,12 @@ class LocalChunks:
 
     def intervene(self, ids: Sequence[np.ndarray], job: InterventionJob, passes: int) -> list[dict[str, list]]:
         tick = _ticker(self.progress, "interventions", passes)
-        kept, self.kept = self.kept, None
-        if kept is not None and kept[0] == (0, len(self.work.prompts)) and set(job.starts) <= set(self.resid):
-            return [self.work.intervene(np.arange(len(self.work.prompts)), job, kept[1], tick)]
+        (bounds, acts), self.kept = self.kept or ((None, None)), None
+        if acts is not None and bounds == (0, len(self.work.prompts)) and self.keep:
+            # Only the layers the passes start at stay (the rest would be held through every pass).
+            acts = dataclasses.replace(acts, resid={layer: acts.resid[layer] for layer in job.starts} or None)
+            return [self.work.intervene(np.arange(len(self.work.prompts)), job, acts, tick)]
+        del acts  # the trace's activations go before the interventions' own passes capture theirs
         return [self.work.intervene(chunk, job, tick=tick) for chunk in ids]
 
 
@@ -235,10 +241,10 @@ def run_plan(plan: Plan, *, model: LoadedModel | None = None, device: str | None
     size = chunk or chunk_size(model, prompts, writers="mlp" in plan.writers)
     # One chunk holds every prompt: keep its activations, with the residual entering every layer, for the
     # interventions (their partial passes start there), instead of a second forward pass.
-    keep = bool(plan.interventions) and size >= len(prompts) and chunk_size(model, prompts, resid_layers=model.n_layers) >= len(prompts)
+    keep = bool(plan.interventions) and size >= len(prompts) and chunk_size(model, prompts, resid_layers=model.n_layers, kv=True) >= len(prompts)
     bounds = chunk_bounds(len(prompts), size)
     auto = isinstance(plan.roots, AutoRoots)
-    with _chunks(work, cluster, device, progress, timings, resid=tuple(range(model.n_layers)) if keep else (),
+    with _chunks(work, cluster, device, progress, timings, keep=keep,
                  forward_passes=1 + (auto and len(bounds) > 1)) as chunks:
         chosen: tuple[RootChoice, ...] = ()
         skipped: tuple[RootSkip, ...] = ()
@@ -280,7 +286,7 @@ def run_plan_interventions(plan: Plan, run: RunResult, *, work: ChunkWork | None
     f_base = np.array(run.logit_diff, dtype=np.float64) if run.logit_diff else np.full(len(prompts), np.nan)
     answers = torch.tensor([(p.target, p.distractor) for p in prompts], dtype=torch.long) if run.logit_diff else None
     job = InterventionJob(tuple(plans), f_base, answers, tuple(sorted(iv.start_layers(plans))))
-    size = chunk or chunk_size(model, prompts)
+    size = chunk or chunk_size(model, prompts, resid_layers=len(job.starts), kv=True)
     passes = iv.passes_needed(plans)
     ids = [touched[begin : begin + size] for begin in range(0, len(touched), size)]
     with contextlib.nullcontext(chunks) if chunks is not None else _chunks(work, cluster, device, progress, {}) as running:
