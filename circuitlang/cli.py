@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bars and no report; outputs only")
     run.add_argument("--no-cache", action="store_true", help="recompute the trace; read and write no cache")
     run.add_argument("--chunk", type=_at_least_one, metavar="N",
-                     help="prompts per chunk (default: as many as fit in an eighth of the machine's memory, at most 2 GiB "
+                     help="prompts per chunk (default: as many as fit in an eighth of the machine's memory, at most 1.5 GiB "
                      "of activations; $CIRCUITLANG_CHUNK_MB sets that budget)")
     run.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                      help="run the chunks on Ray workers: a local Ray instance, or the cluster at ADDRESS "

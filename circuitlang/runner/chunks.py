@@ -43,14 +43,16 @@ def activation_bytes(model: LoadedModel, n: int, resid_layers: int = 0, writers:
 
 def default_budget() -> int:
     """The activation budget of a chunk: $CIRCUITLANG_CHUNK_MB, else an eighth of the machine's memory, at most
-    2 GiB (the machine's, not what is free at the moment: the same spec chunks alike on the same machine)."""
+    1.5 GiB (the machine's, not what is free at the moment: the same spec chunks alike on the same machine).
+    The cap keeps a chunk of Gemma 3 270M's IOI prompts at 256, the default spec's size: a larger run peaks
+    like it (measured: docs/performance.md)."""
     if os.environ.get(BUDGET_ENV):
         return int(float(os.environ[BUDGET_ENV]) * 2**20)
     try:
         memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # not a POSIX system that says
         memory = 8 * 2**30
-    return int(min(2 * 2**30, max(memory // 8, 64 * 2**20)))
+    return int(min(1.5 * 2**30, max(memory // 8, 64 * 2**20)))
 
 
 def chunk_size(model: LoadedModel, prompts: PromptSet, budget: int | None = None, resid_layers: int = 0,
