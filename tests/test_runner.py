@@ -85,7 +85,9 @@ def test_chunks_merge_into_the_unchunked_trace(tiny, preloaded, roots):
         plan = plan_for(tiny, ", ".join(str(r) for r in whole.roots))
         whole = run_plan(plan)
     for size in (1, 7):
-        chunked = run_plan(plan, chunk=size)
+        ticks = []
+        chunked = run_plan(plan, chunk=size, progress=lambda stage, done, total: ticks.append((done, total)) if stage == "interventions" else None)
+        assert ticks[-1] == (chunked.interventions.passes,) * 2  # every pass run, counted, and no more than counted
         assert chunked.roots == whole.roots
         assert [(c.root, c.fired) for c in chunked.auto_roots] == [(c.root, c.fired) for c in whole.auto_roots]
         np.testing.assert_allclose([c.direct_effect for c in chunked.auto_roots], [c.direct_effect for c in whole.auto_roots], rtol=1e-5)

@@ -203,7 +203,7 @@ class LocalChunks:
 
     def intervene(self, ids: Sequence[np.ndarray], job: InterventionJob, passes: int) -> list[dict[str, list]]:
         tick = _ticker(self.progress, "interventions", passes)
-        (bounds, acts), self.kept = self.kept or ((None, None)), None
+        (bounds, acts), self.kept = self.kept or (None, None), None
         if acts is not None and bounds == (0, len(self.work.prompts)) and self.keep:
             # Only the layers the passes start at stay (the rest would be held through every pass).
             acts = dataclasses.replace(acts, resid={layer: acts.resid[layer] for layer in job.starts} or None)
@@ -287,8 +287,8 @@ def run_plan_interventions(plan: Plan, run: RunResult, *, work: ChunkWork | None
     answers = torch.tensor([(p.target, p.distractor) for p in prompts], dtype=torch.long) if run.logit_diff else None
     job = InterventionJob(tuple(plans), f_base, answers, tuple(sorted(iv.start_layers(plans))))
     size = chunk or chunk_size(model, prompts, resid_layers=len(job.starts), kv=True)
-    passes = iv.passes_needed(plans)
     ids = [touched[begin : begin + size] for begin in range(0, len(touched), size)]
+    passes = sum(iv.passes_needed(plans, chunk) for chunk in ids)  # a chunk's batches end with it
     with contextlib.nullcontext(chunks) if chunks is not None else _chunks(work, cluster, device, progress, {}) as running:
         columns = running.intervene(ids, job, passes)
     return iv.finish_interventions(model.name, plan.seed, iv._norm_centres(model), False, plans, columns, passes, time.perf_counter() - t0)
