@@ -551,9 +551,10 @@ def intervene_chunk(model: LoadedModel, geometry: AttentionGeometry, acts: Activ
         results: dict[tuple[str, str, str], dict] = {}
         order_of: dict[tuple[str, str, str], np.ndarray] = {}  # each variant's rows in the order its passes ran them
         firsts = first_changes(plan, used)
+        lengths = acts.lengths[[local_of[int(p)] for p in used]].numpy()
         resume = partial and acts.kv is not None
         for start, variants in _by_start(sp).items():
-            batches = pass_batches(firsts, acts.lengths[[local_of[int(p)] for p in used]].numpy(), max(1, batch_rows // len(variants)))
+            batches = pass_batches(firsts, lengths, max(1, batch_rows // len(variants)))
             order_of.update(dict.fromkeys(variants, np.concatenate(batches)))
             for rows in batches:
                 out = _stacked_pass(model, geometry, acts, groups, sp.events, variants, used[rows], local_of,
