@@ -40,9 +40,9 @@ def worker(args) -> None:
     t0 = time.perf_counter()
     if args.what == "forward":
         from circuitlang.data.ioi import ioi_prompts
-        from circuitlang.engine.embedded import resolve_embedded
+        from circuitlang.models.embedded import resolve_embedded
         from circuitlang.engine.forward import batch_tokens
-        from circuitlang.engine.model import load_model
+        from circuitlang.models.model import load_model
 
         model = load_model(resolve_embedded("gemma-3-270m"))
         load = time.perf_counter() - t0
@@ -58,7 +58,7 @@ def worker(args) -> None:
         import contextlib
         import dataclasses
 
-        from circuitlang.engine.omega_cache import omega_cache
+        from circuitlang.cachefiles import use_caches
         from circuitlang.lang import parse_spec
         from circuitlang.lang.plan import IOIPrompts
         from circuitlang.runner.execute import cached_run
@@ -69,7 +69,7 @@ def worker(args) -> None:
         plan = dataclasses.replace(plan, prompts=IOIPrompts(args.n, "mixed", args.seed))
         load, load_rss = 0.0, None
         if args.preload:  # load first, so that the run's own peak memory can be read apart from the load's
-            with contextlib.nullcontext() if args.no_cache else omega_cache():  # as cached_run loads it
+            with contextlib.nullcontext() if args.no_cache else use_caches():  # as cached_run loads it
                 model = execute.resolve_model(plan.model)
             load = time.perf_counter() - t0
             execute.resolve_model = lambda spec, device=None, progress=None: model
@@ -132,7 +132,7 @@ def main(argv=None) -> None:
         args.what = args.worker
         return worker(args)
 
-    from circuitlang.engine.embedded import cache_root
+    from circuitlang.cachefiles import cache_root
 
     cache = args.cache or str(cache_root())
     spec, validate = str(REPO / "specs" / "ioi.circ"), str(REPO / "specs" / "ioi-validate.circ")

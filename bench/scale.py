@@ -40,7 +40,7 @@ def worker(args) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from circuitlang.engine.omega_cache import omega_cache
+    from circuitlang.cachefiles import use_caches
     from circuitlang.lang import parse_spec
     from circuitlang.lang.plan import IOIPrompts
     from circuitlang.runner.distributed import Cluster
@@ -53,7 +53,7 @@ def worker(args) -> None:
 
         ray.init(num_cpus=args.workers, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     t0 = time.perf_counter()
-    with omega_cache():  # as `circ run` does: the Omega cache warm
+    with use_caches():  # as `circ run` does: the Omega cache warm
         model = resolve_model(plan.model)
         load_rss = _reset_peak()
         result = run_plan(plan, model=model, chunk=args.chunk, cluster=Cluster(workers=args.workers) if args.workers else None)

@@ -45,8 +45,8 @@ from reference import compare, decompose, first_prompts, omega_svd, reference_tr
 from circuitlang.data.ioi import ioi_prompts  # noqa: E402
 from circuitlang.engine import decompose as dc  # noqa: E402
 from circuitlang.engine.forward import capture  # noqa: E402
-from circuitlang.engine.geometry import attention_geometry  # noqa: E402
-from circuitlang.engine.model import load_model  # noqa: E402
+from circuitlang.models.geometry import attention_geometry  # noqa: E402
+from circuitlang.models.model import load_model  # noqa: E402
 from circuitlang.engine.trace import decompose_layer, parse_root, slices_for, trace  # noqa: E402
 from circuitlang.lang.plan import Root, SliceRule  # noqa: E402
 

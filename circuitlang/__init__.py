@@ -13,7 +13,7 @@ from importlib import import_module
 _API = {
     "ioi_prompts": "circuitlang.data.ioi",
     "load_prompt_file": "circuitlang.data.prompts",
-    "load_model": "circuitlang.engine.model",
+    "load_model": "circuitlang.models.model",
     "trace": "circuitlang.engine.trace",
 }
 __all__ = list(_API)

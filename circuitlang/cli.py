@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(plan: Plan, args, console: Console) -> int:
     from circuitlang.data.prompts import DataError
     from circuitlang.engine.evaluate import EvaluationError
-    from circuitlang.engine.model import ModelLoadError
+    from circuitlang.models.model import ModelLoadError
     from circuitlang.engine.intervene import InterventionError
     from circuitlang.engine.roots import RootError
     from circuitlang.engine.trace import TraceError
@@ -181,7 +181,7 @@ def _run(plan: Plan, args, console: Console) -> int:
 
 def _diff(args, console: Console) -> int:
     from circuitlang.data.prompts import DataError
-    from circuitlang.engine.model import ModelLoadError
+    from circuitlang.models.model import ModelLoadError
     from circuitlang.engine.roots import RootError
     from circuitlang.engine.trace import TraceError
     from circuitlang.report.diff import diff_inputs, render_diff, write_diff
@@ -268,7 +268,7 @@ def _view(args, console: Console) -> int:
 @contextlib.contextmanager
 def _cache_warnings(errors: Console) -> Iterator[None]:
     """A cache entry discarded as corrupt is one line on stderr, not a traceback or a Python warning dump."""
-    from circuitlang.engine.omega_cache import CacheWarning
+    from circuitlang.cachefiles import CacheWarning
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CacheWarning)
@@ -284,7 +284,7 @@ def _cache_warnings(errors: Console) -> Iterator[None]:
 
 def _cache(args, console: Console) -> int:
     """`circ cache [--clear [KIND ...]]`."""
-    from circuitlang.engine.embedded import cache_root
+    from circuitlang.cachefiles import cache_root
     from circuitlang.runner.cache import cache_usage, clear_cache
 
     if args.clear is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from circuitlang.engine import decompose as dc
-from circuitlang.engine.geometry import attention_geometry
+from circuitlang.models.geometry import attention_geometry
 from circuitlang.engine.trace import writer_contributions
 from circuitlang.lang.plan import Root
 

@@ -147,7 +147,7 @@ def no_boot(monkeypatch):
 
 def test_offline_mode_fails_at_once_for_a_name_not_in_the_cache(monkeypatch):
     from circuitlang.engine import model as model_module
-    from circuitlang.engine.model import ModelLoadError, load_model
+    from circuitlang.models.model import ModelLoadError, load_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(model_module, "_hub_reachable", lambda *a: pytest.fail("offline mode: no probe"))
@@ -159,7 +159,7 @@ def test_offline_mode_fails_at_once_for_a_name_not_in_the_cache(monkeypatch):
 
 def test_an_unreachable_hub_fails_at_once_with_did_you_mean(monkeypatch):
     from circuitlang.engine import model as model_module
-    from circuitlang.engine.model import ModelLoadError, load_model
+    from circuitlang.models.model import ModelLoadError, load_model
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
@@ -178,7 +178,7 @@ def test_a_cached_model_loads_offline_when_the_hub_is_unreachable(monkeypatch):
     from transformer_lens.model_bridge import TransformerBridge
 
     from circuitlang.engine import model as model_module
-    from circuitlang.engine.model import ModelLoadError, load_model
+    from circuitlang.models.model import ModelLoadError, load_model
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
@@ -200,7 +200,7 @@ def test_a_cached_model_loads_offline_when_the_hub_is_unreachable(monkeypatch):
 def test_a_name_not_in_the_cache_fails_in_seconds_here(monkeypatch):
     """The real probe: on a machine without the hub it answers in at most HUB_PROBE_TIMEOUT_S; with one, the hub
     answers 404 at once. Either way, not the minute and more of retries."""
-    from circuitlang.engine.model import ModelLoadError, load_model
+    from circuitlang.models.model import ModelLoadError, load_model
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)

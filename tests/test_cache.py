@@ -10,11 +10,13 @@ import torch
 
 import circuitlang.runner.execute as run_module
 from circuitlang.engine import omega_cache as cache
-from circuitlang.engine.omega_cache import cached_layer_slices, omega_cache
+from circuitlang.cachefiles import caches_on, use_caches
+from circuitlang.engine.omega_cache import cached_layer_slices
 from circuitlang.runner.cache import REUSED, load_run, model_identity, run_key
 from circuitlang.runner.execute import cached_run
-from circuitlang.engine.geometry import AttentionGeometry, layer_slices
-from circuitlang.engine.model import load_model
+from circuitlang.engine.omega import layer_slices
+from circuitlang.models.geometry import AttentionGeometry
+from circuitlang.models.model import load_model
 from circuitlang.lang import format_plan, parse_text
 from circuitlang.report import trace_to_dict, write_trace_json
 from tiny_models import build_gpt2
@@ -42,7 +44,7 @@ def traces(tiny, root, monkeypatch):
     real = run_module.merge_chunks
 
     def counting(*args, **kwargs):
-        computed.append(cache._omega_on.get())
+        computed.append(caches_on())
         return real(*args, **kwargs)
 
     monkeypatch.setattr(run_module, "resolve_model", lambda spec, device=None, progress=None: model)
@@ -157,23 +159,23 @@ def computed(root, monkeypatch):
 def test_omega_cache_returns_the_fresh_slices(computed, root):
     g = geometry(rotary=False)
     fresh = [layer_slices(g, layer) for layer in range(2)]
-    with omega_cache():
+    with use_caches():
         first = [cached_layer_slices(g, layer) for layer in range(2)]
         again = [cached_layer_slices(g, layer) for layer in range(2)]
     assert computed == [(0, None), (1, None)] and len(list((root / "omega").glob("*.pt"))) == 2
     assert all(same(x, y) and same(x, z) for x, y, z in zip(fresh, first, again))
     assert again[0].Q_a.dtype == torch.float64
-    cached_layer_slices(g, 0)  # outside omega_cache(): computed, as the Python API always does
+    cached_layer_slices(g, 0)  # outside use_caches(): computed, as the Python API always does
     assert len(computed) == 3
     changed = dataclasses.replace(g, b_K=g.b_K + 1)  # other weights, another key
-    with omega_cache():
+    with use_caches():
         assert same(cached_layer_slices(changed, 0), layer_slices(changed, 0)) and len(computed) == 4
 
 
 def test_omega_cache_keeps_the_most_offsets_for_rotary_models(computed):
     g = geometry(rotary=True)
     cos, sin = rotary_tables(10)
-    with omega_cache():
+    with use_caches():
         cached_layer_slices(g, 0, cos[:8], sin[:8])
         shorter = cached_layer_slices(g, 0, cos[:5], sin[:5])  # the first 5 offsets of the cached 8
         assert computed == [(0, 8)] and shorter.offsets == 5

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from circuitlang.engine.model import load_model
+from circuitlang.models.model import load_model
 from circuitlang.engine.results import FiringStats, Trace, TraceConfig, TracedEdges, TracedEvents
 from circuitlang.runner.execute import run_plan
 from circuitlang.lang import parse_spec

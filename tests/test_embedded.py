@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from circuitlang.engine import embedded
-from circuitlang.engine.embedded import EMBEDDED, MARKER, resolve_embedded
-from circuitlang.engine.model import ModelLoadError
+from circuitlang import cachefiles
+from circuitlang.models import embedded
+from circuitlang.models.embedded import EMBEDDED, MARKER, resolve_embedded
+from circuitlang.models.model import ModelLoadError
 
 FAKE_SHA = "0123456789abcdef" + "f" * 48
 MODULE = EMBEDDED["gemma-3-270m"].module
@@ -182,6 +183,6 @@ def test_cache_root_defaults_to_the_user_cache(monkeypatch):
     import platformdirs
 
     monkeypatch.delenv("CIRCUITLANG_CACHE", raising=False)
-    assert embedded.cache_root() == Path(platformdirs.user_cache_dir("circuitlang"))
+    assert cachefiles.cache_root() == Path(platformdirs.user_cache_dir("circuitlang"))
     monkeypatch.setenv("CIRCUITLANG_CACHE", "/somewhere/else")
-    assert embedded.cache_root() == Path("/somewhere/else")
+    assert cachefiles.cache_root() == Path("/somewhere/else")

@@ -9,9 +9,10 @@ import torch
 from circuitlang.data.ioi import ioi_prompts
 from circuitlang.engine import decompose as dc
 from circuitlang.engine.forward import capture
-from circuitlang.engine.model import ModelLoadError, load_model
+from circuitlang.models.model import ModelLoadError, load_model
 from circuitlang.engine.omega import OmegaSlices, omega_matrix
-from circuitlang.engine.geometry import attention_geometry, layer_slices
+from circuitlang.engine.omega import layer_slices
+from circuitlang.models.geometry import attention_geometry
 from circuitlang.engine.trace import TraceError, trace, writer_contributions
 from circuitlang.lang.plan import Root, SliceRule
 from checks import assert_writers_complete, busiest_roots

@@ -13,7 +13,7 @@ import torch
 from circuitlang.data.ioi import ioi_counterfactuals, ioi_prompts
 from circuitlang.data.prompts import DataError, load_prompt_file, read_prompt_file
 from circuitlang.engine import evaluate as ev
-from circuitlang.engine.model import load_model
+from circuitlang.models.model import load_model
 from circuitlang.engine.trace import trace
 from circuitlang.lang.compiler import format_plan, parse_text
 from circuitlang.lang.errors import SpecError
@@ -263,7 +263,7 @@ def test_report_table_json_and_plot(hb_result, tmp_path):
 @pytest.fixture(scope="module")
 def gemma():
     """The embedded model from the user cache (converted there on first use; $CIRCUITLANG_CACHE moves it)."""
-    from circuitlang.engine.embedded import resolve_embedded
+    from circuitlang.models.embedded import resolve_embedded
 
     return load_model(resolve_embedded("gemma-3-270m"))
 

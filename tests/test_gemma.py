@@ -11,10 +11,11 @@ import torch
 
 from circuitlang.data.ioi import ioi_prompts
 from circuitlang.engine import decompose as dc
-from circuitlang.engine.embedded import CACHE_ENV, resolve_embedded
+from circuitlang.cachefiles import CACHE_ENV
+from circuitlang.models.embedded import resolve_embedded
 from circuitlang.engine.forward import capture
-from circuitlang.engine.geometry import attention_geometry
-from circuitlang.engine.model import load_model
+from circuitlang.models.geometry import attention_geometry
+from circuitlang.models.model import load_model
 from circuitlang.runner.execute import choose_roots
 from circuitlang.engine.trace import decompose_layer, slices_for, trace
 from circuitlang.lang.plan import SliceRule

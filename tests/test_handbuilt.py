@@ -7,8 +7,8 @@ import pytest
 
 from circuitlang.data.prompts import Prompt, PromptSet
 from circuitlang.engine.forward import capture
-from circuitlang.engine.model import load_model
-from circuitlang.engine.geometry import attention_geometry
+from circuitlang.models.model import load_model
+from circuitlang.models.geometry import attention_geometry
 from circuitlang.runner.execute import choose_roots
 from circuitlang.engine.trace import trace, writer_contributions
 from circuitlang.lang.plan import Root

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from circuitlang.engine.forward import capture
-from circuitlang.engine.geometry import attention_geometry
+from circuitlang.models.geometry import attention_geometry
 from circuitlang.engine.intervene import (
     InterventionError,
     edge_groups,
@@ -24,7 +24,7 @@ from circuitlang.engine.intervene import (
     select_edges,
     set_seed,
 )
-from circuitlang.engine.model import load_model
+from circuitlang.models.model import load_model
 from circuitlang.engine.trace import trace
 from circuitlang.lang.plan import EdgeSelector, InterventionSet, Root
 from checks import busiest_roots, positions_run

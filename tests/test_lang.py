@@ -330,7 +330,7 @@ def test_other_hub_names_and_paths_are_left_to_the_loader(name):
 
 
 def test_every_embedded_model_has_a_known_shape():
-    from circuitlang.engine.embedded import EMBEDDED
+    from circuitlang.models.embedded import EMBEDDED
     from circuitlang.lang.compiler import MODEL_SHAPES
 
     assert set(EMBEDDED) <= set(MODEL_SHAPES)

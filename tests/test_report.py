@@ -17,7 +17,7 @@ from rich.console import Console
 
 from circuitlang.data.ioi import ioi_prompts
 from circuitlang.engine.forward import capture
-from circuitlang.engine.model import load_model
+from circuitlang.models.model import load_model
 from circuitlang.engine.results import FiringStats, Trace, TraceConfig, TracedEdges, TracedEvents
 from circuitlang.engine.trace import trace
 from circuitlang.report import (

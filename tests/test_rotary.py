@@ -7,8 +7,8 @@ import torch
 
 from circuitlang.data.ioi import ioi_prompts
 from circuitlang.engine.forward import capture
-from circuitlang.engine.geometry import attention_geometry
-from circuitlang.engine.model import load_model
+from circuitlang.models.geometry import attention_geometry
+from circuitlang.models.model import load_model
 from circuitlang.engine.trace import decompose_layer, slices_for, trace
 from circuitlang.lang.plan import SliceRule
 from checks import assert_writers_complete, busiest_roots

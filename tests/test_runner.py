@@ -14,8 +14,8 @@ import torch
 
 from circuitlang.cli import main
 from circuitlang.engine.forward import answer_logits, capture
-from circuitlang.engine.model import load_model
-from circuitlang.engine.omega_cache import CacheWarning
+from circuitlang.models.model import load_model
+from circuitlang.cachefiles import CacheWarning
 from circuitlang.engine.roots import RootEvidence, auto_roots
 from circuitlang.lang import parse_text
 from circuitlang.runner import execute
@@ -207,9 +207,9 @@ def test_a_corrupt_omega_entry_is_recomputed_and_never_unpickled(tiny, preloaded
 
 
 def run_again(plan):
-    from circuitlang.engine.omega_cache import omega_cache
+    from circuitlang.cachefiles import use_caches
 
-    with omega_cache():
+    with use_caches():
         return run_plan(plan), None
 
 

@@ -13,8 +13,8 @@ import torch
 from circuitlang.data.ioi import ioi_prompts
 from circuitlang.engine import decompose as dc
 from circuitlang.engine.forward import capture
-from circuitlang.engine.geometry import attention_geometry
-from circuitlang.engine.model import load_model
+from circuitlang.models.geometry import attention_geometry
+from circuitlang.models.model import load_model
 from circuitlang.engine.results import EMBED, MLP, WRITER_CLASSES
 from circuitlang.engine.trace import trace, writer_contributions
 from circuitlang.lang import SpecError, parse_text

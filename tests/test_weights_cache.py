@@ -9,8 +9,8 @@ import pickle
 import pytest
 import torch
 
-from circuitlang.engine.model import load_model
-from circuitlang.engine.omega_cache import CacheWarning, omega_cache
+from circuitlang.models.model import load_model
+from circuitlang.cachefiles import CacheWarning, use_caches
 from circuitlang.runner.cache import cache_usage
 from tiny_models import build_gpt2
 
@@ -41,7 +41,7 @@ def processings(monkeypatch):
 
 
 def cached_load(directory):
-    with omega_cache():
+    with use_caches():
         return load_model(str(directory))
 
 
@@ -60,7 +60,7 @@ def entry(tmp_path):
 
 
 def test_a_later_load_installs_the_cached_weights(tiny, tmp_path, processings):
-    reference = load_model(str(tiny))  # outside omega_cache(): processed, nothing written
+    reference = load_model(str(tiny))  # outside use_caches(): processed, nothing written
     assert len(processings) == 1 and not (tmp_path / "cache").exists()
     first = cached_load(tiny)
     assert len(processings) == 2 and entry(tmp_path).with_name(entry(tmp_path).name + ".sha256").exists()

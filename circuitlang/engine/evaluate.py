@@ -37,7 +37,7 @@ from torch import Tensor
 
 from circuitlang.data.prompts import PromptSet
 from circuitlang.engine.forward import FINAL, batch_tokens, keepers, logit_diff, run_to_final_norm
-from circuitlang.engine.model import LoadedModel
+from circuitlang.models.model import LoadedModel
 from circuitlang.engine.results import EMBED, MLP
 from circuitlang.engine.roots import direct_effects, last_token_writes
 
@@ -473,7 +473,7 @@ def evaluate_faithfulness(
 
     # rankings
     t = time.perf_counter()
-    from circuitlang.engine.geometry import attention_geometry
+    from circuitlang.models.geometry import attention_geometry
 
     own = gradient_times_difference(model, batch, z_clean, z_cf)  # [P, L, H]
     attribution: dict[str, Any] = {"source": "own", "granularity": "node"}

@@ -19,7 +19,7 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from circuitlang.data.prompts import PromptSet
-from circuitlang.engine.model import LoadedModel
+from circuitlang.models.model import LoadedModel
 
 Progress = Callable[[int, int], None]
 Hook = tuple[str, Callable]

@@ -54,8 +54,8 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from circuitlang.engine.forward import Activations
-    from circuitlang.engine.geometry import AttentionGeometry
-    from circuitlang.engine.model import LoadedModel
+    from circuitlang.models.geometry import AttentionGeometry
+    from circuitlang.models.model import LoadedModel
 
 Progress = Callable[[str, int, int], None]
 
@@ -702,7 +702,7 @@ def run_interventions(
     (circuitlang.runner) runs `intervene_chunk` itself, chunk by chunk, and `finish_interventions`.
     """
     from circuitlang.engine.forward import capture
-    from circuitlang.engine.geometry import attention_geometry
+    from circuitlang.models.geometry import attention_geometry
 
     t0 = time.perf_counter()
     if geometry is None:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from circuitlang.models.geometry import AttentionGeometry
+
 
 @dataclass(frozen=True)
 class OmegaSlices:
@@ -104,3 +106,14 @@ def rotation_matrices(cos: Tensor, sin: Tensor, d_head: int) -> Tensor:
     R = eye.expand(M, d_head, d_head).clone()  # R[m] maps row vectors: v R[m] = R(m) v
     R[:, :, :rd] = eye[:, :rd] * cos[:, None, :] + rotated * sin[:, None, :]
     return R
+
+
+def layer_slices(geometry: AttentionGeometry, layer: int, cos: Tensor | None = None, sin: Tensor | None = None) -> OmegaSlices:
+    """Omega's slices for every head of `layer`; for rotary models one core per offset 0..len(cos)-1."""
+    g = geometry
+    W_Q = g.W_Q[layer] * g.q_gain[layer]
+    b_Q = g.b_Q[layer] * g.q_gain[layer]
+    W_K = g.W_K[layer] * g.k_gain[layer]
+    b_K = g.b_K[layer] * g.k_gain[layer]
+    rotations = rotation_matrices(cos, sin, W_Q.shape[-1]) if g.rotary else None
+    return omega_slices(W_Q, b_Q, W_K, b_K, rotations)

@@ -15,29 +15,16 @@ import contextlib
 import dataclasses
 import hashlib
 import io
-import warnings
-from contextvars import ContextVar
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
 
-from circuitlang.atomic import atomic_path, atomic_write
-from circuitlang.engine.embedded import cache_root
-from circuitlang.engine.geometry import AttentionGeometry, layer_slices
-from circuitlang.engine.omega import OmegaSlices
+from circuitlang.cachefiles import caches_on, cache_root, discard, verify_checked, write_checked
+from circuitlang.engine.omega import OmegaSlices, layer_slices
+from circuitlang.models.geometry import AttentionGeometry
 
 ENGINE_VERSION = "2"  # bump whenever an engine change alters traces or Omega: every cached entry goes stale
-
-
-class CacheWarning(UserWarning):
-    """A cache entry that could not be used (unreadable, edited, or of another shape) and was recomputed."""
-
-
-# On only inside `omega_cache()` (the runner uses it): the Python API (`trace`) and the tests never write to
-# the user's cache.
-_omega_on: ContextVar[bool] = ContextVar("circuitlang_omega_cache", default=False)
 
 
 def omega_dir() -> Path:
@@ -54,92 +41,14 @@ def _layer_digest(geometry: AttentionGeometry, layer: int) -> str:
     return h.hexdigest()
 
 
-@contextlib.contextmanager
-def omega_cache() -> Iterator[None]:
-    """Let the engine's caches be read and written inside the block: the Omega cache (`cached_layer_slices`)
-    and the processed weights (`load_model`, engine/weights_cache.py)."""
-    token = _omega_on.set(True)
-    try:
-        yield
-    finally:
-        _omega_on.reset(token)
-
-
-def caches_on() -> bool:
-    """Whether the block is inside `omega_cache()`."""
-    return _omega_on.get()
-
-
-def write_checked(path: Path, data: bytes) -> None:
-    """`data` at `path` and its sha256 at `path.sha256`-style sidecar, each moved into place in one step."""
-    atomic_write(path, data)
-    atomic_write(_sidecar(path), hashlib.sha256(data).hexdigest().encode())
-
-
-def read_checked(path: Path) -> bytes | None:
-    """The bytes at `path` if its sidecar digest matches them; None if the entry is absent.
-
-    Raises ValueError for an entry that is there but does not check out (edited, truncated, no digest).
-    """
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    if hashlib.sha256(data).hexdigest() != _expected_digest(path):
-        raise ValueError("its contents do not match their checksum")
-    return data
-
-
-def write_checked_file(path: Path, write: Callable[[Path], None]) -> None:
-    """`write_checked` for a file too large to hold twice in memory: `write(tmp)` writes it, the digest is
-    read back from the disk."""
-    with atomic_path(path) as tmp:
-        write(tmp)
-        with tmp.open("rb") as fh:
-            digest = hashlib.file_digest(fh, "sha256").hexdigest()
-    atomic_write(_sidecar(path), digest.encode())
-
-
-def verify_checked(path: Path) -> bool:
-    """`read_checked` for a file too large to hold in memory (it is read in blocks): False if the entry is
-    absent, True if it matches its digest; ValueError for an entry that does not check out."""
-    try:
-        with path.open("rb") as fh:
-            digest = hashlib.file_digest(fh, "sha256").hexdigest()
-    except FileNotFoundError:
-        return False
-    if digest != _expected_digest(path):
-        raise ValueError("its contents do not match their checksum")
-    return True
-
-
-def _expected_digest(path: Path) -> str:
-    try:
-        return _sidecar(path).read_text(encoding="ascii").strip()
-    except (OSError, UnicodeDecodeError) as err:
-        raise ValueError("its checksum file is missing or unreadable") from err
-
-
-def discard(path: Path, what: str, reason: str) -> None:
-    """Remove a bad cache entry and say so once (the CLI prints CacheWarnings as one line each)."""
-    for p in (path, _sidecar(path)):
-        with contextlib.suppress(OSError):
-            p.unlink()
-    warnings.warn(CacheWarning(f"discarded {what} ({reason}); recomputing it"), stacklevel=3)
-
-
-def _sidecar(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256")
-
-
 def cached_layer_slices(geometry: AttentionGeometry, layer: int, cos: Tensor | None = None, sin: Tensor | None = None) -> OmegaSlices:
-    """`layer_slices` through the Omega cache inside `omega_cache()`; computed otherwise.
+    """`layer_slices` through the Omega cache inside `use_caches()`; computed otherwise.
 
     Rotary models: the cores for offsets 0..M-1 depend only on the first M rows of the rotary tables, so
     an entry keeps the most offsets computed so far with the tables it used, and a run with shorter prompts
     takes the first M cores when its tables equal those rows (longer prompts recompute and replace it).
     """
-    if not _omega_on.get():
+    if not caches_on():
         return layer_slices(geometry, layer, cos, sin)
     path = omega_dir() / f"{_layer_digest(geometry, layer)}.pt"
     offsets = len(cos) if geometry.rotary else 1

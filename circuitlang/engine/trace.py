@@ -23,9 +23,9 @@ from circuitlang.data.prompts import PromptSet
 from circuitlang.engine import decompose as dc
 from circuitlang.engine.forward import Activations, capture
 from circuitlang.engine.omega_cache import cached_layer_slices
-from circuitlang.engine.geometry import AttentionGeometry, attention_geometry
+from circuitlang.models.geometry import AttentionGeometry, attention_geometry
 from circuitlang.engine.graph import aggregate
-from circuitlang.engine.model import LoadedModel
+from circuitlang.models.model import LoadedModel
 from circuitlang.engine.omega import OmegaSlices
 from circuitlang.engine.results import BIAS, EMBED, MLP, WRITER_CLASSES, FiringStats, Trace, TraceConfig, TracedEdges, TracedEvents
 from circuitlang.lang.plan import Readings, Root, SliceRule

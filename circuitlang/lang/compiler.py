@@ -40,7 +40,7 @@ from circuitlang.lang.plan import (
 )
 
 # (layers, heads) of the built-in model aliases, so that specs for them are checked before loading.
-# Every embedded model (circuitlang.engine.embedded.EMBEDDED, which imports torch) is here: a test checks.
+# Every embedded model (circuitlang.models.embedded.EMBEDDED, which imports torch) is here: a test checks.
 MODEL_SHAPES = {"gpt2": (12, 12), "openai-community/gpt2": (12, 12), "gemma-3-270m": (18, 4)}
 # Limits on the numbers of a spec (docs/language.md, "Limits"), so a slip of the finger fails `circ check`.
 MAX_AUTO_ROOTS = 10_000  # and at most the model's heads, once its shape is known

@@ -23,14 +23,15 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from circuitlang.engine.embedded import cache_root, resolve_embedded
+from circuitlang.models.embedded import resolve_embedded
 from circuitlang.engine.evaluate import FaithfulnessResults
 from circuitlang.engine.intervene import InterventionResults
-from circuitlang.engine.model import _is_local
-from circuitlang.engine.omega_cache import ENGINE_VERSION, discard, omega_dir, read_checked, write_checked
+from circuitlang.models.model import _is_local
+from circuitlang.cachefiles import cache_root, discard, read_checked, write_checked
+from circuitlang.engine.omega_cache import ENGINE_VERSION, omega_dir
 from circuitlang.engine.results import Trace
 from circuitlang.engine.roots import RootChoice, RootSkip
-from circuitlang.engine.weights_cache import directory_digest
+from circuitlang.models.weights_cache import directory_digest
 from circuitlang.lang import format_plan
 from circuitlang.lang.plan import FilePrompts, Output, Plan, Root
 from circuitlang.report.export import dumps, trace_from_dict, trace_to_dict

@@ -18,8 +18,8 @@ import numpy as np
 
 from circuitlang.data.prompts import PromptSet
 from circuitlang.engine.forward import Activations
-from circuitlang.engine.geometry import AttentionGeometry
-from circuitlang.engine.model import LoadedModel
+from circuitlang.models.geometry import AttentionGeometry
+from circuitlang.models.model import LoadedModel
 from circuitlang.engine.results import FiringStats, TracedEdges, TracedEvents
 from circuitlang.engine.trace import canonical_edges, root_positions, trace_activations
 from circuitlang.lang.plan import Plan, Root

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from circuitlang.engine.omega_cache import caches_on, omega_cache
+from circuitlang.cachefiles import caches_on, use_caches
 from circuitlang.engine.roots import RootEvidence
 from circuitlang.lang.plan import Plan, Root
 from circuitlang.runner.chunks import ChunkTrace
@@ -52,7 +52,7 @@ class Cluster:
 
 class ChunkWorker:
     """A Ray actor: loads the model once, then does the work of the chunks it is sent. caches: whether the
-    driver runs inside `omega_cache()` (a CLI run): then the worker reads and writes its node's caches too."""
+    driver runs inside `use_caches()` (a CLI run): then the worker reads and writes its node's caches too."""
 
     def __init__(self, plan: Plan, device: str | None, threads: int, caches: bool):
         import torch
@@ -63,7 +63,7 @@ class ChunkWorker:
             self.work = ChunkWork.of(plan, resolve_model(plan.model, device))
 
     def _caches(self) -> contextlib.AbstractContextManager:
-        return omega_cache() if self.caches else contextlib.nullcontext()
+        return use_caches() if self.caches else contextlib.nullcontext()
 
     def evidence(self, start: int, stop: int) -> RootEvidence:
         with self._caches():

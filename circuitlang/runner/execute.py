@@ -25,10 +25,10 @@ from circuitlang.data.prompts import PromptSet, load_prompt_file
 from circuitlang.engine import intervene as iv
 from circuitlang.engine.evaluate import FaithfulnessResults, evaluate_plan
 from circuitlang.engine.forward import Activations, capture
-from circuitlang.engine.geometry import AttentionGeometry, attention_geometry
+from circuitlang.models.geometry import AttentionGeometry, attention_geometry
 from circuitlang.engine.intervene import InterventionResults
-from circuitlang.engine.model import LoadedModel, load_model
-from circuitlang.engine.omega_cache import omega_cache
+from circuitlang.models.model import LoadedModel, load_model
+from circuitlang.cachefiles import use_caches
 from circuitlang.engine.results import Trace
 from circuitlang.engine.roots import RootChoice, RootError, RootEvidence, RootSkip, auto_roots, direct_effects, last_token_writes, root_evidence
 from circuitlang.engine.trace import build_trace
@@ -65,7 +65,7 @@ class RunResult:
 
 def resolve_model(spec: ModelSpec, device: str | None = None, progress: Progress | None = None) -> LoadedModel:
     """Built-in aliases (the embedded model) first, then a hub name or local directory."""
-    from circuitlang.engine.embedded import resolve_embedded
+    from circuitlang.models.embedded import resolve_embedded
 
     stage = (lambda what: progress(f"model: {what}", 0, 1)) if progress else None
     path = resolve_embedded(spec.name, progress=stage) or spec.name
@@ -325,12 +325,12 @@ def cached_run(plan: Plan, *, device: str | None = None, progress: Progress | No
         if results is not None:
             result = dataclasses.replace(result, interventions=results, reused=("trace", "interventions"))
             return _cached_faithfulness(plan, result, key, fkey, device, progress), key
-        with omega_cache():
+        with use_caches():
             results = run_plan_interventions(plan, result, device=device, progress=progress, chunk=chunk, cluster=cluster)
         with contextlib.suppress(OSError):
             rc.store_interventions(key, ikey, results)
         return _cached_faithfulness(plan, dataclasses.replace(result, interventions=results), key, fkey, device, progress), key
-    with omega_cache():
+    with use_caches():
         result = run_plan(plan, device=device, progress=progress, chunk=chunk, cluster=cluster)
     if key:
         with contextlib.suppress(OSError):  # a cache that cannot be written costs only the reuse
@@ -350,7 +350,7 @@ def _cached_faithfulness(plan: Plan, result: RunResult, key: str, fkey: str, dev
     found = rc.load_faithfulness(key, fkey)
     if found is not None:
         return dataclasses.replace(result, faithfulness=found, reused=(*result.reused, "faithfulness"))
-    with omega_cache():  # the caches of a cached run: the processed weights load memory-mapped
+    with use_caches():  # the caches of a cached run: the processed weights load memory-mapped
         model = resolve_model(plan.model, device, progress)
         found = evaluate_plan(plan, model, build_prompts(plan, model), result.trace, progress)
     with contextlib.suppress(OSError):

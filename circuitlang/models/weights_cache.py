@@ -8,7 +8,7 @@ never reads (rows of tokens it never sees) are never in memory.
 
 The key hashes the model directory (`directory_digest`), the dtype and the versions of TransformerLens,
 transformers and torch, so it changes whenever the processing could. An entry is read only inside
-`omega_cache()` (the runner), on the CPU, for local directories; its digest is checked block by block
+`use_caches()` (the runner), on the CPU, for local directories; its digest is checked block by block
 before it is mapped, and it is loaded with `torch.load(weights_only=True)` and used only when it holds a
 tensor of the right shape and dtype for every weight of the bridge; anything else is discarded with a
 `CacheWarning` and the weights are processed again.
@@ -23,8 +23,7 @@ from typing import Any
 
 import torch
 
-from circuitlang.engine.embedded import cache_root
-from circuitlang.engine.omega_cache import caches_on, discard, verify_checked, write_checked_file
+from circuitlang.cachefiles import cache_root, caches_on, discard, verify_checked, write_checked_file
 
 _FORMAT = "1"  # bump when what an entry holds changes
 
@@ -44,7 +43,7 @@ def directory_digest(directory: Path) -> str:
 
 
 def processed_path(name: str, dtype: torch.dtype, device: str) -> Path | None:
-    """Where the processed weights of model `name` are cached; None when they are not (outside `omega_cache()`,
+    """Where the processed weights of model `name` are cached; None when they are not (outside `use_caches()`,
     off the CPU, or a model that is not a local directory)."""
     directory = Path(name).expanduser()
     if not caches_on() or device != "cpu" or not directory.is_dir():

@@ -130,7 +130,7 @@ def _near_builtin(name: str) -> str:
     import difflib
     import unicodedata
 
-    from circuitlang.engine.embedded import EMBEDDED
+    from circuitlang.models.embedded import EMBEDDED
 
     builtins = [*EMBEDDED, "gpt2", "openai-community/gpt2"]
     plain = unicodedata.normalize("NFKC", name).lower()
@@ -235,7 +235,7 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32", *, hf_mod
     if _is_local(name) and not Path(name).expanduser().is_dir():
         raise ModelLoadError(f"model directory {name!r} does not exist")
     offline = False if _is_local(name) or hf_model is not None else _check_hub_name(name)
-    from circuitlang.engine import weights_cache  # here: it reads the cache root from embedded, which imports this module
+    from circuitlang.models import weights_cache  # here: it reads the cache root from embedded, which imports this module
 
     processed = weights_cache.processed_path(name, DTYPES[dtype], device) if hf_model is None else None
     try:

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from circuitlang.engine.model import LoadedModel
-from circuitlang.engine.omega import OmegaSlices, omega_slices, rotation_matrices
+from circuitlang.models.model import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -89,14 +88,3 @@ def attention_geometry(model: LoadedModel) -> AttentionGeometry:
         rotary=b.cfg.positional_embedding_type == "rotary",
         has_qk_norm=has_qk_norm, has_post_norm=has_post_norm, value_out=value_out,
     )
-
-
-def layer_slices(geometry: AttentionGeometry, layer: int, cos: Tensor | None = None, sin: Tensor | None = None) -> OmegaSlices:
-    """Omega's slices for every head of `layer`; for rotary models one core per offset 0..len(cos)-1."""
-    g = geometry
-    W_Q = g.W_Q[layer] * g.q_gain[layer]
-    b_Q = g.b_Q[layer] * g.q_gain[layer]
-    W_K = g.W_K[layer] * g.k_gain[layer]
-    b_K = g.b_K[layer] * g.k_gain[layer]
-    rotations = rotation_matrices(cos, sin, W_Q.shape[-1]) if g.rotary else None
-    return omega_slices(W_Q, b_Q, W_K, b_K, rotations)

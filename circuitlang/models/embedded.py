@@ -21,13 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from circuitlang.engine.model import ModelLoadError, _quiet
+from circuitlang.cachefiles import CACHE_ENV, cache_root
+from circuitlang.models.model import ModelLoadError, _quiet
 
 Stage = Callable[[str], None]
 """A progress callback, called with "assembling", "dequantizing" and "saving" as a build goes on."""
-
-CACHE_ENV = "CIRCUITLANG_CACHE"
-"""Environment variable overriding the cache root (default: `platformdirs.user_cache_dir("circuitlang")`)."""
 
 MARKER = "circuitlang-embedded.json"
 """Written last into a finished copy; a directory without a matching marker is not used."""
@@ -54,16 +52,6 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         extra="gemma",
     ),
 }
-
-
-def cache_root() -> Path:
-    """The cache root: `$CIRCUITLANG_CACHE` if set, else the platform's user cache dir for circuitlang."""
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("circuitlang"))
 
 
 def resolve_embedded(name: str, progress: Stage | None = None) -> str | None:
