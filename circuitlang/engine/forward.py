@@ -19,6 +19,8 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from circuitlang.data.prompts import PromptSet
+from circuitlang.engine.omega import rotation_matrices
+from circuitlang.models.geometry import bilinear_scores, rotary_tables
 from circuitlang.models.model import LoadedModel
 
 Progress = Callable[[int, int], None]
@@ -253,6 +255,11 @@ def capture(
     available = set(model.bridge.hook_dict)
     L = model.n_layers
     fields = {f: hook for f, hook in _PER_LAYER.items() if f"blocks.0.{hook}" in available}
+    if "x" not in fields:  # no norm before attention (OLMo-2 normalises after it): x is the residual, scale 1
+        fields["x"] = "hook_resid_pre"
+    if model.family.scores_from_qk:  # the bridge's score hook holds the softmaxed weights: form q.k instead
+        fields.pop("scores")
+        fields.update(q="attn.hook_q", k="attn.hook_k")
     if writers:
         fields["mlp_out"] = next(h for h in _MLP_WRITE if f"blocks.0.{h}" in available)
     names = {f"blocks.{l}.{hook}" for hook in fields.values() for l in range(L)} | {"ln_final.hook_scale"}
@@ -303,19 +310,43 @@ def capture(
         if field in ("scale", "post_scale"):
             return stacked.squeeze(-1)
         if field in ("q_scale", "k_scale"):  # [L, P, heads, n, 1] -> per query head
+            if stacked.dim() == 4:  # [L, P, n, 1]: one norm across all heads (OLMo-2), one scale per token
+                return stacked.squeeze(-1)[:, :, None].expand(-1, -1, model.n_heads, -1).contiguous()
             return stacked.squeeze(-1).repeat_interleave(model.n_heads // stacked.shape[2], dim=2)
         if field == "z":
             return stacked.permute(1, 2, 0, 3, 4)  # [P, n, L, H, r]
         return stacked
 
+    tables = rotary_tables(model, tokens.shape[1]) if "cos" not in fields else None
+    if tables is not None:
+        fields.update(cos="", sin="")
+        kept["cos"], kept["sin"] = tables
+    if "q" in fields:  # [L, P, n, heads, r] queries and keys -> scores [L, P, H, n, n] over the attention scale
+        q, k = kept.pop("q"), kept.pop("k")
+        if "cos" in kept:  # hook_q and hook_k are taken before the rotation: rotate them as the model does
+            R = torch.stack([rotation_matrices(c, s, q.shape[-1], model.family.interleaved) for c, s in zip(kept["cos"], kept["sin"])])
+            q, k = (torch.einsum("lpihr,lirs->lpihs", t, R) for t in (q, k))
+        k = k.repeat_interleave(q.shape[3] // k.shape[3], dim=3)
+        kept["scores"] = torch.einsum("lpihr,lpjhr->lphij", q, k) / model.attn_scale
+        kept["scores"].masked_fill_(~torch.ones(q.shape[2], q.shape[2], dtype=torch.bool).tril(), float("-inf"))
+        fields = {**{f: h for f, h in fields.items() if f not in ("q", "k")}, "scores": ""}
+    if "scores" in kept:
+        for layer in range(L):  # the part of each score that Omega's slices decompose
+            kept["scores"][layer] = bilinear_scores(model, kept["scores"][layer])
+    if fields["x"] == "hook_resid_pre":
+        fields["scale"] = ""
+        kept["scale"] = torch.ones(kept["x"].shape[:-1] + (1,))
     stacked = {field: shaped(field) for field in fields}
+
+    def residual(layer: int) -> Tensor:  # the residual entering block `layer` (x itself where nothing normalises it)
+        return stacked["x"][layer] if fields["x"] == "hook_resid_pre" else kept[f"blocks.{layer}.hook_resid_pre"]
     return Activations(
         tokens=tokens,
         lengths=lengths,
         final_scale=kept["ln_final.hook_scale"].squeeze(-1),
         logit_diff=torch.cat(diffs) if has_answers else None,
-        embed=kept["blocks.0.hook_resid_pre"],
-        resid={l: kept[f"blocks.{l}.hook_resid_pre"] for l in resid_layers} or None,
+        embed=residual(0),
+        resid={l: residual(l) for l in resid_layers} or None,
         kv=None if keys_values is None else tuple(keys_values),
         **stacked,
     )

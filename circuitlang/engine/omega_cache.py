@@ -33,7 +33,7 @@ def omega_dir() -> Path:
 
 def _layer_digest(geometry: AttentionGeometry, layer: int) -> str:
     g = geometry
-    h = hashlib.sha256(f"{ENGINE_VERSION}\0{g.rotary}".encode())
+    h = hashlib.sha256(f"{ENGINE_VERSION}\0{g.rotary}{chr(0) + 'interleaved' if g.interleaved else ''}".encode())
     for t in (g.W_Q[layer], g.b_Q[layer], g.W_K[layer], g.b_K[layer], g.q_gain[layer], g.k_gain[layer]):
         t = t.contiguous()
         h.update(f"{tuple(t.shape)}{t.dtype}".encode())

@@ -1,0 +1,127 @@
+"""What each decoder family is, in the terms an exact decomposition needs: everything family-specific is here.
+
+Most of a family is read off the loaded model itself (grouped key heads from W_K's shape, q/k norms and
+post-norms from the bridge's modules, the norm widths from their gains, sliding windows and soft caps from
+the config). What cannot be read generically is in FAMILIES, keyed by the Hugging Face `model_type`:
+
+- rotary kind: "half" (rotate_half: dimension t pairs with t + rotary_dim/2; Llama and most others) or
+  "interleaved" (rotate-every-two: 2t pairs with 2t+1; GPT-J), and where the rotary tables come from when the
+  bridge has no `hook_cos`/`hook_sin`;
+- scores: whether the bridge's `hook_attn_scores` holds the pre-softmax score, or (GPT-Neo, OPT, GPT-J: the
+  bridge wraps the Hugging Face attention and hooks its softmaxed weights there) the score must be formed
+  from the model's own queries and keys;
+- score scale: the divisor between q.k and the score where the attention module does not name it;
+- position term: ALiBi (BLOOM) adds slope_h * j to every score, outside the bilinear form of eq. (3).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+ROTARY_KINDS = ("none", "half", "interleaved")
+
+
+@dataclass(frozen=True)
+class Family:
+    """The facts about a family that are not read off the model.
+
+    scores_from_qk: the bridge's `hook_attn_scores` is not the score; form it as q.k / scale from `hook_q`,
+    `hook_k`, rotated as the model rotates them. score_scale: 1/scale where the attention module has no `scaling`
+    (None: read it, or d_head**0.5). alibi: a per-head linear position term in the key position.
+    interleaved: rotate-every-two pairs. tables: "hooks" (the bridge's `hook_cos`/`hook_sin`) or
+    "rotary_emb" (the Hugging Face model's own rotary module, called once per capture).
+    """
+
+    scores_from_qk: bool = False
+    score_scale: float | None = None
+    alibi: bool = False
+    interleaved: bool = False
+    tables: str = "hooks"
+
+
+FAMILIES: dict[str, Family] = {
+    "gpt_neo": Family(scores_from_qk=True, score_scale=1.0),  # GPT-Neo does not scale q.k at all
+    "opt": Family(scores_from_qk=True),
+    "gptj": Family(scores_from_qk=True, interleaved=True, tables="rotary_emb"),
+    "bloom": Family(alibi=True),
+}
+GENERIC = Family()
+
+
+def family_of(model_type: str) -> Family:
+    return FAMILIES.get(model_type, GENERIC)
+
+
+def score_scale(family: Family, hf_config: Any, hf_attention: Any, d_head: int) -> float:
+    """The divisor s with score_hook = A' / s: 1/`scaling` of the attention module where it has one (Gemma's
+    query_pre_attn_scalar**-0.5 included), BLOOM and Falcon's inv_norm_factor, else sqrt(d_head)."""
+    if family.score_scale is not None:
+        return family.score_scale
+    for name in ("scaling", "inv_norm_factor"):
+        value = getattr(hf_attention, name, None)
+        if isinstance(value, (int, float)) and value > 0:
+            return 1.0 / float(value)
+    return float(getattr(hf_config, "query_pre_attn_scalar", None) or d_head) ** 0.5
+
+
+def alibi_slopes(n_heads: int) -> list[float]:
+    """ALiBi's per-head slopes (Press et al.; transformers' `build_alibi_tensor`): a geometric sequence from
+    2^(-8/h) for the nearest power of two h, interleaved with the next one's for the heads past it."""
+    closest = 2 ** math.floor(math.log2(n_heads))
+    base = 2 ** (-(2 ** -(math.log2(closest) - 3)))
+    slopes = [base ** k for k in range(1, closest + 1)]
+    if closest != n_heads:
+        extra = 2 ** (-(2 ** -(math.log2(2 * closest) - 3)))
+        slopes += [extra ** k for k in range(1, 2 * (n_heads - closest) + 1, 2)]
+    return slopes
+
+
+def features(hf_config: Any) -> dict[str, str]:
+    """A family's features as docs/models.md lists them, read from its config."""
+    c = hf_config
+    model_type = c.model_type
+    fam = family_of(model_type)
+    heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head", None) or getattr(c, "num_heads", None)
+    kv = getattr(c, "num_key_value_heads", None) or getattr(c, "num_kv_heads", None)
+    if getattr(c, "multi_query", False):
+        kv = 1
+    rope = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", "default") if isinstance(rope, dict) else "default"
+    partial = getattr(c, "partial_rotary_factor", None) or getattr(c, "rotary_pct", None)
+    if model_type == "gptj":
+        partial = c.rotary_dim / (c.n_embd // c.n_head)
+    if fam.alibi:
+        rotary = "none (ALiBi)"
+    elif model_type in ("gpt2", "gpt_neo", "opt"):
+        rotary = "none (learned positions)"
+    else:
+        rotary = ("interleaved" if fam.interleaved else "half") + (f", {partial:g} of d_head" if partial and partial < 1 else "") + (
+            f", {rope_type}" if rope_type != "default" else "")
+    window = getattr(c, "sliding_window", None) or getattr(c, "window_size", None)
+    parallel = bool(getattr(c, "use_parallel_residual", False) or getattr(c, "parallel_attn", False) or model_type in ("gptj", "phi"))
+    return {
+        "rotary": rotary,
+        "heads": "MQA" if kv == 1 else f"GQA" if kv and heads and kv < heads else "MHA",
+        "parallel": "yes" if parallel else "no",
+        "window": f"{window}" if window else "no",
+        "soft cap": f"{c.attn_logit_softcapping:g}" if getattr(c, "attn_logit_softcapping", None) else "no",
+        "position term": "ALiBi" if fam.alibi else "no",
+    }
+
+
+_STATUS = "status.json"
+
+
+def status_of(model_type: str) -> dict | None:
+    """The conformance suite's verdict for a family (docs/models.md; written by bench/models_table.py)."""
+    table = json.loads(resources.files("circuitlang.models").joinpath(_STATUS).read_text(encoding="utf-8"))
+    return table.get(model_type)
+
+
+def status_path() -> Path:
+    return Path(str(resources.files("circuitlang.models").joinpath(_STATUS)))
