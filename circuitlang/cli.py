@@ -123,7 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         errors.print(f"[red]error[/red] {err}", highlight=False, soft_wrap=True)
         return EXIT_SPEC
     if args.command == "check":
+        from circuitlang.models.families import describe_model
+
         console.print(f"{args.spec}: ok", highlight=False)
+        console.print(describe_model(plan.model.name), highlight=False, markup=False, soft_wrap=True)
         return 0
     if args.command == "plan":
         console.print(format_plan(plan), highlight=False, markup=False, soft_wrap=True)

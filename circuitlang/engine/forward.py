@@ -83,6 +83,36 @@ _PER_LAYER = {  # field: hook under blocks.{l}, kept when the model has it
 _MLP_WRITE = ("ln2_post.hook_out", "hook_mlp_out")  # after the post-MLP norm where there is one
 
 
+def score_hooks(model: LoadedModel, layer: int) -> list[str]:
+    """The hooks a pass reads layer `layer`'s scores from: the score hook, or the queries and keys where the
+    bridge hooks the softmaxed weights there (`Family.scores_from_qk`)."""
+    if model.family.scores_from_qk:
+        return [f"blocks.{layer}.attn.hook_q", f"blocks.{layer}.attn.hook_k"]
+    return [f"blocks.{layer}.attn.hook_attn_scores"]
+
+
+def qk_scores(model: LoadedModel, q: Tensor, k: Tensor, cos: Tensor | None = None, sin: Tensor | None = None) -> Tensor:
+    """[..., H, n, n] scores over the attention scale from queries and keys [..., n, heads, r] taken before any
+    rotation (cos, sin [n, rotary_dim]: rotate them as the model does), future positions masked."""
+    if cos is not None:
+        R = rotation_matrices(cos, sin, q.shape[-1], model.family.interleaved)
+        q, k = (torch.einsum("...ihr,irs->...ihs", t, R) for t in (q, k))
+    k = k.repeat_interleave(q.shape[-2] // k.shape[-2], dim=-2)
+    scores = torch.einsum("...ihr,...jhr->...hij", q, k) / model.attn_scale
+    n = q.shape[-3]
+    return scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+
+
+def pass_scores(model: LoadedModel, captured: dict[str, list[Tensor]], layer: int) -> Tensor:
+    """[B, H, n, n]: the bilinear part of layer `layer`'s scores (`bilinear_scores`) from a pass's kept hooks."""
+    names = score_hooks(model, layer)
+    if len(names) == 1:
+        return bilinear_scores(model, captured[names[0]][0])
+    q, k = (captured[name][0] for name in names)
+    tables = rotary_tables(model, q.shape[1])
+    return bilinear_scores(model, qk_scores(model, q, k, *((tables[0][layer], tables[1][layer]) if tables else ())))
+
+
 def batch_tokens(prompts: PromptSet, pad_id: int, length: int | None = None) -> tuple[Tensor, Tensor]:
     """Right-padded token ids [P, n] and lengths [P]; n = `length` (at least the longest prompt) if given."""
     lengths = torch.tensor([len(p.token_ids) for p in prompts], dtype=torch.long)
@@ -248,7 +278,8 @@ def capture(
     length: pad to this many positions (chunks of one prompt set padded alike give identical numbers);
     resid_layers: also keep the residual entering these blocks (where partial passes start); kv: keep every
     layer's keys and values (partial passes resume after a prefix from them; left out, as None, where the
-    model's cache drops positions, a sliding window shorter than the prompts).
+    model's cache drops positions, a sliding window shorter than the prompts, or where scores are formed
+    from queries and keys, which a resumed pass would hook for its own positions only).
     """
     pad = model.tokenizer.pad_token_id
     tokens, lengths = batch_tokens(prompts, 0 if pad is None else pad, length)
@@ -287,6 +318,7 @@ def capture(
         return keep
 
     hooks = [(name, keeper(name)) for name in sorted(names)]
+    kv = kv and not model.family.scores_from_qk  # a resumed pass would see only its own positions' keys
     diffs = []
     total = tokens.shape[0]
     keys_values: list[Tensor] | None = None
@@ -323,12 +355,8 @@ def capture(
         kept["cos"], kept["sin"] = tables
     if "q" in fields:  # [L, P, n, heads, r] queries and keys -> scores [L, P, H, n, n] over the attention scale
         q, k = kept.pop("q"), kept.pop("k")
-        if "cos" in kept:  # hook_q and hook_k are taken before the rotation: rotate them as the model does
-            R = torch.stack([rotation_matrices(c, s, q.shape[-1], model.family.interleaved) for c, s in zip(kept["cos"], kept["sin"])])
-            q, k = (torch.einsum("lpihr,lirs->lpihs", t, R) for t in (q, k))
-        k = k.repeat_interleave(q.shape[3] // k.shape[3], dim=3)
-        kept["scores"] = torch.einsum("lpihr,lpjhr->lphij", q, k) / model.attn_scale
-        kept["scores"].masked_fill_(~torch.ones(q.shape[2], q.shape[2], dtype=torch.bool).tril(), float("-inf"))
+        kept["scores"] = torch.stack([qk_scores(model, q[l], k[l], *((kept["cos"][l], kept["sin"][l]) if "cos" in kept else ()))
+                                      for l in range(L)])
         fields = {**{f: h for f, h in fields.items() if f not in ("q", "k")}, "scores": ""}
     if "scores" in kept:
         for layer in range(L):  # the part of each score that Omega's slices decompose

@@ -24,7 +24,7 @@ from circuitlang.cachefiles import caches_on, cache_root, discard, verify_checke
 from circuitlang.engine.omega import OmegaSlices, layer_slices
 from circuitlang.models.geometry import AttentionGeometry
 
-ENGINE_VERSION = "2"  # bump whenever an engine change alters traces or Omega: every cached entry goes stale
+ENGINE_VERSION = "3"  # bump whenever an engine change alters traces or Omega: every cached entry goes stale
 
 
 def omega_dir() -> Path:

@@ -11,7 +11,8 @@ the config). What cannot be read generically is in FAMILIES, keyed by the Huggin
   bridge wraps the Hugging Face attention and hooks its softmaxed weights there) the score must be formed
   from the model's own queries and keys;
 - score scale: the divisor between q.k and the score where the attention module does not name it;
-- position term: ALiBi (BLOOM) adds slope_h * j to every score, outside the bilinear form of eq. (3).
+- position term: ALiBi (BLOOM) adds slope_h * j to every score, outside the bilinear form of eq. (3);
+- whether the bridge can start a pass at a layer (BLOOM's cannot).
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ class Family:
     `hook_k`, rotated as the model rotates them. score_scale: 1/scale where the attention module has no `scaling`
     (None: read it, or d_head**0.5). alibi: a per-head linear position term in the key position.
     interleaved: rotate-every-two pairs. tables: "hooks" (the bridge's `hook_cos`/`hook_sin`) or
-    "rotary_emb" (the Hugging Face model's own rotary module, called once per capture).
+    "rotary_emb" (the Hugging Face model's own rotary module, called once per capture). resumable: the
+    bridge can start a pass at a layer from a given residual (BLOOM's cannot: its intervention passes run
+    from the tokens).
     """
 
     scores_from_qk: bool = False
@@ -42,13 +45,14 @@ class Family:
     alibi: bool = False
     interleaved: bool = False
     tables: str = "hooks"
+    resumable: bool = True
 
 
 FAMILIES: dict[str, Family] = {
     "gpt_neo": Family(scores_from_qk=True, score_scale=1.0),  # GPT-Neo does not scale q.k at all
     "opt": Family(scores_from_qk=True),
     "gptj": Family(scores_from_qk=True, interleaved=True, tables="rotary_emb"),
-    "bloom": Family(alibi=True),
+    "bloom": Family(alibi=True, resumable=False),
 }
 GENERIC = Family()
 
@@ -92,7 +96,8 @@ def features(hf_config: Any) -> dict[str, str]:
         kv = 1
     rope = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
     rope_type = rope.get("rope_type", "default") if isinstance(rope, dict) else "default"
-    partial = getattr(c, "partial_rotary_factor", None) or getattr(c, "rotary_pct", None)
+    partial = (getattr(c, "partial_rotary_factor", None) or getattr(c, "rotary_pct", None)
+               or (rope.get("partial_rotary_factor") if isinstance(rope, dict) else None))
     if model_type == "gptj":
         partial = c.rotary_dim / (c.n_embd // c.n_head)
     if fam.alibi:
@@ -115,13 +120,32 @@ def features(hf_config: Any) -> dict[str, str]:
 
 
 _STATUS = "status.json"
-
-
-def status_of(model_type: str) -> dict | None:
-    """The conformance suite's verdict for a family (docs/models.md; written by bench/models_table.py)."""
-    table = json.loads(resources.files("circuitlang.models").joinpath(_STATUS).read_text(encoding="utf-8"))
-    return table.get(model_type)
+EMBEDDED_TYPES = {"gemma-3-270m": "gemma3_text"}  # the model_type of each embedded model (models/embedded.py)
 
 
 def status_path() -> Path:
     return Path(str(resources.files("circuitlang.models").joinpath(_STATUS)))
+
+
+def status_of(model_type: str) -> dict | None:
+    """The conformance suite's verdict for a family (docs/models.md; written by `python -m circuitlang.conformance`)."""
+    return json.loads(status_path().read_text(encoding="utf-8")).get(model_type)
+
+
+def describe_model(name: str) -> str:
+    """One line for `circ check`: the family of model `name` and its status, read without loading it (a local
+    directory's config.json, an embedded model's known type); a hub name is known only once it loads."""
+    model_type = EMBEDDED_TYPES.get(name)
+    config = Path(name).expanduser() / "config.json"
+    if model_type is None and config.is_file():
+        try:
+            model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+        except (OSError, ValueError):
+            return f"model {name}: its config.json is not readable JSON"
+    if model_type is None:
+        return f"model {name}: family known once it loads (every run's trace.json reports its exactness)"
+    status = status_of(model_type)
+    if status is None:
+        return (f"model {name}: family {model_type}, not in the conformance suite (docs/models.md); it runs through "
+                "the generic reading, and its trace.json's exactness says whether the decomposition held")
+    return f"model {name}: family {model_type}, {status['status']} (docs/models.md)"

@@ -95,7 +95,8 @@ def trace_to_dict(trace: Trace, plan_text: str | None = None, *, include_timings
         "token_text": trace.token_text,
         "firing": {"counts": trace.firing.counts, "slice_counts": trace.firing.slice_counts, "slice_usage": trace.firing.slice_usage},
         "events": _columns(trace.events),
-        "exactness": exactness(trace.events),
+        # Two digits: a size of rounding error, and the same whether read from the trace or from its trace.json.
+        "exactness": {k: float(f"{v:.2g}") if isinstance(v, float) else v for k, v in exactness(trace.events).items()},
         "edges": _columns(trace.edges),
         "graph": {
             "nodes": [{"id": node_id(n)} | _node_record(n, g.nodes[n]) for n in sorted(g.nodes)],
