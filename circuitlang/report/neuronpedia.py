@@ -129,11 +129,9 @@ def prompt_graph(trace: Trace, prompt: int, slug: str) -> dict:
         sides[target][_upstream(int(ed.up_layer[r]), int(ed.up_head[r]), token)][str(ed.side[r])] += float(ed.contribution[r])
 
     nodes: dict[Node, dict] = {("token", p): _token_node(p, tokens[p], roles[p]) for p in range(len(roles))}
-    for target, sources in sides.items():
-        for source in (target, *sources):
-            nodes.setdefault(source, _writer_node(source, roles))
-    for node in firings:
-        nodes.setdefault(node, _writer_node(node, roles))
+    for node in {n for target, sources in sides.items() for n in (target, *sources)} | set(firings):
+        if node not in nodes:  # token nodes are there already
+            nodes[node] = _writer_node(node, roles)
     nodes[("logit", last)] = _logit_node(last, trace.n_layers)
 
     links = [{"source": _node_id(s), "target": _node_id(t), "weight": by["d"] + by["s"]}
