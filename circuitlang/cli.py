@@ -77,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--prompt", type=_prompt_choice, metavar="N|all",
                         help="export prompt N (0-based) or all prompts (default: the first 8)")
     export.add_argument("--out", metavar="DIR", help="write DIR/neuronpedia instead of RUN_DIR/neuronpedia")
+    export.add_argument("--scan", metavar="MODEL_ID", help="the model's id on Neuronpedia, which an upload needs "
+                        "(default: the trace's model name; GPT-2 small is gpt2-small there)")
     cache = commands.add_parser("cache", help="show or clear the caches (runs, Omega slices, embedded models)",
                                 description="Show where the caches are and how much they hold, or clear them. The run cache "
                                 "holds traces and intervention results, the Omega cache the SVDs of each layer, the models "
@@ -287,7 +289,7 @@ def _view(args, console: Console) -> int:
 
 
 def _export(args, console: Console) -> int:
-    """`circ export neuronpedia RUN_DIR [--prompt N|all] [--out DIR]`."""
+    """`circ export neuronpedia RUN_DIR [--prompt N|all] [--out DIR] [--scan MODEL_ID]`."""
     from circuitlang.report.export import read_trace_json
     from circuitlang.report.neuronpedia import select_prompts, write_neuronpedia
 
@@ -312,7 +314,7 @@ def _export(args, console: Console) -> int:
         errors.print(f"[red]error[/red] --prompt: {err}", highlight=False, soft_wrap=True)
         return EXIT_SPEC
     try:
-        written = write_neuronpedia(trace, out, args.prompt)
+        written = write_neuronpedia(trace, out, args.prompt, args.scan)
     except OSError as err:
         return _write_failed(err, out, "nothing else was changed; rerun with a writable --out", errors)
     for path in written:

@@ -174,9 +174,10 @@ def test_circ_export_writes_any_prompt_and_keeps_the_index(run_dir, tmp_path, ca
     assert main(["export", "neuronpedia", str(run_dir), "--out", str(out), "--prompt", "11"]) == 0
     assert main(["export", "neuronpedia", str(run_dir / "trace.json"), "--out", str(out), "--prompt", "3"]) == 0
     assert list(graphs(out)) == [slug_for(trace, 3), slug_for(trace, 11)]
-    assert main(["export", "neuronpedia", str(run_dir), "--out", str(out), "--prompt", "all"]) == 0
+    assert main(["export", "neuronpedia", str(run_dir), "--out", str(out), "--prompt", "all", "--scan", "tiny-gpt2"]) == 0
     exported = graphs(out)
     assert len(exported) == len(trace.labels) == 16
+    assert {g["metadata"]["scan"] for g in exported.values()} == {"tiny-gpt2"}
     # the same graph from the run and from its trace.json
     from_run = graphs(run_dir)[slug_for(trace, 0)]
     again = exported[slug_for(trace, 0)]

@@ -104,8 +104,9 @@ def cumulative_influence(ids: list[str], links: list[dict], seeds: dict[str, flo
     return dict(zip(ids, out.tolist()))
 
 
-def prompt_graph(trace: Trace, prompt: int, slug: str) -> dict:
-    """The attribution graph of one prompt of the trace, as circuit-tracer's and Neuronpedia's viewers read it."""
+def prompt_graph(trace: Trace, prompt: int, slug: str, scan: str | None = None) -> dict:
+    """The attribution graph of one prompt of the trace, as circuit-tracer's and Neuronpedia's viewers read it;
+    `scan` names the model as Neuronpedia does (default: the trace's model name)."""
     tokens = list(trace.token_text[prompt]) if trace.token_text else [""] * len(trace.labels[prompt])
     roles = trace.labels[prompt]
     last = len(roles) - 1
@@ -157,7 +158,7 @@ def prompt_graph(trace: Trace, prompt: int, slug: str) -> dict:
     c = trace.config
     return plain({
         "metadata": {
-            "slug": slug, "scan": trace.model, "transcoder_list": [], "prompt_tokens": tokens,
+            "slug": slug, "scan": scan or trace.model, "transcoder_list": [], "prompt_tokens": tokens,
             "prompt": "".join(t for t, role in zip(tokens, roles) if role != "BOS"),
             "node_threshold": NODE_THRESHOLD, "schema_version": 1,
             "info": {"description": f"Singular Vector Tracing of prompt {prompt} ({trace.prompts}) from "
@@ -232,7 +233,8 @@ def select_prompts(trace: Trace, prompt: int | str | None) -> list[int]:
     return [int(prompt)]
 
 
-def write_neuronpedia(trace: Trace, directory: str | os.PathLike, prompt: int | str | None = None) -> list[Path]:
+def write_neuronpedia(trace: Trace, directory: str | os.PathLike, prompt: int | str | None = None,
+                      scan: str | None = None) -> list[Path]:
     """`directory`/neuronpedia: one graph file per chosen prompt and graph-metadata.json, which keeps the
     entries of earlier exports whose files are still there (as circuit-tracer's add_graph_metadata does).
     Each file is written atomically, the index last."""
@@ -247,7 +249,7 @@ def write_neuronpedia(trace: Trace, directory: str | os.PathLike, prompt: int | 
             entries = {}  # an unreadable index is rebuilt from this export
     for p in select_prompts(trace, prompt):
         slug = slug_for(trace, p)
-        graph = prompt_graph(trace, p, slug)
+        graph = prompt_graph(trace, p, slug, scan)
         written.append(atomic_write(out / f"{slug}.json", dumps(graph)))
         m = graph["metadata"]
         entries[slug] = {"slug": slug, "scan": m["scan"], "prompt_tokens": m["prompt_tokens"], "prompt": m["prompt"],
