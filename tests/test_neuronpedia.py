@@ -71,21 +71,39 @@ def test_circ_run_writes_the_first_prompts_and_an_index(run_dir):
         assert entry["scan"] == trace.model
 
 
-def test_circuit_tracer_s_models_load_every_graph(run_dir):
+# Run in circuit-tracer's environment: its local server serves the export directory, and every graph the index
+# lists is fetched from it as the viewer fetches it and loaded with circuit-tracer's own Model.
+SERVE_AND_LOAD = """
+import gzip, json, sys, urllib.request
+from circuit_tracer.frontend import serve
+from circuit_tracer.frontend.graph_models import Model
+
+server = serve(data_dir=sys.argv[1], port=0)
+base = "http://127.0.0.1:%d" % server.httpd.server_address[1]
+def get(path):
+    with urllib.request.urlopen(base + path) as response:
+        body = response.read()
+        return gzip.decompress(body) if response.headers.get("Content-Encoding") == "gzip" else body
+try:
+    for entry in json.loads(get("/data/graph-metadata.json"))["graphs"]:
+        m = Model.model_validate_json(get("/graph_data/%s.json" % entry["slug"]))
+        print(json.dumps([m.metadata.slug, len(m.nodes), len(m.links), sum(l["weight"] for l in m.links)]))
+finally:
+    server.stop()
+"""
+
+
+def test_circuit_tracer_s_server_and_models_load_every_graph(run_dir):
     python = os.environ.get(CIRCUIT_TRACER)
     if not python:
         pytest.skip(f"set {CIRCUIT_TRACER} to a Python with circuit-tracer==0.5.0 (.ci/run makes one)")
-    files = sorted(str(p) for p in (run_dir / "neuronpedia").glob("*-prompt-*.json"))
-    script = ("import json, sys\n"
-              "from circuit_tracer.frontend.graph_models import Model\n"
-              "for path in sys.argv[1:]:\n"
-              "    m = Model.model_validate_json(open(path, encoding='utf-8').read())\n"
-              "    print(json.dumps([m.metadata.slug, len(m.nodes), len(m.links), sum(l['weight'] for l in m.links)]))\n")
-    done = subprocess.run([python, "-c", script, *files], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([python, "-c", SERVE_AND_LOAD, str(run_dir / "neuronpedia")], capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == 0, done.stderr
     loaded = {slug: (n, k, w) for slug, n, k, w in map(json.loads, done.stdout.splitlines())}
-    assert len(loaded) == len(files) == DEFAULT_PROMPTS
-    for slug, graph in graphs(run_dir).items():
+    exported = graphs(run_dir)
+    assert list(loaded) == list(exported) and len(loaded) == DEFAULT_PROMPTS
+    for slug, graph in exported.items():
         n, k, w = loaded[slug]
         assert (n, k) == (len(graph["nodes"]), len(graph["links"]))
         assert w == pytest.approx(sum(link["weight"] for link in graph["links"]))
