@@ -48,12 +48,9 @@ def run_dir(tmp_path_factory, gpt2_tokenizer):
     spec = root / "tiny.circ"
     spec.write_text(f'model "{tiny}"\nprompts ioi 16 mixed seed 0\ntrace from auto 2\nfiring attention > 0.3\n'
                     f'sources heads mlp embed bias\nkeep mass 0.95\noutput "{root / "run"}" json neuronpedia\n')
-    old = os.environ.get("CIRCUITLANG_CACHE")
-    os.environ["CIRCUITLANG_CACHE"] = str(root / "cache")
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CIRCUITLANG_CACHE", str(root / "cache"))
         assert main(["run", str(spec), "--quiet", "--no-cache"]) == 0
-    finally:
-        os.environ.pop("CIRCUITLANG_CACHE") if old is None else os.environ.__setitem__("CIRCUITLANG_CACHE", old)
     return root / "run"
 
 
