@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("format", choices=("neuronpedia",), metavar="FORMAT", help="neuronpedia")
     export.add_argument("run_dir", metavar="RUN_DIR", help="a run directory holding trace.json, or a trace.json")
     export.add_argument("--prompt", type=_prompt_choice, metavar="N|all",
-                        help="export prompt N (0-based) or all prompts (default: the first 8)")
+                        help="export prompt N (0-based) or all prompts (default: the first 8 in which the trace reached a firing)")
     export.add_argument("--out", metavar="DIR", help="write DIR/neuronpedia instead of RUN_DIR/neuronpedia")
     export.add_argument("--scan", metavar="MODEL_ID", help="the model's id on Neuronpedia, which an upload needs "
                         "(default: the trace's model name; GPT-2 small is gpt2-small there)")

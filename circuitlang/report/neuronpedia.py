@@ -26,7 +26,7 @@ from circuitlang.atomic import atomic_write
 from circuitlang.engine.results import BIAS, EMBED, MLP, Trace
 from circuitlang.report.export import dumps, plain
 
-DEFAULT_PROMPTS = 8  # `output ... neuronpedia` and `circ export neuronpedia` without --prompt: the first few
+DEFAULT_PROMPTS = 8  # `output ... neuronpedia` and `circ export neuronpedia` without --prompt: the first few traced
 DIRECTORY = "neuronpedia"
 INDEX = "graph-metadata.json"
 # The viewers show nodes whose influence is at most this (their pruning slider); 1 shows the whole trace,
@@ -222,10 +222,12 @@ def slug_for(trace: Trace, prompt: int) -> str:
 
 
 def select_prompts(trace: Trace, prompt: int | str | None) -> list[int]:
-    """None: the first DEFAULT_PROMPTS; "all": every prompt; N: prompt N (0-based), ValueError if out of range."""
+    """None: the first DEFAULT_PROMPTS prompts in which the trace reached a firing (a graph of tokens alone shows
+    nothing, and Neuronpedia's viewer refuses one: "No layer found"); "all": every prompt; N: prompt N (0-based),
+    ValueError if out of range."""
     n = len(trace.labels)
     if prompt is None:
-        return list(range(min(DEFAULT_PROMPTS, n)))
+        return sorted(set(trace.events.prompt.tolist()))[:DEFAULT_PROMPTS]
     if prompt == "all":
         return list(range(n))
     if not 0 <= int(prompt) < n:
