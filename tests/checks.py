@@ -6,7 +6,7 @@ import numpy as np
 
 from circuitlang.models.geometry import attention_geometry
 from circuitlang.engine.trace import writer_contributions
-from circuitlang.conformance import busiest_roots  # noqa: F401 - the tests' roots that surely fire
+from circuitlang.models.conformance import busiest_roots  # noqa: F401 - the tests' roots that surely fire
 
 
 def assert_writers_complete(model, acts, events, rtol=1e-4) -> None:

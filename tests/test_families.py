@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from circuitlang.conformance import FAMILIES, FEATURE_COLUMNS, TOLERANCE, render_markdown, run_suite, status_table
+from circuitlang.models.conformance import FAMILIES, FEATURE_COLUMNS, TOLERANCE, render_markdown, run_suite, status_table
 from circuitlang.models.families import describe_model, status_path
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "models.md"

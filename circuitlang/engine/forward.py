@@ -286,7 +286,7 @@ def capture(
     available = set(model.bridge.hook_dict)
     L = model.n_layers
     fields = {f: hook for f, hook in _PER_LAYER.items() if f"blocks.0.{hook}" in available}
-    if "x" not in fields:  # no norm before attention (OLMo-2 normalises after it): x is the residual, scale 1
+    if "x" not in fields:  # no norm before attention (one after it instead): x is the residual, scale 1
         fields["x"] = "hook_resid_pre"
     if model.family.scores_from_qk:  # the bridge's score hook holds the softmaxed weights: form q.k instead
         fields.pop("scores")
@@ -342,7 +342,7 @@ def capture(
         if field in ("scale", "post_scale"):
             return stacked.squeeze(-1)
         if field in ("q_scale", "k_scale"):  # [L, P, heads, n, 1] -> per query head
-            if stacked.dim() == 4:  # [L, P, n, 1]: one norm across all heads (OLMo-2), one scale per token
+            if stacked.dim() == 4:  # [L, P, n, 1]: one norm across all heads, one scale per token
                 return stacked.squeeze(-1)[:, :, None].expand(-1, -1, model.n_heads, -1).contiguous()
             return stacked.squeeze(-1).repeat_interleave(model.n_heads // stacked.shape[2], dim=2)
         if field == "z":

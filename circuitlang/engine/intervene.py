@@ -448,7 +448,7 @@ def intervention_deltas(model: LoadedModel, geometry: AttentionGeometry, groups:
 
 def _adder(delta: Tensor) -> Callable:
     def hook(tensor, hook=None):
-        # Some bridges (BLOOM's) run the q/k/v hooks on [B, n, heads * r], before the split into heads.
+        # Some bridges run the q/k/v hooks on [B, n, heads * r], before the split into heads.
         step = delta.flatten(-2) if tensor.dim() == delta.dim() - 1 else delta
         return tensor + step.to(device=tensor.device, dtype=tensor.dtype)
     return hook

@@ -128,7 +128,7 @@ def status_path() -> Path:
 
 
 def status_of(model_type: str) -> dict | None:
-    """The conformance suite's verdict for a family (docs/models.md; written by `python -m circuitlang.conformance`)."""
+    """The conformance suite's verdict for a family (docs/models.md; written by `python -m circuitlang.models.conformance`)."""
     return json.loads(status_path().read_text(encoding="utf-8")).get(model_type)
 
 
