@@ -146,7 +146,7 @@ def no_boot(monkeypatch):
 
 
 def test_offline_mode_fails_at_once_for_a_name_not_in_the_cache(monkeypatch):
-    from circuitlang.engine import model as model_module
+    from circuitlang.models import model as model_module
     from circuitlang.models.model import ModelLoadError, load_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -158,7 +158,7 @@ def test_offline_mode_fails_at_once_for_a_name_not_in_the_cache(monkeypatch):
 
 
 def test_an_unreachable_hub_fails_at_once_with_did_you_mean(monkeypatch):
-    from circuitlang.engine import model as model_module
+    from circuitlang.models import model as model_module
     from circuitlang.models.model import ModelLoadError, load_model
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
@@ -177,7 +177,7 @@ def test_a_cached_model_loads_offline_when_the_hub_is_unreachable(monkeypatch):
     from huggingface_hub import constants
     from transformer_lens.model_bridge import TransformerBridge
 
-    from circuitlang.engine import model as model_module
+    from circuitlang.models import model as model_module
     from circuitlang.models.model import ModelLoadError, load_model
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
