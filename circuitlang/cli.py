@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                      help="run the chunks on Ray workers: a local Ray instance, or the cluster at ADDRESS "
                      "(needs pip install \"circuitlang[ray]\"); the same trace as one process")
+    run.add_argument("--force", action="store_true",
+                     help="replace the outputs of another run in the output directory (by default a run replaces only its own spec's)")
     check = commands.add_parser("check", help="parse and validate a spec (no model)",
                                 description="Parse and validate SPEC without loading the model.")
     check.add_argument("spec", metavar="SPEC")
@@ -59,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     diff.add_argument("--out", metavar="DIR", default="runs/diff", help="write diff.json and the drawing here (default: runs/diff)")
     diff.add_argument("--device", metavar="DEVICE", help="override the specs' device (cpu, cuda, cuda:0, mps)")
     diff.add_argument("--no-cache", action="store_true", help="recompute both traces; read and write no cache")
+    diff.add_argument("--force", action="store_true", help="replace the outputs of a run in --out (an earlier diff is always replaced)")
     view = commands.add_parser("view", help="open a run in the interactive viewer (trace.html)",
                                description="Open the interactive viewer of a run in the browser. TARGET is a run directory "
                                "(holding trace.json), a trace.json, or a .circ spec (its output directory, traced first as "
@@ -83,12 +86,15 @@ def _at_least_one(text: str) -> int:
     return int(text)
 
 
-def _writable(directory: str, errors: Console) -> bool:
-    """Whether results can go to `directory`, checked before any model loads; if not, says why in one line."""
-    from circuitlang.report.outdir import OutputDirError, check_writable
+def _writable(directory: str, errors: Console, owner=None, force: bool = False) -> bool:
+    """Whether results can go to `directory` (and, given their `owner`, whether it holds another run's outputs),
+    checked before any model loads; if not, says why in one line."""
+    from circuitlang.report.outdir import OutputDirError, check_writable, claim
 
     try:
         check_writable(directory)
+        if owner is not None:
+            claim(directory, owner, force)
     except OutputDirError as err:
         errors.print(f"[red]error[/red]: {err}", highlight=False, soft_wrap=True)
         return False
@@ -148,8 +154,11 @@ def _run(plan: Plan, args, console: Console) -> int:
     from circuitlang.runner.distributed import Cluster, DistributedError
     from circuitlang.runner.execute import cached_run
 
+    from circuitlang.report.outdir import run_owner
+
     errors = Console(stderr=True)
-    if not _writable(plan.output.directory, errors):  # before the model loads, not after the trace
+    owner = run_owner(args.spec, format_plan(plan))
+    if not _writable(plan.output.directory, errors, owner, args.force):  # before the model loads, not after the trace
         return EXIT_SPEC
     with _progress(args.quiet) as bars, _cache_warnings(errors):
         try:
@@ -165,7 +174,7 @@ def _run(plan: Plan, args, console: Console) -> int:
     if reused:
         errors.print(REUSED.format(what=" and ".join(result.reused), key=reused), highlight=False, soft_wrap=True)
     try:
-        written, notes = _write_outputs(plan, result)
+        written, notes = _write_outputs(plan, result, owner, args.force)
     except OSError as err:
         kept = ("this run used --no-cache, so a rerun computes the trace again" if args.no_cache else
                 f"the trace is in the run cache, so `circ run {args.spec} --out DIR` with a writable DIR reuses it at once")
@@ -189,8 +198,10 @@ def _diff(args, console: Console) -> int:
     from circuitlang.runner.cache import REUSED
     from circuitlang.runner.execute import cached_run
 
+    from circuitlang.report.outdir import Owner, publish, staged
+
     errors = Console(stderr=True)
-    if not _writable(args.out, errors):  # before any spec is traced
+    if not _writable(args.out, errors, Owner("diff"), args.force):  # before any spec is traced
         return EXIT_SPEC
     notes: list[str] = []  # printed once the progress bars are done
 
@@ -214,13 +225,15 @@ def _diff(args, console: Console) -> int:
         errors.print(note, highlight=False, soft_wrap=True)
     render_diff(diff, console)
     try:
-        drawing = write_diff(diff, args.out)
-        drawing.paths.append(write_diff_viewer(diff, Path(args.out) / "diff.html"))
+        with staged(args.out) as stage:
+            drawing = write_diff(diff, stage)
+            write_diff_viewer(diff, stage / "diff.html")
+            paths = publish(stage, args.out, Owner("diff"), args.force)
     except OSError as err:
         kept = ("this diff used --no-cache, so a rerun traces the specs again" if args.no_cache else
                 "the specs' traces are in the run cache, so a rerun with a writable --out takes seconds")
         return _write_failed(err, args.out, kept, errors)
-    for path in drawing.paths:
+    for path in paths:
         console.print(f"wrote {path}", highlight=False)
     if drawing.message:
         errors.print(drawing.message, highlight=False, soft_wrap=True)
@@ -231,7 +244,7 @@ def _view(args, console: Console) -> int:
     """`circ view TARGET`: trace.html of a run directory, a trace.json or a spec's output directory, opened."""
     import webbrowser
 
-    from circuitlang.report.viewer import viewer_for_run
+    from circuitlang.report.viewer import NotThisRun, viewer_for_run
 
     errors = Console(stderr=True)
     target = Path(args.target)
@@ -245,7 +258,7 @@ def _view(args, console: Console) -> int:
         if not (target / "trace.json").exists():  # trace it as `circ run` would, writing at least json and html
             formats = tuple(dict.fromkeys(plan.output.formats + ("json", "html")))
             plan = dataclasses.replace(plan, output=dataclasses.replace(plan.output, formats=formats))
-            run_args = argparse.Namespace(spec=args.target, device=args.device, quiet=True, no_cache=False)
+            run_args = argparse.Namespace(spec=args.target, device=args.device, quiet=True, no_cache=False, force=False)
             code = _run(plan, run_args, console)
             if code:
                 return code
@@ -255,10 +268,15 @@ def _view(args, console: Console) -> int:
                      highlight=False, soft_wrap=True)
         return EXIT_SPEC
     try:
-        path, written = viewer_for_run(trace_json)
+        path, written, note = viewer_for_run(trace_json)
+    except NotThisRun as err:
+        errors.print(f"[red]error[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
+        return EXIT_SPEC
     except (OSError, ValueError, KeyError) as err:  # unreadable JSON, not a trace
         errors.print(f"[red]error[/red] {trace_json}: {err}", highlight=False, soft_wrap=True)
         return EXIT_RUN
+    if note:
+        errors.print(note, highlight=False, soft_wrap=True, markup=False)
     console.print(f"{'wrote' if written else 'viewer'} {path}", highlight=False, soft_wrap=True)
     if not args.no_open and not webbrowser.open(path.resolve().as_uri()):
         errors.print(f"no browser to open it with; open {path} in one", highlight=False, soft_wrap=True)
@@ -342,43 +360,46 @@ def _progress(quiet: bool) -> _Bars:
     return _Bars(Progress(*columns, console=Console(stderr=True), transient=False))
 
 
-def _write_outputs(plan: Plan, result) -> tuple[list[Path], list[str]]:
+def _write_outputs(plan: Plan, result, owner, force: bool) -> tuple[list[Path], list[str]]:
+    """Every output the plan names, written beside each other and then published into the output directory
+    with their manifest (report/outdir.py): the directory holds this run's files and no other's."""
+    from circuitlang.report.outdir import publish, staged
+
+    with staged(plan.output.directory) as stage:
+        notes = _write_files(plan, result, stage)
+        return publish(stage, plan.output.directory, owner, force), notes
+
+
+def _write_files(plan: Plan, result, out: Path) -> list[str]:
+    """Write the outputs into `out`; returns the notes to print (no Graphviz, say)."""
     from circuitlang.report import known_head_set, write_drawing, write_graphml, write_trace_json
 
-    out = Path(plan.output.directory)
     formats = set(plan.output.formats)
-    written: list[Path] = []
-    notes: list[str] = []
     if "json" in formats:
         write_trace_json(result.trace, out / "trace.json", plan_text=format_plan(plan))
-        written.append(out / "trace.json")
     if "graphml" in formats:
         write_graphml(result.trace, out / "trace.graphml")
-        written.append(out / "trace.graphml")
     drawing = write_drawing(result.trace, out, "trace", formats, plan.show_min_count, known_head_set(plan.compare))
-    written += drawing.paths
-    if drawing.message:
-        notes.append(drawing.message)
     if "html" in formats:
         from circuitlang.report.viewer import write_trace_viewer
 
-        written.append(write_trace_viewer(result.trace, out / "trace.html", min_count=plan.show_min_count,
-                                          compare=plan.compare, interventions=result.interventions, plan=plan))
+        write_trace_viewer(result.trace, out / "trace.html", min_count=plan.show_min_count, compare=plan.compare,
+                           interventions=result.interventions, plan=plan)
     if result.interventions is not None:
         from circuitlang.report.interventions import write_intervention_plots, write_interventions_json
 
         if "json" in formats:
-            written.append(write_interventions_json(result.interventions, out / "interventions.json"))
+            write_interventions_json(result.interventions, out / "interventions.json")
         if "png" in formats:
-            written += write_intervention_plots(result.interventions, out)
+            write_intervention_plots(result.interventions, out)
     if getattr(result, "faithfulness", None) is not None:
         from circuitlang.report.faithfulness import write_faithfulness_json, write_faithfulness_plot
 
         if "json" in formats:
-            written.append(write_faithfulness_json(result.faithfulness, out / "faithfulness.json"))
+            write_faithfulness_json(result.faithfulness, out / "faithfulness.json")
         if "png" in formats:
-            written.append(write_faithfulness_plot(result.faithfulness, out / "faithfulness.png"))
-    return written, notes
+            write_faithfulness_plot(result.faithfulness, out / "faithfulness.png")
+    return [drawing.message] if drawing.message else []
 
 
 def _report(plan: Plan, result, console: Console) -> None:

@@ -117,12 +117,14 @@ def test_a_failed_write_at_the_end_is_one_line_and_the_rerun_reuses_the_trace(tm
     path = tmp_path / "s.circ"
     path.write_text(f'model "{tiny_dir}"\nprompts ioi 4\ntrace from auto 1\nfiring attention > 0.2\noutput out json\n')
 
-    def disk_full(plan, result):
+    def disk_full(plan, result, out):
+        (out / "trace.json").write_text("half")
         raise OSError(28, "No space left on device", str(tmp_path / "full" / "trace.json"))
 
     with monkeypatch.context() as m:
-        m.setattr(cli, "_write_outputs", disk_full)
+        m.setattr(cli, "_write_files", disk_full)
         assert main(["run", str(path), "--out", str(tmp_path / "full"), "--quiet"]) == 1
+    assert not (tmp_path / "full").exists()  # nothing of the failed write is left, not even the directory it made
     err = capsys.readouterr().err.strip()
     assert err == (f"error: could not write the results to {tmp_path / 'full'}: No space left on device "
                    f"({tmp_path / 'full' / 'trace.json'}); the trace is in the run cache, so `circ run {path} --out DIR` "
