@@ -73,7 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     cache = commands.add_parser("cache", help="show or clear the caches (runs, Omega slices, embedded models)",
                                 description="Show where the caches are and how much they hold, or clear them. The run cache "
                                 "holds traces and intervention results, the Omega cache the SVDs of each layer, the models "
-                                "cache the embedded model's float32 copy.")
+                                "cache the embedded model's float32 copy and each local model's weights as TransformerLens "
+                                "processes them (processed-<key>.pt, read memory-mapped by later loads).")
     cache.add_argument("--clear", nargs="*", choices=("runs", "omega", "models"), metavar="KIND",
                        help="remove these kinds of entries (runs, omega, models); with no KIND, runs and omega")
     return parser
@@ -306,8 +307,13 @@ def _cache(args, console: Console) -> int:
     from circuitlang.runner.cache import cache_usage, clear_cache
 
     if args.clear is not None:
-        freed = clear_cache(tuple(args.clear) or ("runs", "omega"))
-        console.print(f"cleared {', '.join(args.clear) or 'runs, omega'}: {freed / 2**20:,.1f} MB freed", highlight=False)
+        kinds = ", ".join(args.clear) or "runs, omega"
+        done = clear_cache(tuple(args.clear) or ("runs", "omega"))
+        if done.error:
+            Console(stderr=True).print(f"[red]error[/red]: could not clear {kinds}: {done.left / 2**20:,.1f} MB left, "
+                                       f"{done.freed / 2**20:,.1f} MB freed; {escape(done.error)}", highlight=False, soft_wrap=True)
+            return EXIT_RUN
+        console.print(f"cleared {kinds}: {done.freed / 2**20:,.1f} MB freed", highlight=False)
         return 0
     console.print(f"cache: {cache_root()}", highlight=False, markup=False, soft_wrap=True)
     table = Table()

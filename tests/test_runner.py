@@ -224,6 +224,32 @@ def test_circ_cache_shows_and_clears(tiny, preloaded, capsys, tmp_path):
     assert main(["cache", "--clear"]) == 0 and not (tmp_path / "cache" / "omega").exists()
 
 
+def test_circ_cache_clear_counts_only_what_it_removed(tiny, preloaded, capsys, monkeypatch):
+    import os
+
+    cached_run(plan_for(tiny))
+    before = sorted(runs_dir().rglob("*"))
+
+    def refused(*args, **kwargs):  # a read-only mount: every removal fails
+        raise PermissionError(30, "Read-only file system")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "unlink", refused)
+        m.setattr(os, "rmdir", refused)
+        assert main(["cache", "--clear", "runs"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
+    assert "could not clear runs" in captured.err and "0.0 MB freed" in captured.err and "read-only file system" in captured.err
+    assert sorted(runs_dir().rglob("*")) == before
+
+
+def test_circ_cache_help_names_every_kind_of_file(capsys):
+    with pytest.raises(SystemExit):
+        main(["cache", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "processed-" in text and "float32 copy" in text
+
+
 def test_the_engine_imports_neither_the_report_nor_the_runner():
     import ast
     from pathlib import Path
