@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import warnings
 from contextvars import ContextVar
 from pathlib import Path
@@ -17,15 +16,14 @@ from typing import Callable, Iterator
 
 from circuitlang.atomic import atomic_path, atomic_write
 
-CACHE_ENV = "CIRCUITLANG_CACHE"
-"""Environment variable overriding the cache root (default: `platformdirs.user_cache_dir("circuitlang")`)."""
+from circuitlang.environment import CACHE_ENV, cache_override
 
 
 def cache_root() -> Path:
     """The cache root: `$CIRCUITLANG_CACHE` if set, else the platform's user cache dir for circuitlang."""
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env).expanduser()
+    override = cache_override()
+    if override is not None:
+        return override
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("circuitlang"))

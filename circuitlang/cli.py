@@ -111,9 +111,17 @@ def _write_failed(err: OSError, directory: str, rerun: str, errors: Console) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
+    from circuitlang.environment import EnvironmentVariableError, check_environment
+
     args = _parser().parse_args(argv)
     console = Console(stderr=False)
     errors = Console(stderr=True)
+    if args.command in ("run", "diff", "view", "cache"):  # the commands that read them, before any model loads
+        try:
+            check_environment()
+        except EnvironmentVariableError as err:
+            errors.print(f"[red]error[/red]: {escape(str(err))}", highlight=False, soft_wrap=True)
+            return EXIT_SPEC
     if args.command == "view":
         return _view(args, console)
     if args.command == "cache":

@@ -92,6 +92,16 @@ def test_run_refuses_an_unusable_spec_output(tmp_path, capsys):
     assert capsys.readouterr().err.startswith(f"error: cannot write to {tmp_path / 'file'}: ")
 
 
+@pytest.mark.parametrize("name, value", [("CIRCUITLANG_CHUNK_MB", "abc"), ("CIRCUITLANG_CHUNK_MB", "0"),
+                                         ("CIRCUITLANG_CHUNK_MB", "-1"), ("CIRCUITLANG_CACHE", "file")])
+def test_environment_variables_are_checked_before_the_model_loads(tmp_path, capsys, monkeypatch, name, value):
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv(name, str(tmp_path / value) if value == "file" else value)
+    assert main(["run", str(missing_model_spec(tmp_path)), "--out", str(tmp_path / "out")]) == 2  # not the model's 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: ${name}=") and len(err.splitlines()) == 1
+
+
 def test_diff_refuses_an_unusable_out_before_reading_its_inputs(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert main(["diff", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "file")]) == 2
