@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(plan: Plan, args, console: Console) -> int:
-    from circuitlang.data.prompts import DataError
+    from circuitlang.data.prompts import DataError, PromptFileError
     from circuitlang.engine.evaluate import EvaluationError
     from circuitlang.models.model import ModelLoadError
     from circuitlang.engine.intervene import InterventionError
@@ -174,8 +174,8 @@ def _run(plan: Plan, args, console: Console) -> int:
             cluster = None if getattr(args, "ray", None) is None else Cluster(args.ray or None)
             result, reused = cached_run(plan, device=args.device, progress=bars, use_cache=not args.no_cache,
                                         chunk=getattr(args, "chunk", None), cluster=cluster)
-        except SpecError as err:  # a head out of range, known once the model is loaded
-            errors.print(f"[red]error[/red] {err}", highlight=False, soft_wrap=True)
+        except (SpecError, PromptFileError) as err:  # a head out of range or a prompt's tokens, known once the model is loaded
+            errors.print(f"[red]error[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
             return EXIT_SPEC
         except (ModelLoadError, DataError, RootError, TraceError, InterventionError, EvaluationError, DistributedError) as err:
             errors.print(f"[red]error[/red] {args.spec}: {escape(str(err))}", highlight=False, soft_wrap=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import time
 from pathlib import Path
@@ -243,3 +244,20 @@ def test_run_checks_the_prompt_file_before_loading_the_model(tmp_path, capsys):
     path.write_text(path.read_text().replace("prompts ioi 4", 'prompts file "p.jsonl"'))
     assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 2  # the model's error would be exit 1
     assert capsys.readouterr().err.strip() == f"error {tmp_path / 'p.jsonl'}:1:14: not UTF-8 text (byte 0xe9); save the file as UTF-8"
+
+
+def test_a_prompt_files_token_error_is_one_located_line_and_exit_2(tmp_path, tiny_dir, capsys, monkeypatch):
+    """Known only once the tokenizer is loaded, yet a mistake in the input: file:line:column relative to where
+    `circ` runs, one location, exit 2 (it was `error SPEC: /abs/cf-len.jsonl:2: ...`, exit 1)."""
+    good = {"text": "Alice met Bob and Bob thanked", "target": " Alice", "distractor": " Bob",
+            "counterfactual": "Alice met Bob and Carl thanked", "roles": {"end": 5}}
+    bad = {**good, "counterfactual": "Alice met Bob and Carl Smith thanked"}
+    (tmp_path / "cf-len.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    (tmp_path / "s.circ").write_text(f'model "{tiny_dir}"\nprompts file "cf-len.jsonl"\ntrace from 1.0 end->end\n'
+                                     "evaluate faithfulness against file\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "s.circ", "--quiet", "--no-cache", "--out", "out"]) == 2
+    err = capsys.readouterr().err.strip()
+    column = json.dumps(bad).index('"counterfactual"') + 1
+    assert err == (f"error cf-len.jsonl:2:{column}: counterfactual has 7 tokens and the text 6; they must align token by "
+                   "token (change words for words of as many tokens)")

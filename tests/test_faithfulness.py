@@ -190,7 +190,7 @@ def test_prompt_files_carry_an_aligned_counterfactual(tmp_path, gpt2_tokenizer):
     assert len(prompt.counterfactual) == len(prompt.token_ids) and prompt.counterfactual[:4] == prompt.token_ids[:4]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "Alice met Bob", "counterfactual": "Alice met Bob Smith"}) + "\n")
-    with pytest.raises(DataError, match=r"bad.jsonl:1: counterfactual has 4 tokens and the text 3"):
+    with pytest.raises(DataError, match=r"bad.jsonl:1:27: counterfactual has 4 tokens and the text 3"):
         load_prompt_file(bad, gpt2_tokenizer)
     empty = tmp_path / "empty.jsonl"
     empty.write_text('{"text": "Alice", "counterfactual": ""}\n')
