@@ -261,3 +261,11 @@ def test_a_prompt_files_token_error_is_one_located_line_and_exit_2(tmp_path, tin
     column = json.dumps(bad).index('"counterfactual"') + 1
     assert err == (f"error cf-len.jsonl:2:{column}: counterfactual has 7 tokens and the text 6; they must align token by "
                    "token (change words for words of as many tokens)")
+
+
+def test_a_circuit_size_past_the_models_heads_points_at_the_number(tmp_path, tiny_dir, capsys):
+    path = tmp_path / "s.circ"
+    path.write_text(f'model "{tiny_dir}"\nprompts ioi 4\ntrace from auto 1\nevaluate faithfulness against abc sizes 2, 73, 3\n')
+    assert main(["run", str(path), "--quiet", "--no-cache", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error {path}:4:44: evaluate: circuit size 73 is more than the 4 heads") and len(err.splitlines()) == 1
