@@ -183,10 +183,11 @@ def render_diff(diff: TraceDiff, console: Console, top: int = 15) -> None:
         if not changed:  # a table of headers and no rows reads like a rendering fault
             console.print(f"[italic]{title}[/italic]: none", highlight=False)
             continue
-        table = Table(title=title, box=box.SIMPLE_HEAD,
+        # 80 columns (a file, a narrow terminal) hold every column whole: no cell is cut or wrapped
+        table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True,
                       caption=f"{len(changed) - top} more changed edges not shown" if len(changed) > top else None)
-        for name in ("up", "down token", "type", "count A", "count B", "total A", "total B", "change"):
-            table.add_column(name, justify="left" if name in ("up", "down token", "type") else "right")
+        for name in ("up", "into", "side", "count A", "count B", "total A", "total B", "change"):
+            table.add_column(name, justify="left" if name in ("up", "into", "side") else "right", no_wrap=True)
         for c in changed[:top]:
             change = f"{c.delta_total:+.3g}" if "total" in title else f"{c.delta_count:+d}"
             table.add_row(*_edge_text(c), c.type, str(c.count_a), str(c.count_b), f"{c.total_a:.3g}", f"{c.total_b:.3g}",
