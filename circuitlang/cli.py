@@ -111,9 +111,17 @@ def _write_failed(err: OSError, directory: str, rerun: str, errors: Console) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _command(args)
+    except KeyboardInterrupt:  # every command: one line, never a traceback (outputs are written atomically)
+        Console(stderr=True).print("interrupted; no output was left half-written")
+        return 130
+
+
+def _command(args) -> int:
     from circuitlang.environment import EnvironmentVariableError, check_environment
 
-    args = _parser().parse_args(argv)
     console = Console(stderr=False)
     errors = Console(stderr=True)
     if args.command in ("run", "diff", "view", "cache"):  # the commands that read them, before any model loads
@@ -127,11 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "cache":
         return _cache(args, console)
     if args.command == "diff":
-        try:
-            return _diff(args, console)
-        except KeyboardInterrupt:
-            errors.print("interrupted; no output was left half-written")
-            return 130
+        return _diff(args, console)
     try:
         plan = parse_spec(args.spec)
     except SpecError as err:
@@ -145,11 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.out:
         plan = dataclasses.replace(plan, output=dataclasses.replace(plan.output, directory=args.out))
-    try:
-        return _run(plan, args, console)
-    except KeyboardInterrupt:
-        errors.print("interrupted; no output was left half-written")
-        return 130
+    return _run(plan, args, console)
 
 
 def _run(plan: Plan, args, console: Console) -> int:

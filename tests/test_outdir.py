@@ -127,3 +127,21 @@ def test_diffs_replace_diffs_but_not_runs(tmp_path, tiny_dir, capsys):
     capsys.readouterr()
     assert main(["diff", trace, trace, "--out", str(run)]) == 2
     assert "holds the outputs of `circ run" in capsys.readouterr().err
+
+
+def test_ctrl_c_while_view_traces_a_spec_is_one_line(tmp_path, tiny_dir, capsys, monkeypatch):
+    """Issue 26, item 9: `circ view SPEC` interrupted while it traces, as `run` and `diff` are."""
+    import circuitlang.runner.execute as execute
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(execute, "cached_run", interrupted)
+    path = small(tmp_path, tiny_dir)
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = main(["view", str(path), "--no-open"])
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped `circ view` (a traceback for the user)")
+    assert code == 130 and capsys.readouterr().err.strip() == "interrupted; no output was left half-written"
+    assert not (tmp_path / "elsewhere").exists()
