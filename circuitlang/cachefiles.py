@@ -104,6 +104,20 @@ def _expected_digest(path: Path) -> str:
         raise ValueError("its checksum file is missing or unreadable") from err
 
 
+NOT_STORED = "could not write to the cache {root} ({reason}); this run's results are not stored there, so later runs compute them again"
+
+
+@contextlib.contextmanager
+def storing() -> Iterator[None]:
+    """A cache write: one that fails (a read-only or full cache) costs only the reuse, and says so with a
+    CacheWarning (the same line from every cache, which the CLI prints once)."""
+    try:
+        yield
+    except OSError as err:
+        reason = (err.strerror or str(err)).lower()
+        warnings.warn(CacheWarning(NOT_STORED.format(root=cache_root(), reason=reason)), stacklevel=3)
+
+
 def discard(path: Path, what: str, reason: str) -> None:
     """Remove a bad cache entry and say so once (the CLI prints CacheWarnings as one line each)."""
     for p in (path, _sidecar(path)):

@@ -294,7 +294,8 @@ def _view(args, console: Console) -> int:
 
 @contextlib.contextmanager
 def _cache_warnings(errors: Console) -> Iterator[None]:
-    """A cache entry discarded as corrupt is one line on stderr, not a traceback or a Python warning dump."""
+    """A cache entry discarded as corrupt, or a cache that could not be written, is one line on stderr (once,
+    however many entries said it), not a traceback or a Python warning dump."""
     from circuitlang.cachefiles import CacheWarning
 
     with warnings.catch_warnings(record=True) as caught:
@@ -302,9 +303,12 @@ def _cache_warnings(errors: Console) -> Iterator[None]:
         try:
             yield
         finally:
+            said = set()
             for w in caught:
                 if issubclass(w.category, CacheWarning):
-                    errors.print(f"[yellow]warning[/yellow] {w.message}", highlight=False, soft_wrap=True)
+                    if str(w.message) not in said:
+                        errors.print(f"[yellow]warning[/yellow] {escape(str(w.message))}", highlight=False, soft_wrap=True)
+                    said.add(str(w.message))
                 else:
                     warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 

@@ -269,3 +269,21 @@ def test_a_circuit_size_past_the_models_heads_points_at_the_number(tmp_path, tin
     assert main(["run", str(path), "--quiet", "--no-cache", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error {path}:4:44: evaluate: circuit size 73 is more than the 4 heads") and len(err.splitlines()) == 1
+
+
+def test_a_cache_that_cannot_be_written_is_said_once(tmp_path, tiny_dir, capsys, monkeypatch):
+    """Issue 26, item 12: a run against a read-only cache succeeds and says, once, that nothing was stored."""
+    import circuitlang.cachefiles as cachefiles
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(cachefiles, "atomic_write", read_only)  # every cache file is written through these two
+    monkeypatch.setattr(cachefiles, "atomic_path", read_only)
+    path = tmp_path / "s.circ"
+    path.write_text(f'model "{tiny_dir}"\nprompts ioi 4\ntrace from auto 1\nfiring attention > 0.2\noutput out json\n')
+    assert main(["run", str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"warning could not write to the cache {tmp_path / 'cache'} (read-only file system); this run's results "
+                   "are not stored there, so later runs compute them again"]
+    assert (tmp_path / "out" / "trace.json").is_file()

@@ -11,7 +11,6 @@ and only when the tensors have the shapes the layer needs; anything else is disc
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import io
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from circuitlang.cachefiles import caches_on, cache_root, discard, verify_checked, write_checked
+from circuitlang.cachefiles import caches_on, cache_root, discard, storing, verify_checked, write_checked
 from circuitlang.engine.omega import OmegaSlices, layer_slices
 from circuitlang.models.geometry import AttentionGeometry
 
@@ -64,7 +63,7 @@ def cached_layer_slices(geometry: AttentionGeometry, layer: int, cos: Tensor | N
     slices = layer_slices(geometry, layer, cos, sin)
     buffer = io.BytesIO()
     torch.save({**{f.name: getattr(slices, f.name) for f in dataclasses.fields(slices)}, "cos": cos, "sin": sin}, buffer)
-    with contextlib.suppress(OSError):  # a cache that cannot be written costs only the reuse
+    with storing():
         write_checked(path, buffer.getvalue())
     return slices
 
