@@ -25,6 +25,7 @@ from circuitlang.data.prompts import PromptSet, load_prompt_file
 from circuitlang.engine import intervene as iv
 from circuitlang.engine.evaluate import FaithfulnessResults, evaluate_plan
 from circuitlang.engine.forward import Activations, capture
+from circuitlang.engine.omega_cache import omega_scratch
 from circuitlang.models.geometry import AttentionGeometry, attention_geometry
 from circuitlang.engine.intervene import InterventionResults
 from circuitlang.models.model import LoadedModel, load_model
@@ -245,7 +246,7 @@ def run_plan(plan: Plan, *, model: LoadedModel | None = None, device: str | None
     bounds = chunk_bounds(len(prompts), size)
     auto = isinstance(plan.roots, AutoRoots)
     with _chunks(work, cluster, device, progress, timings, keep=keep,
-                 forward_passes=1 + (auto and len(bounds) > 1)) as chunks:
+                 forward_passes=1 + (auto and len(bounds) > 1)) as chunks, omega_scratch():
         chosen: tuple[RootChoice, ...] = ()
         skipped: tuple[RootSkip, ...] = ()
         if auto:
