@@ -169,7 +169,7 @@ def _run(plan: Plan, args, console: Console) -> int:
     owner = run_owner(args.spec, format_plan(plan))
     if not _writable(plan.output.directory, errors, owner, args.force):  # before the model loads, not after the trace
         return EXIT_SPEC
-    with _progress(args.quiet) as bars, _cache_warnings(errors):
+    with _progress(args.quiet) as bars, _one_line_warnings(errors):
         try:
             cluster = None if getattr(args, "ray", None) is None else Cluster(args.ray or None)
             result, reused = cached_run(plan, device=args.device, progress=bars, use_cache=not args.no_cache,
@@ -221,7 +221,7 @@ def _diff(args, console: Console) -> int:
             notes.append(f"{path}: " + REUSED.format(what="trace", key=reused))
         return result.trace
 
-    with _progress(False) as bars, _cache_warnings(errors):
+    with _progress(False) as bars, _one_line_warnings(errors):
         try:
             diff = diff_inputs(args.a, args.b, load, args.min_count)
         except SpecError as err:
@@ -293,19 +293,21 @@ def _view(args, console: Console) -> int:
 
 
 @contextlib.contextmanager
-def _cache_warnings(errors: Console) -> Iterator[None]:
-    """A cache entry discarded as corrupt, or a cache that could not be written, is one line on stderr (once,
-    however many entries said it), not a traceback or a Python warning dump."""
+def _one_line_warnings(errors: Console) -> Iterator[None]:
+    """A cache entry discarded as corrupt, a cache that could not be written, or Ray workers at a lower priority
+    is one line on stderr (once, however many entries said it), not a traceback or a Python warning dump."""
     from circuitlang.cachefiles import CacheWarning
+    from circuitlang.runner.distributed import RayWarning
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CacheWarning)
+        warnings.simplefilter("always", RayWarning)
         try:
             yield
         finally:
             said = set()
             for w in caught:
-                if issubclass(w.category, CacheWarning):
+                if issubclass(w.category, (CacheWarning, RayWarning)):
                     if str(w.message) not in said:
                         errors.print(f"[yellow]warning[/yellow] {escape(str(w.message))}", highlight=False, soft_wrap=True)
                     said.add(str(w.message))
