@@ -253,6 +253,7 @@ def _view(args, console: Console) -> int:
     """`circ view TARGET`: trace.html of a run directory, a trace.json or a spec's output directory, opened."""
     import webbrowser
 
+    from circuitlang.report.outdir import read_manifest, run_owner
     from circuitlang.report.viewer import NotThisRun, viewer_for_run
 
     errors = Console(stderr=True)
@@ -264,6 +265,16 @@ def _view(args, console: Console) -> int:
             errors.print(f"[red]error[/red] {err}", highlight=False, soft_wrap=True)
             return EXIT_SPEC
         target = Path(plan.output.directory)
+        owner = run_owner(args.target, format_plan(plan))
+        try:
+            manifest = read_manifest(target)
+        except ValueError:
+            manifest = None
+        if manifest is not None and not owner.same(manifest):  # another spec's run: not this spec's to show
+            errors.print(f"[red]error[/red] {escape(args.target)}: {target} holds the outputs of `circ run {escape(str(manifest.get('spec')))}`, "
+                         "not of this spec; `circ run` it with another --out, then `circ view` that directory",
+                         highlight=False, soft_wrap=True)
+            return EXIT_SPEC
         if not (target / "trace.json").exists():  # trace it as `circ run` would, writing at least json and html
             formats = tuple(dict.fromkeys(plan.output.formats + ("json", "html")))
             plan = dataclasses.replace(plan, output=dataclasses.replace(plan.output, formats=formats))

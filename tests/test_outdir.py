@@ -145,3 +145,15 @@ def test_ctrl_c_while_view_traces_a_spec_is_one_line(tmp_path, tiny_dir, capsys,
         pytest.fail("KeyboardInterrupt escaped `circ view` (a traceback for the user)")
     assert code == 130 and capsys.readouterr().err.strip() == "interrupted; no output was left half-written"
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_view_of_a_spec_never_shows_another_specs_run(tmp_path, tiny_dir, capsys, monkeypatch):
+    path = small(tmp_path, tiny_dir)  # its output directory: "elsewhere"
+    other = big(tmp_path, tiny_dir)
+    out = tmp_path / "elsewhere"
+    assert main(["run", str(other), "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path)
+    assert main(["view", str(path), "--no-open"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not of this spec" in err
