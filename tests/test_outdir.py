@@ -85,13 +85,18 @@ def test_files_of_a_run_without_manifest_are_never_mixed_in(tmp_path, tiny_dir, 
     out = tmp_path / "old"
     out.mkdir()
     (out / "interventions.json").write_text("{}")
+    (out / "trace.py").write_text("# the user's own file, not an output")
     assert main(["run", str(small(tmp_path, tiny_dir)), "--out", str(out), "--quiet"]) == 2
     assert "a run with no manifest (interventions.json)" in capsys.readouterr().err
+    assert main(["run", str(small(tmp_path, tiny_dir)), "--out", str(out), "--quiet", "--force"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST, "trace.json", "trace.py"])  # outputs, nothing else
     # An older circuitlang's run directory (no manifest): the viewer shows its trace alone and says why.
-    assert main(["run", str(small(tmp_path, tiny_dir)), "--out", str(tmp_path / "new"), "--quiet"]) == 0
-    (out / "trace.json").write_bytes((tmp_path / "new" / "trace.json").read_bytes())
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "trace.json").write_bytes((out / "trace.json").read_bytes())
+    (legacy / "interventions.json").write_text("{}")
     capsys.readouterr()
-    assert main(["view", str(out), "--no-open"]) == 0
+    assert main(["view", str(legacy), "--no-open"]) == 0
     assert "showing the trace alone" in capsys.readouterr().err
 
 

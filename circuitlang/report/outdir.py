@@ -67,7 +67,9 @@ MANIFEST = "circuitlang-run.json"
 MANIFEST_FORMAT = "circuitlang.outputs/1"
 # What circuitlang writes into an output directory: files like these with no manifest naming them are a
 # run's of unknown origin (an older circuitlang, or a copy), so they are never silently mixed with a new run.
-_OUTPUT_PATTERNS = ("trace.*", "interventions.json", "interventions-*.png", "faithfulness.*", "diff.*", MANIFEST)
+# Exact names (and the plots' pattern), so that --force never takes a user's own file (a trace.py, say).
+_OUTPUT_PATTERNS = (*(f"{stem}.{ext}" for stem in ("trace", "diff") for ext in ("json", "graphml", "dot", "svg", "png", "html")),
+                    "interventions.json", "interventions-*.png", "faithfulness.json", "faithfulness.png", MANIFEST)
 
 
 @dataclass(frozen=True)
