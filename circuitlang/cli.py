@@ -160,10 +160,9 @@ def _run(plan: Plan, args, console: Console) -> int:
     from circuitlang.engine.roots import RootError
     from circuitlang.engine.trace import TraceError
     from circuitlang.runner.cache import REUSED
+    from circuitlang.report.outdir import run_owner
     from circuitlang.runner.distributed import Cluster, DistributedError
     from circuitlang.runner.execute import cached_run
-
-    from circuitlang.report.outdir import run_owner
 
     errors = Console(stderr=True)
     owner = run_owner(args.spec, format_plan(plan))
@@ -204,10 +203,9 @@ def _diff(args, console: Console) -> int:
     from circuitlang.engine.trace import TraceError
     from circuitlang.report.diff import diff_inputs, render_diff, write_diff
     from circuitlang.report.viewer import write_diff_viewer
+    from circuitlang.report.outdir import Owner, publish, staged
     from circuitlang.runner.cache import REUSED
     from circuitlang.runner.execute import cached_run
-
-    from circuitlang.report.outdir import Owner, publish, staged
 
     errors = Console(stderr=True)
     if not _writable(args.out, errors, Owner("diff"), args.force):  # before any spec is traced

@@ -86,9 +86,6 @@ class Owner:
     def same(self, manifest: dict) -> bool:
         return manifest.get("kind") == self.kind and (self.kind == "diff" or manifest.get("spec") == self.spec)
 
-    def describe(self) -> str:
-        return f"`circ run {self.spec}`" if self.kind == "run" else "`circ diff`"
-
 
 def run_owner(spec_path: str | os.PathLike, plan_text: str) -> Owner:
     path = Path(spec_path).resolve()
@@ -116,13 +113,13 @@ def _foreign(directory: Path, owner: Owner) -> tuple[str | None, list[Path]]:
         return None, []
     try:
         manifest = read_manifest(directory)
-    except ValueError:
-        manifest = {"kind": "unknown", "files": {}}
+    except ValueError:  # unreadable: its outputs are found by their names, as with no manifest
+        manifest = None
     if manifest is not None:
         if owner.same(manifest):
             return None, []
         listed = [directory / name for name in manifest["files"]] + [directory / MANIFEST]
-        who = {"run": f"`circ run {manifest.get('spec')}`", "diff": "`circ diff`"}.get(manifest.get("kind"), "an unknown run")
+        who = f"`circ run {manifest.get('spec')}`" if manifest.get("kind") == "run" else "`circ diff`"
         return who, [p for p in listed if p.exists()]
     found = sorted({p for pattern in _OUTPUT_PATTERNS for p in directory.glob(pattern) if p.is_file()})
     return ("a run with no manifest" if found else None), found
