@@ -317,7 +317,7 @@ def _events_table(events: list[tuple]) -> TracedEvents:
     return TracedEvents(prompt=ints(cols[0]), layer=ints(cols[1]), head=ints(cols[2]), dest=ints(cols[3]),
                         src=ints(cols[4]), score=floats(cols[5]), attention=floats(cols[6]), n_slices=ints(cols[7]),
                         slices=tuple(cols[8]), signal_dest=floats(cols[9]), signal_src=floats(cols[10]),
-                        split_dest=unsplit, split_src=unsplit)
+                        split_dest=unsplit, split_src=unsplit, residual=unsplit[:, 0], position=unsplit[:, 0])
 
 
 def _edges_table(edges: list[tuple]) -> TracedEdges:

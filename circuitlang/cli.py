@@ -70,6 +70,18 @@ def _parser() -> argparse.ArgumentParser:
     view.add_argument("target", metavar="TARGET", help="a run directory, a trace.json or a .circ spec")
     view.add_argument("--no-open", action="store_true", help="write and print the path only; open no browser")
     view.add_argument("--device", metavar="DEVICE", help="a spec's device if it must be traced (cpu, cuda, cuda:0, mps)")
+    export = commands.add_parser("export", help="export a run's trace for other tools (neuronpedia)",
+                                 description="Export the trace of a run directory (its trace.json) for another tool. "
+                                 "neuronpedia: one attribution graph per prompt in circuit-tracer's graph JSON, which "
+                                 "Neuronpedia's graph viewer and circuit-tracer's local server load, and graph-metadata.json, "
+                                 "written to RUN_DIR/neuronpedia (docs/export.md).")
+    export.add_argument("format", choices=("neuronpedia",), metavar="FORMAT", help="neuronpedia")
+    export.add_argument("run_dir", metavar="RUN_DIR", help="a run directory holding trace.json, or a trace.json")
+    export.add_argument("--prompt", type=_prompt_choice, metavar="N|all",
+                        help="export prompt N (0-based) or all prompts (default: the first 8 in which the trace reached a firing)")
+    export.add_argument("--out", metavar="DIR", help="write DIR/neuronpedia instead of RUN_DIR/neuronpedia")
+    export.add_argument("--scan", metavar="MODEL_ID", help="the model's id on Neuronpedia, which an upload needs "
+                        "(default: the trace's model name; GPT-2 small is gpt2-small there)")
     cache = commands.add_parser("cache", help="show or clear the caches (runs, Omega slices, embedded models)",
                                 description="Show where the caches are and how much they hold, or clear them. The run cache "
                                 "holds traces and intervention results, the Omega cache the SVDs of each layer, the models "
@@ -84,6 +96,15 @@ def _at_least_one(text: str) -> int:
     """argparse type of a count: a whole number >= 1 (argparse turns the ValueError into a usage error)."""
     if not text.strip().isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
+def _prompt_choice(text: str) -> int | str:
+    """argparse type of --prompt: "all" or a prompt number (0-based)."""
+    if text == "all":
+        return text
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"must be a prompt number (0, 1, ...) or all, got {text!r}")
     return int(text)
 
 
@@ -134,6 +155,8 @@ def _command(args) -> int:
         return _view(args, console)
     if args.command == "cache":
         return _cache(args, console)
+    if args.command == "export":
+        return _export(args, console)
     if args.command == "diff":
         return _diff(args, console)
     try:
@@ -142,7 +165,10 @@ def _command(args) -> int:
         errors.print(f"[red]error[/red] {err}", highlight=False, soft_wrap=True)
         return EXIT_SPEC
     if args.command == "check":
+        from circuitlang.models.families import describe_model
+
         console.print(f"{args.spec}: ok", highlight=False)
+        console.print(describe_model(plan.model.name), highlight=False, markup=False, soft_wrap=True)
         return 0
     if args.command == "plan":
         console.print(format_plan(plan), highlight=False, markup=False, soft_wrap=True)
@@ -301,6 +327,40 @@ def _view(args, console: Console) -> int:
     return 0
 
 
+def _export(args, console: Console) -> int:
+    """`circ export neuronpedia RUN_DIR [--prompt N|all] [--out DIR] [--scan MODEL_ID]`."""
+    from circuitlang.report.export import read_trace_json
+    from circuitlang.report.neuronpedia import select_prompts, write_neuronpedia
+
+    errors = Console(stderr=True)
+    target = Path(args.run_dir)
+    trace_json = target / "trace.json" if target.is_dir() else target
+    if not trace_json.is_file():
+        errors.print(f"[red]error[/red] {args.run_dir}: no trace.json there (give a run directory or a trace.json)",
+                     highlight=False, soft_wrap=True)
+        return EXIT_SPEC
+    out = args.out or str(trace_json.parent)
+    if not _writable(out, errors):
+        return EXIT_SPEC
+    try:
+        trace = read_trace_json(trace_json)
+    except (OSError, ValueError, KeyError) as err:  # unreadable JSON, not a trace
+        errors.print(f"[red]error[/red] {trace_json}: {err}", highlight=False, soft_wrap=True)
+        return EXIT_RUN
+    try:
+        select_prompts(trace, args.prompt)
+    except ValueError as err:
+        errors.print(f"[red]error[/red] --prompt: {err}", highlight=False, soft_wrap=True)
+        return EXIT_SPEC
+    try:
+        written = write_neuronpedia(trace, out, args.prompt, args.scan)
+    except OSError as err:
+        return _write_failed(err, out, "nothing else was changed; rerun with a writable --out", errors)
+    for path in written:
+        console.print(f"wrote {path}", highlight=False, soft_wrap=True)
+    return 0
+
+
 @contextlib.contextmanager
 def _one_line_warnings(errors: Console) -> Iterator[None]:
     """A cache entry discarded as corrupt, a cache that could not be written, or Ray workers at a lower priority
@@ -409,6 +469,10 @@ def _write_files(plan: Plan, result, out: Path) -> list[str]:
     if "graphml" in formats:
         write_graphml(result.trace, out / "trace.graphml")
     drawing = write_drawing(result.trace, out, "trace", formats, plan.show_min_count, known_head_set(plan.compare))
+    if "neuronpedia" in formats:
+        from circuitlang.report.neuronpedia import write_neuronpedia
+
+        write_neuronpedia(result.trace, out)
     if "html" in formats:
         from circuitlang.report.viewer import write_trace_viewer
 

@@ -4,25 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from circuitlang.engine import decompose as dc
 from circuitlang.models.geometry import attention_geometry
 from circuitlang.engine.trace import writer_contributions
-from circuitlang.lang.plan import Root
-
-
-def busiest_roots(acts, prompts, layer, k=3, *, distinct=True):
-    """The k (head, dest role, src role) pairs that fire most often at `layer`: roots that surely fire.
-
-    distinct: leave out a token attending to itself (some tiny random models fire on nothing else)."""
-    fires = dc.firing_mask(acts.pattern, acts.scores, acts.lengths, 0.5)[layer]
-    counts = {}
-    for p, h, i, j in fires.nonzero().tolist():
-        dest, src = prompts[p].labels[i], prompts[p].labels[j]
-        if dest in prompts.role_names and src in prompts.role_names and (dest != src or not distinct):
-            counts[h, dest, src] = counts.get((h, dest, src), 0) + 1
-    ranked = sorted(counts, key=lambda key: (-counts[key], key))[:k]
-    assert ranked, "no root fires in this tiny model"
-    return [Root(layer, h, dest, src) for h, dest, src in ranked]
+from circuitlang.conformance import busiest_roots  # noqa: F401 - the tests' roots that surely fire
 
 
 def assert_writers_complete(model, acts, events, rtol=1e-4) -> None:

@@ -129,7 +129,7 @@ def geometry(rotary: bool) -> AttentionGeometry:
     L, H, d, r = 2, 3, 16, 8
     return AttentionGeometry(
         W_Q=torch.randn(L, H, d, r), b_Q=torch.randn(L, H, r), W_K=torch.randn(L, H, d, r), b_K=torch.randn(L, H, r),
-        q_gain=torch.ones(L, r), k_gain=torch.ones(L, r), W_O=torch.randn(L, H, r, d), b_O=torch.zeros(L, d),
+        q_gain=torch.ones(L, H, r), k_gain=torch.ones(L, H, r), W_O=torch.randn(L, H, r, d), b_O=torch.zeros(L, d),
         rotary=rotary, has_qk_norm=False, has_post_norm=False)
 
 

@@ -68,7 +68,7 @@ def test_second_run_reuses_the_cached_trace(tmp_path, tiny_dir, capsys):
 def test_check_plan_and_bad_specs(tmp_path, tiny_dir, capsys):
     path = spec(tmp_path, tiny_dir)
     assert main(["check", str(path)]) == 0
-    assert capsys.readouterr().out.strip() == f"{path}: ok"
+    assert capsys.readouterr().out.strip() == f"{path}: ok\nmodel {tiny_dir}: family gpt2, exact (docs/models.md)"
     assert main(["plan", str(path)]) == 0
     plan = capsys.readouterr().out
     assert "firing  attention > 0.3" in plan and "prompts ioi 16 mixed seed 0" in plan

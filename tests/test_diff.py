@@ -130,7 +130,7 @@ def hand_trace(edges: list[tuple]) -> Trace:
     for n in g.nodes:
         g.nodes[n].update({"kind": "head", "firing": 4, "traced": 1} if len(n) == 2 else {"kind": "token"})
     ints, floats = np.zeros(0, np.int64), np.zeros(0)
-    events = TracedEvents(ints, ints, ints, ints, ints, floats, floats, ints, (), floats, floats, np.zeros((0, 5)), np.zeros((0, 5)))
+    events = TracedEvents(ints, ints, ints, ints, ints, floats, floats, ints, (), floats, floats, np.zeros((0, 5)), np.zeros((0, 5)), floats, floats)
     traced = TracedEdges(ints, ints, ints, ints, ints, ints, ints, ints, np.zeros(0, np.str_), floats)
     firing = FiringStats(np.zeros((2, 3), np.int64), (((),) * 3,) * 2, np.zeros((2, 3, 1), np.int64))
     return Trace(TraceConfig(0.5, 0.7, "paper", ("1.2 end->IO",)), "hand", 2, 3, "hand-made", (("IO", "end"),) * 10,

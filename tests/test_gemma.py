@@ -19,6 +19,7 @@ from circuitlang.models.model import load_model
 from circuitlang.runner.execute import choose_roots
 from circuitlang.engine.trace import decompose_layer, slices_for, trace
 from circuitlang.lang.plan import SliceRule
+from circuitlang.report.tables import exactness_line
 from circuitlang.report import trace_to_dict
 from circuitlang.report.export import dumps
 from checks import assert_writers_complete, positions_run
@@ -66,6 +67,9 @@ def test_trace_is_complete_non_empty_and_byte_identical(gemma, prompts, acts):
     first = trace(gemma, prompts, roots, activations=acts)
     assert first.graph.number_of_edges() > 0 and len(first.events) > len(roots)
     assert_writers_complete(gemma, acts, first.events)
+    exact = trace_to_dict(first)["exactness"]  # what every run's trace.json reports and the report prints
+    assert exact["events"] == len(first.events) and exact["max_relative_residual"] <= 1e-4 and "unattributed_position_term" not in exact
+    assert "of the largest score" in exactness_line(first)
     second = trace(gemma, prompts, roots, activations=capture(gemma, prompts, batch_size=16))
     assert dumps(trace_to_dict(first)) == dumps(trace_to_dict(second))
 

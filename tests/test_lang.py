@@ -237,7 +237,7 @@ BAD = [
     ("firing attention > 1.5", "t.circ:1:20: the firing threshold must be in (0, 1], got 1.5"),
     ("firing attention > 0", "t.circ:1:20: the firing threshold must be in (0, 1], got 0"),
     ("keep mass 0.0", "t.circ:1:11: the kept mass must be in (0, 1], got 0.0"),
-    ("output runs jsn svg", 't.circ:1:13: unknown output format "jsn"; formats are json, graphml, dot, svg, png and html; '
+    ("output runs jsn svg", 't.circ:1:13: unknown output format "jsn"; formats are json, graphml, dot, svg, png, html and neuronpedia; '
                             'did you mean "json"?'),
     ("model gpt2 device gpu", 't.circ:1:19: unknown device "gpu"; devices are cpu, cuda, cuda:N and mps; did you mean "cpu"?'),
     ("model gpt2 dtype float61", 't.circ:1:18: unknown dtype "float61"; dtypes are float32, float16 and bfloat16; '

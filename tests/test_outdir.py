@@ -76,9 +76,14 @@ def test_a_rerun_of_the_same_spec_replaces_its_own_files(tmp_path, tiny_dir, cap
     path.write_text(path.read_text().replace("output \"elsewhere\" json", "output \"elsewhere\" json graphml"))
     assert main(["run", str(path), "--out", str(out), "--quiet"]) == 0
     assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST, "trace.json", "trace.graphml"])
-    path.write_text(path.read_text().replace(" graphml", ""))
+    path.write_text(path.read_text().replace(" graphml", " neuronpedia"))
     assert main(["run", str(path), "--out", str(out), "--quiet"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST, "trace.json"])  # no stale trace.graphml
+    files = json.loads((out / MANIFEST).read_text())["files"]
+    assert "neuronpedia/graph-metadata.json" in files and "trace.graphml" not in files
+    assert all(file_digest(out / name) == digest for name, digest in files.items())
+    path.write_text(path.read_text().replace(" neuronpedia", ""))
+    assert main(["run", str(path), "--out", str(out), "--quiet"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST, "trace.json"])  # no stale graphml or graphs
 
 
 def test_files_of_a_run_without_manifest_are_never_mixed_in(tmp_path, tiny_dir, capsys):

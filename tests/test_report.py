@@ -63,7 +63,7 @@ def traced(setup):
 def hand_trace(graph: nx.DiGraph) -> Trace:
     """A Trace around a hand-made graph: 2 layers x 3 heads, 10 prompts, no event rows."""
     ints, floats = np.zeros(0, np.int64), np.zeros(0)
-    events = TracedEvents(ints, ints, ints, ints, ints, floats, floats, ints, (), floats, floats, np.zeros((0, 5)), np.zeros((0, 5)))
+    events = TracedEvents(ints, ints, ints, ints, ints, floats, floats, ints, (), floats, floats, np.zeros((0, 5)), np.zeros((0, 5)), floats, floats)
     edges = TracedEdges(ints, ints, ints, ints, ints, ints, ints, ints, np.zeros(0, np.str_), floats)
     firing = FiringStats(np.full((2, 3), 4), tuple(tuple(np.array([1, 2, 2, 3]) for _ in range(3)) for _ in range(2)),
                          np.zeros((2, 3, 4), np.int64))

@@ -19,6 +19,8 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from circuitlang.data.prompts import PromptSet
+from circuitlang.engine.omega import rotation_matrices
+from circuitlang.models.geometry import bilinear_scores, rotary_tables
 from circuitlang.models.model import LoadedModel
 
 Progress = Callable[[int, int], None]
@@ -79,6 +81,36 @@ _PER_LAYER = {  # field: hook under blocks.{l}, kept when the model has it
     "sin": "attn.hook_sin",
 }
 _MLP_WRITE = ("ln2_post.hook_out", "hook_mlp_out")  # after the post-MLP norm where there is one
+
+
+def score_hooks(model: LoadedModel, layer: int) -> list[str]:
+    """The hooks a pass reads layer `layer`'s scores from: the score hook, or the queries and keys where the
+    bridge hooks the softmaxed weights there (`Family.scores_from_qk`)."""
+    if model.family.scores_from_qk:
+        return [f"blocks.{layer}.attn.hook_q", f"blocks.{layer}.attn.hook_k"]
+    return [f"blocks.{layer}.attn.hook_attn_scores"]
+
+
+def qk_scores(model: LoadedModel, q: Tensor, k: Tensor, cos: Tensor | None = None, sin: Tensor | None = None) -> Tensor:
+    """[..., H, n, n] scores over the attention scale from queries and keys [..., n, heads, r] taken before any
+    rotation (cos, sin [n, rotary_dim]: rotate them as the model does), future positions masked."""
+    if cos is not None:
+        R = rotation_matrices(cos, sin, q.shape[-1], model.family.interleaved)
+        q, k = (torch.einsum("...ihr,irs->...ihs", t, R) for t in (q, k))
+    k = k.repeat_interleave(q.shape[-2] // k.shape[-2], dim=-2)
+    scores = torch.einsum("...ihr,...jhr->...hij", q, k) / model.attn_scale
+    n = q.shape[-3]
+    return scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+
+
+def pass_scores(model: LoadedModel, captured: dict[str, list[Tensor]], layer: int) -> Tensor:
+    """[B, H, n, n]: the bilinear part of layer `layer`'s scores (`bilinear_scores`) from a pass's kept hooks."""
+    names = score_hooks(model, layer)
+    if len(names) == 1:
+        return bilinear_scores(model, captured[names[0]][0])
+    q, k = (captured[name][0] for name in names)
+    tables = rotary_tables(model, q.shape[1])
+    return bilinear_scores(model, qk_scores(model, q, k, *((tables[0][layer], tables[1][layer]) if tables else ())))
 
 
 def batch_tokens(prompts: PromptSet, pad_id: int, length: int | None = None) -> tuple[Tensor, Tensor]:
@@ -246,13 +278,19 @@ def capture(
     length: pad to this many positions (chunks of one prompt set padded alike give identical numbers);
     resid_layers: also keep the residual entering these blocks (where partial passes start); kv: keep every
     layer's keys and values (partial passes resume after a prefix from them; left out, as None, where the
-    model's cache drops positions, a sliding window shorter than the prompts).
+    model's cache drops positions, a sliding window shorter than the prompts, or where scores are formed
+    from queries and keys, which a resumed pass would hook for its own positions only).
     """
     pad = model.tokenizer.pad_token_id
     tokens, lengths = batch_tokens(prompts, 0 if pad is None else pad, length)
     available = set(model.bridge.hook_dict)
     L = model.n_layers
     fields = {f: hook for f, hook in _PER_LAYER.items() if f"blocks.0.{hook}" in available}
+    if "x" not in fields:  # no norm before attention (OLMo-2 normalises after it): x is the residual, scale 1
+        fields["x"] = "hook_resid_pre"
+    if model.family.scores_from_qk:  # the bridge's score hook holds the softmaxed weights: form q.k instead
+        fields.pop("scores")
+        fields.update(q="attn.hook_q", k="attn.hook_k")
     if writers:
         fields["mlp_out"] = next(h for h in _MLP_WRITE if f"blocks.0.{h}" in available)
     names = {f"blocks.{l}.{hook}" for hook in fields.values() for l in range(L)} | {"ln_final.hook_scale"}
@@ -280,6 +318,7 @@ def capture(
         return keep
 
     hooks = [(name, keeper(name)) for name in sorted(names)]
+    kv = kv and not model.family.scores_from_qk  # a resumed pass would see only its own positions' keys
     diffs = []
     total = tokens.shape[0]
     keys_values: list[Tensor] | None = None
@@ -303,19 +342,39 @@ def capture(
         if field in ("scale", "post_scale"):
             return stacked.squeeze(-1)
         if field in ("q_scale", "k_scale"):  # [L, P, heads, n, 1] -> per query head
+            if stacked.dim() == 4:  # [L, P, n, 1]: one norm across all heads (OLMo-2), one scale per token
+                return stacked.squeeze(-1)[:, :, None].expand(-1, -1, model.n_heads, -1).contiguous()
             return stacked.squeeze(-1).repeat_interleave(model.n_heads // stacked.shape[2], dim=2)
         if field == "z":
             return stacked.permute(1, 2, 0, 3, 4)  # [P, n, L, H, r]
         return stacked
 
+    tables = rotary_tables(model, tokens.shape[1]) if "cos" not in fields else None
+    if tables is not None:
+        fields.update(cos="", sin="")
+        kept["cos"], kept["sin"] = tables
+    if "q" in fields:  # [L, P, n, heads, r] queries and keys -> scores [L, P, H, n, n] over the attention scale
+        q, k = kept.pop("q"), kept.pop("k")
+        kept["scores"] = torch.stack([qk_scores(model, q[l], k[l], *((kept["cos"][l], kept["sin"][l]) if "cos" in kept else ()))
+                                      for l in range(L)])
+        fields = {**{f: h for f, h in fields.items() if f not in ("q", "k")}, "scores": ""}
+    if "scores" in kept:
+        for layer in range(L):  # the part of each score that Omega's slices decompose
+            kept["scores"][layer] = bilinear_scores(model, kept["scores"][layer])
+    if fields["x"] == "hook_resid_pre":
+        fields["scale"] = ""
+        kept["scale"] = torch.ones(kept["x"].shape[:-1] + (1,))
     stacked = {field: shaped(field) for field in fields}
+
+    def residual(layer: int) -> Tensor:  # the residual entering block `layer` (x itself where nothing normalises it)
+        return stacked["x"][layer] if fields["x"] == "hook_resid_pre" else kept[f"blocks.{layer}.hook_resid_pre"]
     return Activations(
         tokens=tokens,
         lengths=lengths,
         final_scale=kept["ln_final.hook_scale"].squeeze(-1),
         logit_diff=torch.cat(diffs) if has_answers else None,
-        embed=kept["blocks.0.hook_resid_pre"],
-        resid={l: kept[f"blocks.{l}.hook_resid_pre"] for l in resid_layers} or None,
+        embed=residual(0),
+        resid={l: residual(l) for l in resid_layers} or None,
         kv=None if keys_values is None else tuple(keys_values),
         **stacked,
     )

@@ -448,7 +448,9 @@ def intervention_deltas(model: LoadedModel, geometry: AttentionGeometry, groups:
 
 def _adder(delta: Tensor) -> Callable:
     def hook(tensor, hook=None):
-        return tensor + delta.to(device=tensor.device, dtype=tensor.dtype)
+        # Some bridges (BLOOM's) run the q/k/v hooks on [B, n, heads * r], before the split into heads.
+        step = delta.flatten(-2) if tensor.dim() == delta.dim() - 1 else delta
+        return tensor + step.to(device=tensor.device, dtype=tensor.dtype)
     return hook
 
 
@@ -540,6 +542,7 @@ def intervene_chunk(model: LoadedModel, geometry: AttentionGeometry, acts: Activ
 
     columns: dict[str, list] = {f.name: [] for f in fields(InterventionRows)}
     local_of = {int(p): k for k, p in enumerate(prompt_ids.tolist())}
+    partial = partial and model.family.resumable
     for sp in plans:
         used = np.intersect1d(sp.prompts, prompt_ids)
         if len(used) == 0:
@@ -608,7 +611,7 @@ def _stacked_pass(model, geometry, acts, groups: EdgeGroups, events, variants, b
     F after, scores, magnitudes."""
     import torch
 
-    from circuitlang.engine.forward import keepers, logit_diff, prefix_cache, run_to_final_norm
+    from circuitlang.engine.forward import keepers, logit_diff, pass_scores, prefix_cache, run_to_final_norm, score_hooks
 
     B, V = len(batch), len(variants)
     local = torch.tensor([local_of[int(p)] for p in batch.tolist()], dtype=torch.long)
@@ -625,9 +628,9 @@ def _stacked_pass(model, geometry, acts, groups: EdgeGroups, events, variants, b
         stacked[name] = torch.cat([deltas.get(name, torch.zeros_like(like)) for deltas in per_variant])
     down_layers = sorted({ev[1] for ev in events})
     captured: dict[str, list[Tensor]] = {}
-    watch = [f"blocks.{l}.attn.hook_attn_scores" for l in down_layers]
+    watch = [name for l in down_layers for name in score_hooks(model, l)]
     if any(place == "global" for _, place, _ in variants):
-        watch += [f"blocks.{l}.ln1.hook_in" for l in down_layers]
+        watch += [f"blocks.{l}.hook_resid_pre" for l in down_layers]
     hooks = [(name, _adder(delta)) for name, delta in stacked.items()] + keepers(watch, captured)
     tokens = acts.tokens[local, first:n].repeat(V, 1)
     resid = acts.resid[start][local, first:n].repeat(V, 1, 1) if start > 0 else None
@@ -638,6 +641,7 @@ def _stacked_pass(model, geometry, acts, groups: EdgeGroups, events, variants, b
     f_after = (logit_diff(model, final[rows.to(final.device), last.to(final.device)], answers[torch.from_numpy(batch)].repeat(V, 1)).double().numpy()
                if answers is not None else np.full(B * V, np.nan))
     del final
+    scores_after = {l: pass_scores(model, captured, l) for l in down_layers}
     out = {}
     where = {int(p): k for k, p in enumerate(batch.tolist())}
     sign_of = {"ablate": -1.0, "boost": 1.0}
@@ -653,7 +657,7 @@ def _stacked_pass(model, geometry, acts, groups: EdgeGroups, events, variants, b
             k = where[p]
             score_before[k].append(float(acts.scores[layer, local_of[p], head, i, j]) * raw_scale)
             # i >= first: each event's edges write at its dest or its src, both <= i.
-            score_after[k].append(float(captured[f"blocks.{layer}.attn.hook_attn_scores"][0][v * B + k, head, i - first, j]) * raw_scale)
+            score_after[k].append(float(scores_after[layer][v * B + k, head, i - first, j]) * raw_scale)
         # Magnitudes at each intervened token of each downstream head (global: per downstream layer).
         sel = [g for g, p in enumerate(groups.prompt.tolist()) if p in where]
         h_all = (groups.h if control == "signal" else groups.h_random) * sign_of[kind]
@@ -668,7 +672,7 @@ def _stacked_pass(model, geometry, acts, groups: EdgeGroups, events, variants, b
                 _magnitude(x, x + step, cosine[where[p]], ratio[where[p]])
         else:
             for p, layer, m in sorted({(int(groups.prompt[g]), int(groups.layer[g]), int(groups.token[g])) for g in sel}):
-                resid_new = captured[f"blocks.{layer}.ln1.hook_in"][0][v * B + where[p], m - first].double()
+                resid_new = captured[f"blocks.{layer}.hook_resid_pre"][0][v * B + where[p], m - first].double()
                 if centre:
                     resid_new = resid_new - resid_new.mean()
                 x = acts.x[layer, local_of[p], m]

@@ -93,16 +93,21 @@ def omega_slices(W_Q: Tensor, b_Q: Tensor, W_K: Tensor, b_K: Tensor, rotations: 
     return OmegaSlices(Q_a=Q_a, Q_b=Q_b, U=U, S=S, V=Vh.transpose(-1, -2))
 
 
-def rotation_matrices(cos: Tensor, sin: Tensor, d_head: int) -> Tensor:
+def rotation_matrices(cos: Tensor, sin: Tensor, d_head: int, interleaved: bool = False) -> Tensor:
     """[M, r, r]: R(m)^T for m = 0..M-1 from the model's own rotary tables cos, sin [M, rotary_dim].
 
-    R(m) v = v * cos_m + rotate_half(v) * sin_m on the first rotary_dim dims (the rest pass through,
-    as in GPT-NeoX's partial rotary). Since R(i)^T R(j) = R(i - j)^T, the score depends on m = i - j only.
+    R(m) v = v * cos_m + rot(v) * sin_m on the first rotary_dim dims (the rest pass through, as in
+    GPT-NeoX's partial rotary), with rot = rotate_half (dims t and t + rotary_dim/2 form a pair) or, for
+    interleaved tables (GPT-J), rotate-every-two (dims 2t and 2t+1). Since R(i)^T R(j) = R(i - j)^T, the
+    score depends on m = i - j only.
     """
     M, rd = cos.shape
     eye = torch.eye(d_head, dtype=cos.dtype)
     half = rd // 2
-    rotated = torch.cat([-eye[:, half:rd], eye[:, :half]], dim=-1)  # rotate_half of each basis row
+    if interleaved:  # rotate-every-two of each basis row: (v0, v1, ...) -> (-v1, v0, -v3, v2, ...)
+        rotated = torch.stack([-eye[:, 1:rd:2], eye[:, 0:rd:2]], dim=-1).flatten(-2)
+    else:
+        rotated = torch.cat([-eye[:, half:rd], eye[:, :half]], dim=-1)  # rotate_half of each basis row
     R = eye.expand(M, d_head, d_head).clone()  # R[m] maps row vectors: v R[m] = R(m) v
     R[:, :, :rd] = eye[:, :rd] * cos[:, None, :] + rotated * sin[:, None, :]
     return R
@@ -111,9 +116,9 @@ def rotation_matrices(cos: Tensor, sin: Tensor, d_head: int) -> Tensor:
 def layer_slices(geometry: AttentionGeometry, layer: int, cos: Tensor | None = None, sin: Tensor | None = None) -> OmegaSlices:
     """Omega's slices for every head of `layer`; for rotary models one core per offset 0..len(cos)-1."""
     g = geometry
-    W_Q = g.W_Q[layer] * g.q_gain[layer]
+    W_Q = g.W_Q[layer] * g.q_gain[layer, :, None]
     b_Q = g.b_Q[layer] * g.q_gain[layer]
-    W_K = g.W_K[layer] * g.k_gain[layer]
+    W_K = g.W_K[layer] * g.k_gain[layer, :, None]
     b_K = g.b_K[layer] * g.k_gain[layer]
-    rotations = rotation_matrices(cos, sin, W_Q.shape[-1]) if g.rotary else None
+    rotations = rotation_matrices(cos, sin, W_Q.shape[-1], g.interleaved) if g.rotary else None
     return omega_slices(W_Q, b_Q, W_K, b_K, rotations)

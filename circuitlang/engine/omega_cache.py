@@ -27,7 +27,7 @@ from circuitlang.cachefiles import caches_on, cache_root, discard, storing, veri
 from circuitlang.engine.omega import OmegaSlices, layer_slices
 from circuitlang.models.geometry import AttentionGeometry
 
-ENGINE_VERSION = "2"  # bump whenever an engine change alters traces or Omega: every cached entry goes stale
+ENGINE_VERSION = "3"  # bump whenever an engine change alters traces or Omega: every cached entry goes stale
 
 
 def omega_dir() -> Path:
@@ -56,7 +56,7 @@ def omega_scratch() -> Iterator[None]:
 
 def _layer_digest(geometry: AttentionGeometry, layer: int) -> str:
     g = geometry
-    h = hashlib.sha256(f"{ENGINE_VERSION}\0{g.rotary}".encode())
+    h = hashlib.sha256(f"{ENGINE_VERSION}\0{g.rotary}{chr(0) + 'interleaved' if g.interleaved else ''}".encode())
     for t in (g.W_Q[layer], g.b_Q[layer], g.W_K[layer], g.b_K[layer], g.q_gain[layer], g.k_gain[layer]):
         t = t.contiguous()
         h.update(f"{tuple(t.shape)}{t.dtype}".encode())

@@ -53,6 +53,9 @@ class TracedEvents:
     residual writer's contribution, eq. 8 extended to all writers); split_dest / split_src [E, 5]: that
     signal split by writer class (WRITER_CLASSES: heads, MLPs, embeddings, biases, the homogeneous
     coordinate), each row summing to the signal (NaN in a trace.json written before the split existed).
+    residual: the model's own score minus the sum of every slice term (eq. 3; exact up to float rounding);
+    position: a position term added to the score outside the bilinear form and not attributed (ALiBi's
+    slope_h * j; zero elsewhere). NaN in a trace.json written before they were recorded.
     """
 
     prompt: np.ndarray
@@ -68,9 +71,27 @@ class TracedEvents:
     signal_src: np.ndarray
     split_dest: np.ndarray
     split_src: np.ndarray
+    residual: np.ndarray
+    position: np.ndarray
 
     def __len__(self) -> int:
         return len(self.prompt)
+
+
+def exactness(events: TracedEvents) -> dict[str, Any]:
+    """How exactly the slices rebuilt the model's scores over every traced event: the largest
+    |score - sum of the terms| and that over the largest |score| (a ratio that tiny scores cannot inflate);
+    with a position term (ALiBi), its largest size too, which the trace does not attribute."""
+    residual = np.abs(events.residual)
+    scores = np.abs(events.score + events.residual)
+    out: dict[str, Any] = {
+        "events": len(events),
+        "max_residual": float(residual.max()) if len(events) else 0.0,
+        "max_relative_residual": float(residual.max() / scores.max()) if len(events) and scores.max() > 0 else 0.0,
+    }
+    if len(events) and np.any(events.position != 0):
+        out["unattributed_position_term"] = float(np.abs(events.position).max())
+    return out
 
 
 @dataclass(frozen=True)

@@ -322,9 +322,12 @@ def trace_activations(
             sides = {side: side_writers(acts, geometry, direction, homog, signal, p, token, layer, readings, writers)
                      for side, direction, homog, signal, token in (("d", sig.dir_d, sig.homog_d, sig.signal_d, i),
                                                                    ("s", sig.dir_s, sig.homog_s, sig.signal_s, j))}
+            score = dec.terms[rows].sum(-1)
             _append(events, prompt=p, layer=torch.full((E,), layer), head=a, dest=i, src=j,
-                    score=dec.terms[rows].sum(-1), attention=acts.pattern[layer, p, a, i, j], n_slices=sizes[rows],
-                    signal_dest=sig.signal_d, signal_src=sig.signal_s, split_dest=sides["d"].split, split_src=sides["s"].split)
+                    score=score, attention=acts.pattern[layer, p, a, i, j], n_slices=sizes[rows],
+                    signal_dest=sig.signal_d, signal_src=sig.signal_s, split_dest=sides["d"].split, split_src=sides["s"].split,
+                    residual=acts.scores[layer, p, a, i, j].double() * geometry.score_scale - score,
+                    position=geometry.position_slope[a].double() * j if geometry.position_slope is not None else torch.zeros(E))
             events["slices"] += [o[:k].numpy() for o, k in zip(dec.order[rows], sizes[rows].tolist())]
             for side, token in (("d", i), ("s", j)):
                 w = sides[side]
@@ -341,7 +344,7 @@ def trace_activations(
                 tok, pp = token[e_idx][head], p[e_idx][head]
                 wanted[up_l[head], pp, up_h[head], tok] |= fires[up_l[head], pp, up_h[head], tok]
 
-    floats = {"score", "attention", "signal_dest", "signal_src", "split_dest", "split_src", "contribution"}
+    floats = {"score", "attention", "signal_dest", "signal_src", "split_dest", "split_src", "contribution", "residual", "position"}
     columns = lambda table: {k: _cat(v, np.float64 if k in floats else np.str_ if k == "side" else np.int64,  # noqa: E731
                                      (0, len(WRITER_CLASSES)) if k.startswith("split") else (0,))
                              for k, v in table.items() if k != "slices"}

@@ -87,7 +87,7 @@ class Output:
     formats: tuple[str, ...] = ("json", "graphml", "svg", "png")
 
 
-OUTPUT_FORMATS = ("json", "graphml", "dot", "svg", "png", "html")
+OUTPUT_FORMATS = ("json", "graphml", "dot", "svg", "png", "html", "neuronpedia")
 
 
 @dataclass(frozen=True)

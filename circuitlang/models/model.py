@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from circuitlang.models.families import GENERIC, Family, family_of, score_scale
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 # GPT-2's IOI prompts carry no BOS token (paper, section 4.3 and its footnote 2).
@@ -47,6 +49,9 @@ class LoadedModel:
     device: str
     dtype: torch.dtype
     attn_scale: float  # the divisor between the raw score A'_ij of eq. (3) and `hook_attn_scores`
+    model_type: str = ""  # the Hugging Face model_type: the family (models/families.py)
+    family: Family = GENERIC
+    soft_cap: float | None = None  # scores pass through cap * tanh(s / cap) before the softmax (Gemma 2)
     # [L, KV heads, r]: each head's value bias with the norm's bias folded in, which compatibility mode then
     # folds into the shared b_O (None where it is zero); `readings ... value head` gives it back to the head.
     value_bias: torch.Tensor | None = None
@@ -262,8 +267,9 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32", *, hf_mod
         raise ModelLoadError(f"model {name!r} has no tokenizer next to its weights")
     hf_config = getattr(getattr(bridge, "original_model", None), "config", None)
     model_type = getattr(hf_config, "model_type", "")
-    # Gemma scales scores by query_pre_attn_scalar**-0.5 rather than d_head**-0.5.
-    attn_scale = float(getattr(hf_config, "query_pre_attn_scalar", None) or cfg.d_head) ** 0.5
+    family = family_of(model_type)
+    hf_attention = getattr(bridge.blocks[0].attn, "original_component", None)
+    attn_scale = score_scale(family, hf_config, hf_attention, cfg.d_head)
     bridge.eval()
     return LoadedModel(
         name=name,
@@ -277,5 +283,8 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32", *, hf_mod
         device=device,
         dtype=DTYPES[dtype],
         attn_scale=attn_scale,
+        model_type=model_type,
+        family=family,
+        soft_cap=getattr(hf_config, "attn_logit_softcapping", None) or None,
         value_bias=value_bias,
     )

@@ -17,12 +17,13 @@ import networkx as nx
 import numpy as np
 
 from circuitlang.data.ioi import known_heads
-from circuitlang.engine.results import WRITER_CLASSES, WRITER_CODES, FiringStats, Trace, TraceConfig, TracedEdges, TracedEvents, writer_label
+from circuitlang.engine.results import (WRITER_CLASSES, WRITER_CODES, FiringStats, Trace, TraceConfig, TracedEdges, TracedEvents,
+                                        exactness, writer_label)
 from circuitlang.atomic import atomic_write
 
 FORMAT = "circuitlang.trace/1"
 FLOAT_DIGITS = 7
-_FLOAT_COLUMNS = {"score", "attention", "signal_dest", "signal_src", "split_dest", "split_src", "contribution"}
+_FLOAT_COLUMNS = {"score", "attention", "signal_dest", "signal_src", "split_dest", "split_src", "contribution", "residual", "position"}
 
 Head = tuple[int, int]
 
@@ -94,6 +95,8 @@ def trace_to_dict(trace: Trace, plan_text: str | None = None, *, include_timings
         "token_text": trace.token_text,
         "firing": {"counts": trace.firing.counts, "slice_counts": trace.firing.slice_counts, "slice_usage": trace.firing.slice_usage},
         "events": _columns(trace.events),
+        # Two digits: a size of rounding error, and the same whether read from the trace or from its trace.json.
+        "exactness": {k: float(f"{v:.2g}") if isinstance(v, float) else v for k, v in exactness(trace.events).items()},
         "edges": _columns(trace.edges),
         "graph": {
             "nodes": [{"id": node_id(n)} | _node_record(n, g.nodes[n]) for n in sorted(g.nodes)],
@@ -121,9 +124,9 @@ def _table(cls, columns: dict[str, list]):
         dtype = np.float64 if name in _FLOAT_COLUMNS else np.str_ if name == "side" else np.int64
         return np.array(values, dtype=dtype)
 
-    if cls is TracedEvents:  # a trace.json from before the split by writer class: unknown, not zero
+    if cls is TracedEvents:  # a trace.json from before the split by writer class or the residuals: unknown, not zero
         unknown = np.full((len(columns["prompt"]), len(WRITER_CLASSES)), np.nan)
-        columns = {"split_dest": unknown, "split_src": unknown} | columns
+        columns = {"split_dest": unknown, "split_src": unknown, "residual": unknown[:, 0], "position": unknown[:, 0]} | columns
     return cls(**{k: tuple(np.array(v, dtype=np.int64) for v in vs) if k == "slices" else array(k, vs) for k, vs in columns.items()})
 
 

@@ -69,7 +69,8 @@ MANIFEST_FORMAT = "circuitlang.outputs/1"
 # run's of unknown origin (an older circuitlang, or a copy), so they are never silently mixed with a new run.
 # Exact names (and the plots' pattern), so that --force never takes a user's own file (a trace.py, say).
 _OUTPUT_PATTERNS = (*(f"{stem}.{ext}" for stem in ("trace", "diff") for ext in ("json", "graphml", "dot", "svg", "png", "html")),
-                    "interventions.json", "interventions-*.png", "faithfulness.json", "faithfulness.png", MANIFEST)
+                    "interventions.json", "interventions-*.png", "faithfulness.json", "faithfulness.png",
+                    "neuronpedia/*.json", MANIFEST)
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ def _foreign(directory: Path, owner: Owner) -> tuple[str | None, list[Path]]:
     if manifest is not None:
         if owner.same(manifest):
             return None, []
-        listed = [directory / name for name in manifest["files"]] + [directory / MANIFEST]
+        listed = [directory / name for name in manifest["files"] if _inside(name)] + [directory / MANIFEST]
         who = f"`circ run {manifest.get('spec')}`" if manifest.get("kind") == "run" else "`circ diff`"
         return who, [p for p in listed if p.exists()]
     found = sorted({p for pattern in _OUTPUT_PATTERNS for p in directory.glob(pattern) if p.is_file()})
@@ -161,26 +162,35 @@ def publish(stage: Path, directory: str | os.PathLike, owner: Owner, force: bool
     renames, and the new manifest, with every file's sha256, comes last. Returns the paths published."""
     directory = Path(directory).expanduser()
     claim(directory, owner, force)  # another run may have written there while this one worked
-    names = sorted(p.name for p in stage.iterdir())
+    names = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())  # neuronpedia/ nests
     old: list[Path] = []
     try:
         manifest = read_manifest(directory)
     except ValueError:
         manifest = None
     if manifest is not None:
-        old = [directory / name for name in manifest["files"] if name not in names and "/" not in name]
+        old = [directory / name for name in manifest["files"] if name not in names and _inside(name)]
     if force:
-        old += [p for p in _foreign(directory, owner)[1] if p.name not in names]
+        old += [p for p in _foreign(directory, owner)[1] if p.relative_to(directory).as_posix() not in names]
     entry = {"format": MANIFEST_FORMAT, "kind": owner.kind, "spec": owner.spec, "spec_sha256": owner.spec_sha256,
              "plan": owner.plan, "files": {name: file_digest(stage / name) for name in names}}
     with _signals_held():
         (directory / MANIFEST).unlink(missing_ok=True)
         for path in old:
             path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a subdirectory the old run made, if nothing else is in it now
+                if path.parent != directory:
+                    path.parent.rmdir()
         for name in names:
+            (directory / name).parent.mkdir(parents=True, exist_ok=True)
             os.replace(stage / name, directory / name)
         atomic_write(directory / MANIFEST, json.dumps(entry, indent=1, sort_keys=True) + "\n")
     return [directory / name for name in names]
+
+
+def _inside(name: str) -> bool:
+    """Whether a manifest's file name stays inside its directory (never removes anything outside it)."""
+    return not Path(name).is_absolute() and ".." not in Path(name).parts
 
 
 def listed(path: str | os.PathLike) -> tuple[bool, dict | None]:

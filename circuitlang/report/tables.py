@@ -13,7 +13,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from circuitlang.engine.results import WRITER_CLASSES, Trace, writer_label
+from circuitlang.engine.results import WRITER_CLASSES, Trace, exactness, writer_label
 from circuitlang.report.draw import shade
 from circuitlang.report.export import Head, edge_filter, graph_heads, precision_recall, writer_shares
 
@@ -28,6 +28,18 @@ def _heads(heads: Iterable[Head]) -> str:
     return ", ".join(f"{l}.{h}" for l, h in sorted(heads)) or "—"
 
 
+def exactness_line(trace: Trace) -> str:
+    """One line: how exactly the slices rebuilt the model's scores (trace.json's `exactness`)."""
+    ex = exactness(trace.events)
+    if not ex["events"] or math.isnan(ex["max_residual"]):
+        return "not recorded" if ex["events"] else "no events traced"
+    line = (f"scores rebuilt from the slices over {ex['events']} events: max |residual| {ex['max_residual']:.1e}, "
+            f"{ex['max_relative_residual']:.1e} of the largest score")
+    if "unattributed_position_term" in ex:
+        line += f"; position term (ALiBi) up to {ex['unattributed_position_term']:.2g}, not attributed"
+    return line
+
+
 def _summary(trace: Trace, shown, min_count: int) -> Table:
     c, g = trace.config, trace.graph
     comm = sum(d["kind"] == "communication" for _, _, d in g.edges(data=True))
@@ -40,6 +52,7 @@ def _summary(trace: Trace, shown, min_count: int) -> Table:
         ("slices / mass", f"S_ij rule {c.slices}; upstream writers holding {c.mass:.0%} of the contribution"),
         ("sources", f"{c.sources}; readings {c.readings}"),
         ("traced", f"{len(trace.events)} events, {len(trace.edges)} edge rows"),
+        ("exactness", exactness_line(trace)),
         ("graph", f"{len(graph_heads(g))} heads, {comm} communication edges"),
         (f"count >= {min_count}", f"{len(graph_heads(shown))} heads, {shown_comm} communication edges"),
     ]
