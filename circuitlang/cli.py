@@ -229,7 +229,7 @@ def _diff(args, console: Console) -> int:
     from circuitlang.engine.trace import TraceError
     from circuitlang.report.diff import diff_inputs, render_diff, write_diff
     from circuitlang.report.viewer import write_diff_viewer
-    from circuitlang.report.outdir import Owner, publish, staged
+    from circuitlang.report.outdir import NotThisRun, Owner, publish, staged
     from circuitlang.runner.cache import REUSED
     from circuitlang.runner.execute import cached_run
 
@@ -248,8 +248,8 @@ def _diff(args, console: Console) -> int:
     with _progress(False) as bars, _one_line_warnings(errors):
         try:
             diff = diff_inputs(args.a, args.b, load, args.min_count)
-        except SpecError as err:
-            errors.print(f"[red]error[/red] {err}", highlight=False, soft_wrap=True)
+        except (SpecError, NotThisRun) as err:
+            errors.print(f"[red]error[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
             return EXIT_SPEC
         except (ModelLoadError, DataError, RootError, TraceError, OSError, ValueError) as err:
             errors.print(f"[red]error[/red] {err}", highlight=False, soft_wrap=True)
@@ -277,8 +277,8 @@ def _view(args, console: Console) -> int:
     """`circ view TARGET`: trace.html of a run directory, a trace.json or a spec's output directory, opened."""
     import webbrowser
 
-    from circuitlang.report.outdir import read_manifest, run_owner
-    from circuitlang.report.viewer import NotThisRun, viewer_for_run
+    from circuitlang.report.outdir import NotThisRun, read_manifest, run_owner
+    from circuitlang.report.viewer import viewer_for_run
 
     errors = Console(stderr=True)
     target = Path(args.target)
@@ -331,6 +331,7 @@ def _export(args, console: Console) -> int:
     """`circ export neuronpedia RUN_DIR [--prompt N|all] [--out DIR] [--scan MODEL_ID]`."""
     from circuitlang.report.export import read_trace_json
     from circuitlang.report.neuronpedia import select_prompts, write_neuronpedia
+    from circuitlang.report.outdir import NotThisRun, require_listed
 
     errors = Console(stderr=True)
     target = Path(args.run_dir)
@@ -338,6 +339,11 @@ def _export(args, console: Console) -> int:
     if not trace_json.is_file():
         errors.print(f"[red]error[/red] {args.run_dir}: no trace.json there (give a run directory or a trace.json)",
                      highlight=False, soft_wrap=True)
+        return EXIT_SPEC
+    try:  # as `circ view` and `circ diff`: only the trace.json its run wrote
+        require_listed(trace_json)
+    except NotThisRun as err:
+        errors.print(f"[red]error[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
         return EXIT_SPEC
     out = args.out or str(trace_json.parent)
     if not _writable(out, errors):

@@ -115,7 +115,7 @@ def test_view_and_diff_refuse_a_file_the_manifest_does_not_list(tmp_path, tiny_d
     assert main(["view", str(out), "--no-open"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "is not the trace.json its run wrote" in err
-    assert main(["diff", str(out / "trace.json"), str(out / "trace.json"), "--out", str(tmp_path / "d")]) == 1
+    assert main(["diff", str(out / "trace.json"), str(out / "trace.json"), "--out", str(tmp_path / "d")]) == 2
     assert "is not the trace.json its run wrote" in capsys.readouterr().err
 
 

@@ -24,7 +24,7 @@ from circuitlang.atomic import atomic_write
 from circuitlang.report.draw import (DRAWING_FORMATS, PENWIDTH, Drawing, digraph, head_label, layered_nodes, writer_attrs, render_dot,
                                      token_attrs)
 from circuitlang.report.export import dumps, edge_filter, node_id, plain, read_trace_json
-from circuitlang.report.outdir import MANIFEST, listed
+from circuitlang.report.outdir import require_listed
 
 FORMAT = "circuitlang.diff/1"
 ONLY_A, ONLY_B, BOTH = "#e07b00", "#7b3fb5", "#9a9a9a"  # orange, purple, grey
@@ -121,9 +121,7 @@ def read_input(path: str, load: Callable[[str], Trace]) -> tuple[Trace, int]:
     readable plan), or a .circ spec traced by `load` (which may reuse a cached run). A trace.json in a run
     directory is read only if the run's manifest lists it with these bytes (report/outdir.py)."""
     if Path(path).suffix == ".json":
-        if not listed(path)[0]:
-            raise ValueError(f"{path} is not the trace.json its run wrote ({MANIFEST} beside it lists another or none); "
-                             "run its spec again")
+        require_listed(path)
         try:
             trace = read_trace_json(path)
         except ValueError as err:  # not JSON, or not a trace; OSError messages already name the file

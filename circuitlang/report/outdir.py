@@ -205,6 +205,20 @@ def listed(path: str | os.PathLike) -> tuple[bool, dict | None]:
     return digest is not None and path.is_file() and file_digest(path) == digest, manifest
 
 
+class NotThisRun(ValueError):
+    """A file that its directory's manifest does not list with these bytes (changed, or another run's)."""
+
+
+def require_listed(path: str | os.PathLike) -> dict | None:
+    """`listed`, raising NotThisRun (one line) for a file that may not be read as its run's; the manifest."""
+    ok, manifest = listed(path)
+    if not ok:
+        what = "other bytes" if Path(path).name in manifest["files"] else "no such file"
+        raise NotThisRun(f"{os.fspath(path)} is not the {Path(path).name} its run wrote ({MANIFEST} beside it lists {what}); "
+                         "run its spec again")
+    return manifest
+
+
 def record(path: Path, manifest: dict) -> None:
     """Add a file written after the run (the viewer's trace.html) to its directory's manifest."""
     files = {**manifest["files"], path.name: file_digest(path)}

@@ -281,10 +281,6 @@ def _run_settings(trace: Trace) -> tuple[int, str | tuple[str, ...] | None]:
     return plan.show_min_count, plan.compare
 
 
-class NotThisRun(ValueError):
-    """A file that its directory's manifest does not list as this run's (changed, or another run's)."""
-
-
 def viewer_for_run(trace_json: str | os.PathLike) -> tuple[Path, bool, str | None]:
     """trace.html beside `trace_json`, from the files its directory's manifest lists (report/outdir.py):
     trace.json, and interventions.json when the run wrote it. Rewritten when the manifest does not list it
@@ -294,22 +290,19 @@ def viewer_for_run(trace_json: str | os.PathLike) -> tuple[Path, bool, str | Non
     come from the plan the trace carries."""
     from circuitlang.report.export import read_trace_json
     from circuitlang.report.interventions import read_interventions_json
-    from circuitlang.report.outdir import MANIFEST, listed, record
+    from circuitlang.report.outdir import MANIFEST, listed, record, require_listed
 
     trace_json = Path(trace_json)
     html = trace_json.with_name("trace.html")
-    ok, manifest = listed(trace_json)
-    if not ok:
-        raise NotThisRun(f"{trace_json} is not the trace.json its run wrote ({MANIFEST} lists "
-                         f"{'other bytes' if trace_json.name in manifest['files'] else 'no such file'}); run the spec again")
+    manifest = require_listed(trace_json)  # NotThisRun for a trace.json its run did not write
     code = max(p.stat().st_mtime for p in [Path(__file__), *ASSETS.iterdir()])
     if manifest is None:
         found, note = None, f"no {MANIFEST} in {trace_json.parent}: showing the trace alone (an interventions.json there may be another run's)"
         fresh = html.exists() and html.stat().st_mtime >= max(code, trace_json.stat().st_mtime)
     else:
         found, note = (trace_json.with_name("interventions.json") if "interventions.json" in manifest["files"] else None), None
-        if found is not None and not listed(found)[0]:
-            raise NotThisRun(f"{found} is not the interventions.json its run wrote; run the spec again")
+        if found is not None:
+            require_listed(found)
         fresh = html.exists() and listed(html)[0] and html.stat().st_mtime >= code
     if fresh:
         return html, False, note
