@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import warnings
 from contextvars import ContextVar
 from pathlib import Path
@@ -17,15 +16,14 @@ from typing import Callable, Iterator
 
 from circuitlang.atomic import atomic_path, atomic_write
 
-CACHE_ENV = "CIRCUITLANG_CACHE"
-"""Environment variable overriding the cache root (default: `platformdirs.user_cache_dir("circuitlang")`)."""
+from circuitlang.environment import CACHE_ENV, cache_override
 
 
 def cache_root() -> Path:
     """The cache root: `$CIRCUITLANG_CACHE` if set, else the platform's user cache dir for circuitlang."""
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env).expanduser()
+    override = cache_override()
+    if override is not None:
+        return override
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("circuitlang"))
@@ -104,6 +102,20 @@ def _expected_digest(path: Path) -> str:
         return _sidecar(path).read_text(encoding="ascii").strip()
     except (OSError, UnicodeDecodeError) as err:
         raise ValueError("its checksum file is missing or unreadable") from err
+
+
+NOT_STORED = "could not write to the cache {root} ({reason}); this run's results are not stored there, so later runs compute them again"
+
+
+@contextlib.contextmanager
+def storing() -> Iterator[None]:
+    """A cache write: one that fails (a read-only or full cache) costs only the reuse, and says so with a
+    CacheWarning (the same line from every cache, which the CLI prints once)."""
+    try:
+        yield
+    except OSError as err:
+        reason = (err.strerror or str(err)).lower()
+        warnings.warn(CacheWarning(NOT_STORED.format(root=cache_root(), reason=reason)), stacklevel=3)
 
 
 def discard(path: Path, what: str, reason: str) -> None:

@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                      help="run the chunks on Ray workers: a local Ray instance, or the cluster at ADDRESS "
                      "(needs pip install \"circuitlang[ray]\"); the same trace as one process")
+    run.add_argument("--force", action="store_true",
+                     help="replace the outputs of another run in the output directory (by default a run replaces only its own spec's)")
     check = commands.add_parser("check", help="parse and validate a spec (no model)",
                                 description="Parse and validate SPEC without loading the model.")
     check.add_argument("spec", metavar="SPEC")
@@ -59,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     diff.add_argument("--out", metavar="DIR", default="runs/diff", help="write diff.json and the drawing here (default: runs/diff)")
     diff.add_argument("--device", metavar="DEVICE", help="override the specs' device (cpu, cuda, cuda:0, mps)")
     diff.add_argument("--no-cache", action="store_true", help="recompute both traces; read and write no cache")
+    diff.add_argument("--force", action="store_true", help="replace the outputs of a run in --out (an earlier diff is always replaced)")
     view = commands.add_parser("view", help="open a run in the interactive viewer (trace.html)",
                                description="Open the interactive viewer of a run in the browser. TARGET is a run directory "
                                "(holding trace.json), a trace.json, or a .circ spec (its output directory, traced first as "
@@ -82,7 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     cache = commands.add_parser("cache", help="show or clear the caches (runs, Omega slices, embedded models)",
                                 description="Show where the caches are and how much they hold, or clear them. The run cache "
                                 "holds traces and intervention results, the Omega cache the SVDs of each layer, the models "
-                                "cache the embedded model's float32 copy.")
+                                "cache the embedded model's float32 copy and each local model's weights as TransformerLens "
+                                "processes them (processed-<key>.pt, read memory-mapped by later loads).")
     cache.add_argument("--clear", nargs="*", choices=("runs", "omega", "models"), metavar="KIND",
                        help="remove these kinds of entries (runs, omega, models); with no KIND, runs and omega")
     return parser
@@ -104,12 +108,15 @@ def _prompt_choice(text: str) -> int | str:
     return int(text)
 
 
-def _writable(directory: str, errors: Console) -> bool:
-    """Whether results can go to `directory`, checked before any model loads; if not, says why in one line."""
-    from circuitlang.report.outdir import OutputDirError, check_writable
+def _writable(directory: str, errors: Console, owner=None, force: bool = False) -> bool:
+    """Whether results can go to `directory` (and, given their `owner`, whether it holds another run's outputs),
+    checked before any model loads; if not, says why in one line."""
+    from circuitlang.report.outdir import OutputDirError, check_writable, claim
 
     try:
         check_writable(directory)
+        if owner is not None:
+            claim(directory, owner, force)
     except OutputDirError as err:
         errors.print(f"[red]error[/red]: {err}", highlight=False, soft_wrap=True)
         return False
@@ -126,8 +133,24 @@ def _write_failed(err: OSError, directory: str, rerun: str, errors: Console) -> 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        return _command(args)
+    except KeyboardInterrupt:  # every command: one line, never a traceback (outputs are written atomically)
+        Console(stderr=True).print("interrupted; no output was left half-written")
+        return 130
+
+
+def _command(args) -> int:
+    from circuitlang.environment import EnvironmentVariableError, check_environment
+
     console = Console(stderr=False)
     errors = Console(stderr=True)
+    if args.command in ("run", "diff", "view", "cache"):  # the commands that read them, before any model loads
+        try:
+            check_environment()
+        except EnvironmentVariableError as err:
+            errors.print(f"[red]error[/red]: {escape(str(err))}", highlight=False, soft_wrap=True)
+            return EXIT_SPEC
     if args.command == "view":
         return _view(args, console)
     if args.command == "cache":
@@ -135,11 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "export":
         return _export(args, console)
     if args.command == "diff":
-        try:
-            return _diff(args, console)
-        except KeyboardInterrupt:
-            errors.print("interrupted; no output was left half-written")
-            return 130
+        return _diff(args, console)
     try:
         plan = parse_spec(args.spec)
     except SpecError as err:
@@ -156,34 +175,32 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.out:
         plan = dataclasses.replace(plan, output=dataclasses.replace(plan.output, directory=args.out))
-    try:
-        return _run(plan, args, console)
-    except KeyboardInterrupt:
-        errors.print("interrupted; no output was left half-written")
-        return 130
+    return _run(plan, args, console)
 
 
 def _run(plan: Plan, args, console: Console) -> int:
-    from circuitlang.data.prompts import DataError
+    from circuitlang.data.prompts import DataError, PromptFileError
     from circuitlang.engine.evaluate import EvaluationError
     from circuitlang.models.model import ModelLoadError
     from circuitlang.engine.intervene import InterventionError
     from circuitlang.engine.roots import RootError
     from circuitlang.engine.trace import TraceError
     from circuitlang.runner.cache import REUSED
+    from circuitlang.report.outdir import run_owner
     from circuitlang.runner.distributed import Cluster, DistributedError
     from circuitlang.runner.execute import cached_run
 
     errors = Console(stderr=True)
-    if not _writable(plan.output.directory, errors):  # before the model loads, not after the trace
+    owner = run_owner(args.spec, format_plan(plan))
+    if not _writable(plan.output.directory, errors, owner, args.force):  # before the model loads, not after the trace
         return EXIT_SPEC
-    with _progress(args.quiet) as bars, _cache_warnings(errors):
+    with _progress(args.quiet) as bars, _one_line_warnings(errors):
         try:
             cluster = None if getattr(args, "ray", None) is None else Cluster(args.ray or None)
             result, reused = cached_run(plan, device=args.device, progress=bars, use_cache=not args.no_cache,
                                         chunk=getattr(args, "chunk", None), cluster=cluster)
-        except SpecError as err:  # a head out of range, known once the model is loaded
-            errors.print(f"[red]error[/red] {err}", highlight=False, soft_wrap=True)
+        except (SpecError, PromptFileError) as err:  # a head out of range or a prompt's tokens, known once the model is loaded
+            errors.print(f"[red]error[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
             return EXIT_SPEC
         except (ModelLoadError, DataError, RootError, TraceError, InterventionError, EvaluationError, DistributedError) as err:
             errors.print(f"[red]error[/red] {args.spec}: {escape(str(err))}", highlight=False, soft_wrap=True)
@@ -191,7 +208,7 @@ def _run(plan: Plan, args, console: Console) -> int:
     if reused:
         errors.print(REUSED.format(what=" and ".join(result.reused), key=reused), highlight=False, soft_wrap=True)
     try:
-        written, notes = _write_outputs(plan, result)
+        written, notes = _write_outputs(plan, result, owner, args.force)
     except OSError as err:
         kept = ("this run used --no-cache, so a rerun computes the trace again" if args.no_cache else
                 f"the trace is in the run cache, so `circ run {args.spec} --out DIR` with a writable DIR reuses it at once")
@@ -212,11 +229,12 @@ def _diff(args, console: Console) -> int:
     from circuitlang.engine.trace import TraceError
     from circuitlang.report.diff import diff_inputs, render_diff, write_diff
     from circuitlang.report.viewer import write_diff_viewer
+    from circuitlang.report.outdir import NotThisRun, Owner, publish, staged
     from circuitlang.runner.cache import REUSED
     from circuitlang.runner.execute import cached_run
 
     errors = Console(stderr=True)
-    if not _writable(args.out, errors):  # before any spec is traced
+    if not _writable(args.out, errors, Owner("diff"), args.force):  # before any spec is traced
         return EXIT_SPEC
     notes: list[str] = []  # printed once the progress bars are done
 
@@ -227,11 +245,11 @@ def _diff(args, console: Console) -> int:
             notes.append(f"{path}: " + REUSED.format(what="trace", key=reused))
         return result.trace
 
-    with _progress(False) as bars, _cache_warnings(errors):
+    with _progress(False) as bars, _one_line_warnings(errors):
         try:
             diff = diff_inputs(args.a, args.b, load, args.min_count)
-        except SpecError as err:
-            errors.print(f"[red]error[/red] {err}", highlight=False, soft_wrap=True)
+        except (SpecError, NotThisRun) as err:
+            errors.print(f"[red]error[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
             return EXIT_SPEC
         except (ModelLoadError, DataError, RootError, TraceError, OSError, ValueError) as err:
             errors.print(f"[red]error[/red] {err}", highlight=False, soft_wrap=True)
@@ -240,13 +258,15 @@ def _diff(args, console: Console) -> int:
         errors.print(note, highlight=False, soft_wrap=True)
     render_diff(diff, console)
     try:
-        drawing = write_diff(diff, args.out)
-        drawing.paths.append(write_diff_viewer(diff, Path(args.out) / "diff.html"))
+        with staged(args.out) as stage:
+            drawing = write_diff(diff, stage)
+            write_diff_viewer(diff, stage / "diff.html")
+            paths = publish(stage, args.out, Owner("diff"), args.force)
     except OSError as err:
         kept = ("this diff used --no-cache, so a rerun traces the specs again" if args.no_cache else
                 "the specs' traces are in the run cache, so a rerun with a writable --out takes seconds")
         return _write_failed(err, args.out, kept, errors)
-    for path in drawing.paths:
+    for path in paths:
         console.print(f"wrote {path}", highlight=False)
     if drawing.message:
         errors.print(drawing.message, highlight=False, soft_wrap=True)
@@ -257,6 +277,7 @@ def _view(args, console: Console) -> int:
     """`circ view TARGET`: trace.html of a run directory, a trace.json or a spec's output directory, opened."""
     import webbrowser
 
+    from circuitlang.report.outdir import NotThisRun, read_manifest, run_owner
     from circuitlang.report.viewer import viewer_for_run
 
     errors = Console(stderr=True)
@@ -268,10 +289,20 @@ def _view(args, console: Console) -> int:
             errors.print(f"[red]error[/red] {err}", highlight=False, soft_wrap=True)
             return EXIT_SPEC
         target = Path(plan.output.directory)
+        owner = run_owner(args.target, format_plan(plan))
+        try:
+            manifest = read_manifest(target)
+        except ValueError:
+            manifest = None
+        if manifest is not None and not owner.same(manifest):  # another spec's run: not this spec's to show
+            errors.print(f"[red]error[/red] {escape(args.target)}: {target} holds the outputs of `circ run {escape(str(manifest.get('spec')))}`, "
+                         "not of this spec; `circ run` it with another --out, then `circ view` that directory",
+                         highlight=False, soft_wrap=True)
+            return EXIT_SPEC
         if not (target / "trace.json").exists():  # trace it as `circ run` would, writing at least json and html
             formats = tuple(dict.fromkeys(plan.output.formats + ("json", "html")))
             plan = dataclasses.replace(plan, output=dataclasses.replace(plan.output, formats=formats))
-            run_args = argparse.Namespace(spec=args.target, device=args.device, quiet=True, no_cache=False)
+            run_args = argparse.Namespace(spec=args.target, device=args.device, quiet=True, no_cache=False, force=False)
             code = _run(plan, run_args, console)
             if code:
                 return code
@@ -281,10 +312,15 @@ def _view(args, console: Console) -> int:
                      highlight=False, soft_wrap=True)
         return EXIT_SPEC
     try:
-        path, written = viewer_for_run(trace_json)
+        path, written, note = viewer_for_run(trace_json)
+    except NotThisRun as err:
+        errors.print(f"[red]error[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
+        return EXIT_SPEC
     except (OSError, ValueError, KeyError) as err:  # unreadable JSON, not a trace
         errors.print(f"[red]error[/red] {trace_json}: {err}", highlight=False, soft_wrap=True)
         return EXIT_RUN
+    if note:
+        errors.print(note, highlight=False, soft_wrap=True, markup=False)
     console.print(f"{'wrote' if written else 'viewer'} {path}", highlight=False, soft_wrap=True)
     if not args.no_open and not webbrowser.open(path.resolve().as_uri()):
         errors.print(f"no browser to open it with; open {path} in one", highlight=False, soft_wrap=True)
@@ -295,6 +331,7 @@ def _export(args, console: Console) -> int:
     """`circ export neuronpedia RUN_DIR [--prompt N|all] [--out DIR] [--scan MODEL_ID]`."""
     from circuitlang.report.export import read_trace_json
     from circuitlang.report.neuronpedia import select_prompts, write_neuronpedia
+    from circuitlang.report.outdir import NotThisRun, require_listed
 
     errors = Console(stderr=True)
     target = Path(args.run_dir)
@@ -302,6 +339,11 @@ def _export(args, console: Console) -> int:
     if not trace_json.is_file():
         errors.print(f"[red]error[/red] {args.run_dir}: no trace.json there (give a run directory or a trace.json)",
                      highlight=False, soft_wrap=True)
+        return EXIT_SPEC
+    try:  # as `circ view` and `circ diff`: only the trace.json its run wrote
+        require_listed(trace_json)
+    except NotThisRun as err:
+        errors.print(f"[red]error[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
         return EXIT_SPEC
     out = args.out or str(trace_json.parent)
     if not _writable(out, errors):
@@ -326,18 +368,24 @@ def _export(args, console: Console) -> int:
 
 
 @contextlib.contextmanager
-def _cache_warnings(errors: Console) -> Iterator[None]:
-    """A cache entry discarded as corrupt is one line on stderr, not a traceback or a Python warning dump."""
+def _one_line_warnings(errors: Console) -> Iterator[None]:
+    """A cache entry discarded as corrupt, a cache that could not be written, or Ray workers at a lower priority
+    is one line on stderr (once, however many entries said it), not a traceback or a Python warning dump."""
     from circuitlang.cachefiles import CacheWarning
+    from circuitlang.runner.distributed import RayWarning
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CacheWarning)
+        warnings.simplefilter("always", RayWarning)
         try:
             yield
         finally:
+            said = set()
             for w in caught:
-                if issubclass(w.category, CacheWarning):
-                    errors.print(f"[yellow]warning[/yellow] {w.message}", highlight=False, soft_wrap=True)
+                if issubclass(w.category, (CacheWarning, RayWarning)):
+                    if str(w.message) not in said:
+                        errors.print(f"[yellow]warning[/yellow] {escape(str(w.message))}", highlight=False, soft_wrap=True)
+                    said.add(str(w.message))
                 else:
                     warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
@@ -348,8 +396,13 @@ def _cache(args, console: Console) -> int:
     from circuitlang.runner.cache import cache_usage, clear_cache
 
     if args.clear is not None:
-        freed = clear_cache(tuple(args.clear) or ("runs", "omega"))
-        console.print(f"cleared {', '.join(args.clear) or 'runs, omega'}: {freed / 2**20:,.1f} MB freed", highlight=False)
+        kinds = ", ".join(args.clear) or "runs, omega"
+        done = clear_cache(tuple(args.clear) or ("runs", "omega"))
+        if done.error:
+            Console(stderr=True).print(f"[red]error[/red]: could not clear {kinds}: {done.left / 2**20:,.1f} MB left, "
+                                       f"{done.freed / 2**20:,.1f} MB freed; {escape(done.error)}", highlight=False, soft_wrap=True)
+            return EXIT_RUN
+        console.print(f"cleared {kinds}: {done.freed / 2**20:,.1f} MB freed", highlight=False)
         return 0
     console.print(f"cache: {cache_root()}", highlight=False, markup=False, soft_wrap=True)
     table = Table()
@@ -402,47 +455,50 @@ def _progress(quiet: bool) -> _Bars:
     return _Bars(Progress(*columns, console=Console(stderr=True), transient=False))
 
 
-def _write_outputs(plan: Plan, result) -> tuple[list[Path], list[str]]:
+def _write_outputs(plan: Plan, result, owner, force: bool) -> tuple[list[Path], list[str]]:
+    """Every output the plan names, written beside each other and then published into the output directory
+    with their manifest (report/outdir.py): the directory holds this run's files and no other's."""
+    from circuitlang.report.outdir import publish, staged
+
+    with staged(plan.output.directory) as stage:
+        notes = _write_files(plan, result, stage)
+        return publish(stage, plan.output.directory, owner, force), notes
+
+
+def _write_files(plan: Plan, result, out: Path) -> list[str]:
+    """Write the outputs into `out`; returns the notes to print (no Graphviz, say)."""
     from circuitlang.report import known_head_set, write_drawing, write_graphml, write_trace_json
 
-    out = Path(plan.output.directory)
     formats = set(plan.output.formats)
-    written: list[Path] = []
-    notes: list[str] = []
     if "json" in formats:
         write_trace_json(result.trace, out / "trace.json", plan_text=format_plan(plan))
-        written.append(out / "trace.json")
     if "graphml" in formats:
         write_graphml(result.trace, out / "trace.graphml")
-        written.append(out / "trace.graphml")
     drawing = write_drawing(result.trace, out, "trace", formats, plan.show_min_count, known_head_set(plan.compare))
-    written += drawing.paths
-    if drawing.message:
-        notes.append(drawing.message)
     if "neuronpedia" in formats:
         from circuitlang.report.neuronpedia import write_neuronpedia
 
-        written += write_neuronpedia(result.trace, out)
+        write_neuronpedia(result.trace, out)
     if "html" in formats:
         from circuitlang.report.viewer import write_trace_viewer
 
-        written.append(write_trace_viewer(result.trace, out / "trace.html", min_count=plan.show_min_count,
-                                          compare=plan.compare, interventions=result.interventions, plan=plan))
+        write_trace_viewer(result.trace, out / "trace.html", min_count=plan.show_min_count, compare=plan.compare,
+                           interventions=result.interventions, plan=plan)
     if result.interventions is not None:
         from circuitlang.report.interventions import write_intervention_plots, write_interventions_json
 
         if "json" in formats:
-            written.append(write_interventions_json(result.interventions, out / "interventions.json"))
+            write_interventions_json(result.interventions, out / "interventions.json")
         if "png" in formats:
-            written += write_intervention_plots(result.interventions, out)
+            write_intervention_plots(result.interventions, out)
     if getattr(result, "faithfulness", None) is not None:
         from circuitlang.report.faithfulness import write_faithfulness_json, write_faithfulness_plot
 
         if "json" in formats:
-            written.append(write_faithfulness_json(result.faithfulness, out / "faithfulness.json"))
+            write_faithfulness_json(result.faithfulness, out / "faithfulness.json")
         if "png" in formats:
-            written.append(write_faithfulness_plot(result.faithfulness, out / "faithfulness.png"))
-    return written, notes
+            write_faithfulness_plot(result.faithfulness, out / "faithfulness.png")
+    return [drawing.message] if drawing.message else []
 
 
 def _report(plan: Plan, result, console: Console) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import time
 from pathlib import Path
@@ -92,6 +93,16 @@ def test_run_refuses_an_unusable_spec_output(tmp_path, capsys):
     assert capsys.readouterr().err.startswith(f"error: cannot write to {tmp_path / 'file'}: ")
 
 
+@pytest.mark.parametrize("name, value", [("CIRCUITLANG_CHUNK_MB", "abc"), ("CIRCUITLANG_CHUNK_MB", "0"),
+                                         ("CIRCUITLANG_CHUNK_MB", "-1"), ("CIRCUITLANG_CACHE", "file")])
+def test_environment_variables_are_checked_before_the_model_loads(tmp_path, capsys, monkeypatch, name, value):
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv(name, str(tmp_path / value) if value == "file" else value)
+    assert main(["run", str(missing_model_spec(tmp_path)), "--out", str(tmp_path / "out")]) == 2  # not the model's 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: ${name}=") and len(err.splitlines()) == 1
+
+
 def test_diff_refuses_an_unusable_out_before_reading_its_inputs(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert main(["diff", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "file")]) == 2
@@ -117,12 +128,14 @@ def test_a_failed_write_at_the_end_is_one_line_and_the_rerun_reuses_the_trace(tm
     path = tmp_path / "s.circ"
     path.write_text(f'model "{tiny_dir}"\nprompts ioi 4\ntrace from auto 1\nfiring attention > 0.2\noutput out json\n')
 
-    def disk_full(plan, result):
+    def disk_full(plan, result, out):
+        (out / "trace.json").write_text("half")
         raise OSError(28, "No space left on device", str(tmp_path / "full" / "trace.json"))
 
     with monkeypatch.context() as m:
-        m.setattr(cli, "_write_outputs", disk_full)
+        m.setattr(cli, "_write_files", disk_full)
         assert main(["run", str(path), "--out", str(tmp_path / "full"), "--quiet"]) == 1
+    assert not (tmp_path / "full").exists()  # nothing of the failed write is left, not even the directory it made
     err = capsys.readouterr().err.strip()
     assert err == (f"error: could not write the results to {tmp_path / 'full'}: No space left on device "
                    f"({tmp_path / 'full' / 'trace.json'}); the trace is in the run cache, so `circ run {path} --out DIR` "
@@ -231,3 +244,46 @@ def test_run_checks_the_prompt_file_before_loading_the_model(tmp_path, capsys):
     path.write_text(path.read_text().replace("prompts ioi 4", 'prompts file "p.jsonl"'))
     assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 2  # the model's error would be exit 1
     assert capsys.readouterr().err.strip() == f"error {tmp_path / 'p.jsonl'}:1:14: not UTF-8 text (byte 0xe9); save the file as UTF-8"
+
+
+def test_a_prompt_files_token_error_is_one_located_line_and_exit_2(tmp_path, tiny_dir, capsys, monkeypatch):
+    """Known only once the tokenizer is loaded, yet a mistake in the input: file:line:column relative to where
+    `circ` runs, one location, exit 2 (it was `error SPEC: /abs/cf-len.jsonl:2: ...`, exit 1)."""
+    good = {"text": "Alice met Bob and Bob thanked", "target": " Alice", "distractor": " Bob",
+            "counterfactual": "Alice met Bob and Carl thanked", "roles": {"end": 5}}
+    bad = {**good, "counterfactual": "Alice met Bob and Carl Smith thanked"}
+    (tmp_path / "cf-len.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    (tmp_path / "s.circ").write_text(f'model "{tiny_dir}"\nprompts file "cf-len.jsonl"\ntrace from 1.0 end->end\n'
+                                     "evaluate faithfulness against file\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "s.circ", "--quiet", "--no-cache", "--out", "out"]) == 2
+    err = capsys.readouterr().err.strip()
+    column = json.dumps(bad).index('"counterfactual"') + 1
+    assert err == (f"error cf-len.jsonl:2:{column}: counterfactual has 7 tokens and the text 6; they must align token by "
+                   "token (change words for words of as many tokens)")
+
+
+def test_a_circuit_size_past_the_models_heads_points_at_the_number(tmp_path, tiny_dir, capsys):
+    path = tmp_path / "s.circ"
+    path.write_text(f'model "{tiny_dir}"\nprompts ioi 4\ntrace from auto 1\nevaluate faithfulness against abc sizes 2, 73, 3\n')
+    assert main(["run", str(path), "--quiet", "--no-cache", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error {path}:4:44: evaluate: circuit size 73 is more than the 4 heads") and len(err.splitlines()) == 1
+
+
+def test_a_cache_that_cannot_be_written_is_said_once(tmp_path, tiny_dir, capsys, monkeypatch):
+    """Issue 26, item 12: a run against a read-only cache succeeds and says, once, that nothing was stored."""
+    import circuitlang.cachefiles as cachefiles
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(cachefiles, "atomic_write", read_only)  # every cache file is written through these two
+    monkeypatch.setattr(cachefiles, "atomic_path", read_only)
+    path = tmp_path / "s.circ"
+    path.write_text(f'model "{tiny_dir}"\nprompts ioi 4\ntrace from auto 1\nfiring attention > 0.2\noutput out json\n')
+    assert main(["run", str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"warning could not write to the cache {tmp_path / 'cache'} (read-only file system); this run's results "
+                   "are not stored there, so later runs compute them again"]
+    assert (tmp_path / "out" / "trace.json").is_file()

@@ -202,11 +202,11 @@ def test_prompt_file_happy_path(tmp_path, gpt2_tokenizer):
             r"prompts.jsonl:2:35: role 'IO': word 'cat' occurs 1 time\(s\) in the text, not 2",
         ),
         (  # found in the text, but not as a token of its own: known only once tokenized
-            '{"text": "The cat sat", "roles": {"IO": "ca"}}', r"prompts.jsonl:2: role 'IO': word 'ca' not found among the text's tokens",
+            '{"text": "The cat sat", "roles": {"IO": "ca"}}', r"prompts.jsonl:2:35: role 'IO': word 'ca' not found among the text's tokens",
         ),
-        ('{"text": "The cat sat", "roles": {"end": 3}}', r"prompts.jsonl:2: role 'end' position 3 out of range"),
+        ('{"text": "The cat sat", "roles": {"end": 3}}', r"prompts.jsonl:2:35: role 'end' position 3 out of range"),
         ('{"text": "The cat sat", "roles": {"end": 2.5}}', r"prompts.jsonl:2:35: role 'end': must be a token position"),
-        ('{"text": "The cat sat", "target": " Xzyqwv"}', r"prompts.jsonl:2: target ' Xzyqwv' is not a single token"),
+        ('{"text": "The cat sat", "target": " Xzyqwv"}', r"prompts.jsonl:2:25: target ' Xzyqwv' is not a single token"),
     ],
 )
 def test_prompt_file_errors_name_file_and_line(tmp_path, gpt2_tokenizer, line, message):

@@ -170,3 +170,17 @@ def test_no_change_prints_none_not_empty_tables_and_heads_read_layer_dot_head():
     assert "Largest changes of prompt count (B - A): none" in text and "count A" not in text
     source = build_diff_dot(diff).source
     assert re.search(r'h0_0 \[label="?0\.0"?[ \]]', source) and "(0, 0)" not in source
+
+
+def test_the_changes_fit_80_columns_uncut(tmp_path):
+    """A file or a narrow terminal is 80 columns: every cell whole, `mlp 10` on one line (issue 26, item 6)."""
+    from circuitlang.engine.results import MLP
+
+    a = hand_trace([((10, MLP), (11, 2, "end"), "s", 9, 1.33e-5), ((0, 1), (17, 3, "S2+1"), "d", 3, 1.0)])
+    b = hand_trace([((10, MLP), (11, 2, "end"), "s", 205, -12345.6789), ((0, 1), (17, 3, "S2+1"), "d", 5, 3.0)])
+    console = Console(record=True, width=80, file=io.StringIO())
+    render_diff(diff_traces(a, b, 1), console)
+    text = console.export_text()
+    assert "…" not in text
+    assert re.search(r"^ mlp 10 +11\.2 end +s +9 +205 +1\.33e-05 +-1\.23e\+04 +-1\.23e\+04 *$", text, re.M)
+    assert re.search(r"^ 0\.1 +17\.3 S2\+1 +d +3 +5 +1 +3 +\+2 *$", text, re.M)

@@ -186,3 +186,23 @@ def test_cache_root_defaults_to_the_user_cache(monkeypatch):
     assert cachefiles.cache_root() == Path(platformdirs.user_cache_dir("circuitlang"))
     monkeypatch.setenv("CIRCUITLANG_CACHE", "/somewhere/else")
     assert cachefiles.cache_root() == Path("/somewhere/else")
+
+
+def test_every_file_of_the_copy_has_the_caches_mode(fake, monkeypatch):
+    """Issue 26, item 8: safetensors writes its file 0600 (a private temporary file moved into place); the
+    copy's files must be as readable as every other cache file."""
+    import os
+
+    class PrivateWeights(FakeModel):
+        def save_pretrained(self, directory, safe_serialization=True):
+            super().save_pretrained(directory, safe_serialization)
+            os.chmod(Path(directory) / "model.safetensors", 0o600)
+
+    monkeypatch.setattr(embedded, "_dequantize", lambda gguf_path: (PrivateWeights(), FakeTokenizer()))
+    mask = os.umask(0o022)
+    try:
+        resolve_embedded("gemma-3-270m")
+    finally:
+        os.umask(mask)
+    assert {p.name: p.stat().st_mode & 0o777 for p in fake.target.iterdir()} == {
+        name: 0o644 for name in ("config.json", "model.safetensors", "tokenizer.json", MARKER)}

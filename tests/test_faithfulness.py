@@ -190,7 +190,7 @@ def test_prompt_files_carry_an_aligned_counterfactual(tmp_path, gpt2_tokenizer):
     assert len(prompt.counterfactual) == len(prompt.token_ids) and prompt.counterfactual[:4] == prompt.token_ids[:4]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "Alice met Bob", "counterfactual": "Alice met Bob Smith"}) + "\n")
-    with pytest.raises(DataError, match=r"bad.jsonl:1: counterfactual has 4 tokens and the text 3"):
+    with pytest.raises(DataError, match=r"bad.jsonl:1:27: counterfactual has 4 tokens and the text 3"):
         load_prompt_file(bad, gpt2_tokenizer)
     empty = tmp_path / "empty.jsonl"
     empty.write_text('{"text": "Alice", "counterfactual": ""}\n')
@@ -343,3 +343,24 @@ def test_edge_level_scores_the_traces_own_edges_with_transformer_lens(tmp_path_f
                                    lambda logits: logits[0, -1, t_id] - logits[0, -1, d_id],
                                    ev.trace_edge_circuit(t, row, n - 1, model.n_layers)).recovered)
     assert edge["recovered"] == pytest.approx(float(np.mean(own)), abs=1e-6)
+
+
+def test_report_fits_80_columns_and_leaves_out_the_circular_overlap(hb_result):
+    """Issue 26, item 11: method names whole at 80 columns; SVT's top k against its own trace is not a result."""
+    import io
+
+    from rich.console import Console
+
+    from circuitlang.report.faithfulness import render_faithfulness
+
+    _, res = hb_result
+    res = dataclasses.replace(res, overlap=(ev.Overlap("svt", "trace", 5, 1.0, 1.0, 1.0),
+                                            ev.Overlap("attribution", "trace", 5, 0.4, 0.5, 0.44)))
+    console = Console(record=True, width=80, file=io.StringIO())
+    render_faithfulness(res, console)
+    text = console.export_text()
+    rows = [line.split("  ")[0].strip() for line in text.splitlines()]
+    assert {"SVT (trace)", "attribution patching", "direct logit attribution", "random (8 draws)"} <= set(rows)
+    assert "…" not in text.split("m = mean F")[0]
+    table = text.split("Top-k heads against reference sets")[1]
+    assert "SVT (trace)" not in table and "attribution patching" in table and "left out" in table

@@ -144,3 +144,44 @@ def test_prompt_files(tree, data):
     except PromptFileError as e:
         assert len(str(e).splitlines()) == 1 and str(e).startswith(str(path))
     check(tree / "specs" / "examples" / "file-prompts.circ")
+
+
+# --- environment variables ------------------------------------------------------------------------------
+
+ENV_TEXT = st.one_of(
+    st.sampled_from(["", "0", "-1", "abc", "nan", "inf", "1e308", "0.5", "1", "64", " 12 ", "1_0", "0x10", "file", "dir/sub"]),
+    st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=6),
+)
+
+
+class _ModelWouldLoad(Exception):
+    pass
+
+
+@FUZZ
+@given(budget=st.none() | ENV_TEXT, cache=st.none() | ENV_TEXT)
+def test_environment_variables(tree, monkeypatch, capsys, budget, cache):
+    """`circ run` with any $CIRCUITLANG_CHUNK_MB and $CIRCUITLANG_CACHE: one line and exit 2 before the model
+    loads, or values the run can use (the chunk budget a whole number of bytes, the cache root a path)."""
+    import circuitlang.runner.execute as execute
+    from circuitlang.cachefiles import cache_root
+    from circuitlang.runner.chunks import default_budget
+
+    (tree / "file").write_text("not a directory")
+
+    def reached(*args, **kwargs):
+        assert default_budget() >= 2**20 and cache_root()
+        raise _ModelWouldLoad
+
+    monkeypatch.chdir(tree)
+    for name, value in (("CIRCUITLANG_CHUNK_MB", budget), ("CIRCUITLANG_CACHE", cache)):
+        monkeypatch.delenv(name, raising=False) if value is None else monkeypatch.setenv(name, value)
+    monkeypatch.setattr(execute, "run_plan", reached)
+    monkeypatch.setattr(execute.rc, "model_identity", lambda *a, **k: None)
+    try:
+        code = main(["run", str(tree / "specs" / "ioi.circ"), "--quiet", "--out", str(tree / "out")])
+    except _ModelWouldLoad:
+        capsys.readouterr()
+        return
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "$CIRCUITLANG_" in err, (code, err)

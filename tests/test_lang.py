@@ -207,6 +207,10 @@ BAD = [
     ("42", 't.circ:1:1: unknown statement "42"; statements are model, prompts, trace, firing, slices, '
            "keep, show, compare, output, seed, extends, evaluate, sources, readings or intervene"),
     ("slices papers", 't.circ:1:8: expected "all", "paper" or "top", found "papers"; did you mean "paper"?'),
+    # issue 26: the words of sources and readings, not the keywords of other statements
+    ("sources", "t.circ:1:8: expected a source (heads, mlp, embed or bias), found end of line"),
+    ("sources heads, mlp", 't.circ:1:14: expected a source (heads, mlp, embed or bias) or end of line, found ","'),
+    ("readings", "t.circ:1:9: expected a set of readings (circuitlang, paper or authors), found end of line"),
     ("prompts ioi abba", 't.circ:1:13: expected "ABBA", "BABA", "mixed", "seed", a whole number or end of line, '
                          'found "abba"; did you mean "ABBA"?'),
     ("firing attention >= 0.5", 't.circ:1:18: expected ">", found ">="; did you mean ">"?'),

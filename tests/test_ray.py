@@ -29,7 +29,8 @@ CHUNK = 7  # 20 prompts: chunks 0-6, 7-13, 14-19
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
+             _system_config={"worker_niceness": os.nice(0)})  # as `circ run --ray` starts one
     # The workers below are defined here: Ray's workers cannot import this test module, so send them whole.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     yield
@@ -103,3 +104,15 @@ def test_a_cluster_that_does_not_answer_is_one_line_at_once(tiny, tmp_path, monk
     err = capsys.readouterr().err.strip()
     assert code == 1 and not (tmp_path / "out").exists()
     assert len(err.splitlines()) == 1 and "cannot reach the Ray cluster at 127.0.0.1:1" in err, err
+
+
+def test_workers_at_a_lower_priority_are_said_once_the_model_is_loaded(local_ray, tiny, monkeypatch):
+    """Issue 26, item 7: workers nicer than this process (a cluster started with Ray's default, niceness 15) are
+    said; here this process pretends to run at -5, the workers at its real niceness."""
+    from circuitlang.runner.distributed import RayChunks, RayWarning
+
+    real = os.nice(0)
+    monkeypatch.setattr(os, "nice", lambda increment: -5)
+    with pytest.warns(RayWarning, match=rf"niceness {real}, this process at -5: .*RAY_worker_niceness=-5"):
+        with RayChunks(Cluster(workers=1), plan_for(tiny, interventions=False), None, None, {}):
+            pass

@@ -99,6 +99,25 @@ def test_chunks_merge_into_the_unchunked_trace(tiny, preloaded, roots):
             np.testing.assert_allclose(getattr(a, f), getattr(b, f), rtol=1e-4, atol=1e-6)
 
 
+def test_each_layers_omega_is_computed_once_however_many_chunks(tiny, preloaded, monkeypatch, tmp_path):
+    """Issue 26, item 10: with the caches off (--no-cache), 12 chunks computed Omega 12 times (233 s against 47.7 s);
+    the user's cache is still neither read nor written."""
+    import circuitlang.engine.omega_cache as oc
+
+    calls = Counter()
+    real = oc.layer_slices
+
+    def counted(geometry, layer, *args):
+        calls[layer] += 1
+        return real(geometry, layer, *args)
+
+    monkeypatch.setattr(oc, "layer_slices", counted)
+    plan = dataclasses.replace(plan_for(tiny), interventions=())
+    run_plan(plan, chunk=3)
+    assert calls and set(calls.values()) == {1}, calls
+    assert not (tmp_path / "cache").exists()
+
+
 def test_chunk_size_follows_the_budget(tiny):
     prompts = build_prompts(plan_for(tiny), tiny[1])
     assert chunk_size(tiny[1], prompts, budget=1) == 1
@@ -222,6 +241,32 @@ def test_circ_cache_shows_and_clears(tiny, preloaded, capsys, tmp_path):
     assert main(["cache", "--clear", "runs"]) == 0
     assert not runs_dir().exists() and (tmp_path / "cache" / "omega").exists()
     assert main(["cache", "--clear"]) == 0 and not (tmp_path / "cache" / "omega").exists()
+
+
+def test_circ_cache_clear_counts_only_what_it_removed(tiny, preloaded, capsys, monkeypatch):
+    import os
+
+    cached_run(plan_for(tiny))
+    before = sorted(runs_dir().rglob("*"))
+
+    def refused(*args, **kwargs):  # a read-only mount: every removal fails
+        raise PermissionError(30, "Read-only file system")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "unlink", refused)
+        m.setattr(os, "rmdir", refused)
+        assert main(["cache", "--clear", "runs"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
+    assert "could not clear runs" in captured.err and "0.0 MB freed" in captured.err and "read-only file system" in captured.err
+    assert sorted(runs_dir().rglob("*")) == before
+
+
+def test_circ_cache_help_names_every_kind_of_file(capsys):
+    with pytest.raises(SystemExit):
+        main(["cache", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "processed-" in text and "float32 copy" in text
 
 
 def test_the_engine_imports_neither_the_report_nor_the_runner():

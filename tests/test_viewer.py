@@ -344,6 +344,8 @@ def test_writer_nodes_and_each_heads_signal_by_writer(browser, runs):
     drawn = set(page.page.eval_on_selector_all("svg .node.writer", "els => els.map(e => e.dataset.id)"))
     assert drawn == writers
     assert not drawn & set(page.page.eval_on_selector_all("svg .node.head", "els => els.map(e => e.dataset.id)"))
+    labels = page.page.eval_on_selector_all("svg text.layer-label", "els => els.map(e => e.textContent)")
+    assert "layer -1" not in labels and ("embeddings" in labels) == ("embed" in writers)  # issue 26, item 8
     first = sorted(drawn)[0]
     page.page.click(f'svg .node.writer[data-id="{first}"]')
     assert "not a head" in page.text("#writer-kind")
@@ -356,4 +358,57 @@ def test_writer_nodes_and_each_heads_signal_by_writer(browser, runs):
         side = row[0]
         for name, cell in zip(header[1:], row[1:]):
             assert float(cell.rstrip("%")) == pytest.approx(100 * shares[head][side][name], abs=0.5)
+    page.close()
+
+
+# --- issue 26, item 8 -----------------------------------------------------------------------------------------
+
+def test_a_heads_in_edges_name_the_token_they_go_into(browser, runs, trace):
+    page = Page(browser, runs / "a" / "trace.html")
+    into = Counter(v.split(":")[0] for _, v in communication(trace, SHOW))
+    head = max(into, key=lambda h: (len({v for _, v in communication(trace, SHOW) if v.split(":")[0] == h}), into[h]))
+    page.page.click(f'svg .node.head[data-id="{head}"]')
+    rows = page.page.eval_on_selector_all("aside tr[data-edge]", "els => els.map(e => [e.dataset.edge, e.cells[0].textContent])")
+    shown = {edge: text for edge, text in rows if edge.split(">")[1].split(":")[0] == head}
+    assert shown and all(text == f"{edge.split('>')[0]} → {edge.split(':')[1]}" for edge, text in shown.items())
+    assert len(set(shown.values())) == len(shown)  # no two rows read alike
+    page.close()
+
+
+def test_selecting_a_set_brings_its_edges_into_view(browser, runs, trace):
+    page = Page(browser, runs / "a" / "trace.html")
+    area = page.page.locator("svg").bounding_box()
+    page.page.mouse.move(area["x"] + 5, area["y"] + 5)
+    for _ in range(25):  # zoomed far into the top left corner
+        page.page.mouse.wheel(0, -200)
+    page.page.wait_for_timeout(100)
+
+    def outside() -> list[str]:
+        ends = set(page.page.eval_on_selector_all(
+            "svg .edge.communication.hl", "els => els.flatMap(e => [e.dataset.u, e.dataset.v])"))
+        x0, y0, w, h = map(float, page.page.evaluate("document.querySelector('svg').getAttribute('viewBox')").split())
+        places = dict(page.page.eval_on_selector_all("svg .node", "els => els.map(e => [e.dataset.id, e.getAttribute('transform')])"))
+        spots = {end: tuple(map(float, places[end][len("translate("):-1].split(","))) for end in ends}
+        assert ends
+        return [end for end, (x, y) in spots.items() if not (x0 <= x <= x0 + w and y0 <= y <= y0 + h)]
+
+    page.page.click('#sets tr[data-set="into root 2"]')
+    assert outside() == []
+    page.page.click('#sets tr[data-set="into root 2"]')  # cleared
+    for _ in range(25):
+        page.page.mouse.wheel(0, -200)
+    page.page.evaluate("location.hash = location.hash.replace(/(&|#)set=[^&]*/, '') + '&set=into+root+2'")
+    page.page.wait_for_timeout(200)
+    assert outside() == []
+    page.close()
+
+
+def test_diff_changes_of_total_carry_their_sign(browser, runs):
+    data = json.loads((runs / "diff" / "diff.json").read_text())
+    grown = [c for c in data["changes"] if c["total_b"] > c["total_a"] and c["count_a"] >= SHOW and c["count_b"] >= SHOW]
+    assert grown
+    page = Page(browser, runs / "diff" / "diff.html")
+    c = grown[0]
+    page.page.locator(f'svg .edge.communication[data-u="{c["source"]}"][data-v="{c["target"]}"] .hit').dispatch_event("click")
+    assert page.text("#edge-delta-total").startswith("+")
     page.close()

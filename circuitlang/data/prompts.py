@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -134,6 +135,11 @@ class PromptRecord:
     target: str | None
     distractor: str | None
     counterfactual: str | None = None
+    # (key, column) of each key written ("roles.NAME" for a role), for the token-level errors; 0: not found
+    columns: tuple[tuple[str, int], ...] = field(default=(), compare=False)
+
+    def column(self, key: str) -> int:
+        return dict(self.columns).get(key, 0)
 
 
 def read_prompt_file(path: str | Path) -> tuple[PromptRecord, ...]:
@@ -230,7 +236,8 @@ def _record(line: str, file: str, number: int) -> PromptRecord:
     if "counterfactual" in record and (not isinstance(counterfactual, str) or not counterfactual.strip()):
         raise error(f"'counterfactual' must be a non-empty string (the same prompt with the task's evidence changed), "
                     f"got {_json_type(counterfactual)}", column_of("counterfactual"))
-    return PromptRecord(number, text, tuple(roles), answers["target"], answers["distractor"], counterfactual)
+    columns = tuple((key, column_of(key)) for key in record) + tuple((f"roles.{role}", column_of(role)) for role, _ in roles)
+    return PromptRecord(number, text, tuple(roles), answers["target"], answers["distractor"], counterfactual, columns)
 
 
 def _role_problem(value: Any, text: str) -> str | None:
@@ -278,69 +285,80 @@ def load_prompt_file(path: str | Path, tokenizer: Any, *, prepend_bos: bool = Fa
     `read_prompt_file` checks what needs no tokenizer (so `circ check` can), this the tokens.
     """
     records = read_prompt_file(path)
-    prompts = tuple(_file_prompt(r, f"{path}:{r.line}", tokenizer, prepend_bos) for r in records)
+    shown = _shown(path)
+    prompts = tuple(_file_prompt(r, shown, tokenizer, prepend_bos) for r in records)
     return PromptSet(prompts, common_roles(records), f"file {Path(path).name} ({len(prompts)} prompts)")
 
 
-def _file_prompt(record: PromptRecord, where: str, tokenizer: Any, prepend_bos: bool) -> Prompt:
-    """One prompt from one checked line; ``where`` is ``file:line`` for error messages."""
+def _shown(path: str | Path) -> str:
+    """A prompt file as an error names it: relative to the working directory when it lies below it (the plan
+    holds it absolute), else as given."""
+    relative = os.path.relpath(path)
+    return str(path) if relative.startswith("..") else relative
+
+
+def _file_prompt(record: PromptRecord, file: str, tokenizer: Any, prepend_bos: bool) -> Prompt:
+    """One prompt from one checked line; a token-level problem is a PromptFileError at the key it is about."""
+    def where(key: str) -> tuple[str, int, int]:
+        return file, record.line, record.column(key)
+
     ids = encode(tokenizer, record.text)
     offset = 1 if prepend_bos else 0
-    roles = tuple((name, _role_position(value, name, ids, tokenizer, where) + offset) for name, value in record.roles)
+    roles = tuple((name, _role_position(value, name, ids, tokenizer, where(f"roles.{name}")) + offset) for name, value in record.roles)
     token_ids = tuple(([bos_id(tokenizer)] if prepend_bos else []) + ids)
     return Prompt(
         text=record.text,
         token_ids=token_ids,
         roles=roles,
         labels=token_labels(token_ids, roles, tokenizer, bos=prepend_bos),
-        target=_answer_id(record.target, "target", tokenizer, where),
-        distractor=_answer_id(record.distractor, "distractor", tokenizer, where),
-        meta=(("source", where),),
-        counterfactual=_counterfactual_ids(record, ids, token_ids[:offset], tokenizer, where),
+        target=_answer_id(record.target, "target", tokenizer, where("target")),
+        distractor=_answer_id(record.distractor, "distractor", tokenizer, where("distractor")),
+        meta=(("source", f"{file}:{record.line}"),),
+        counterfactual=_counterfactual_ids(record, ids, token_ids[:offset], tokenizer, where("counterfactual")),
     )
 
 
-def _counterfactual_ids(record: PromptRecord, ids: list[int], bos: tuple[int, ...], tokenizer: Any, where: str) -> tuple[int, ...] | None:
+def _counterfactual_ids(record: PromptRecord, ids: list[int], bos: tuple[int, ...], tokenizer: Any,
+                        where: tuple[str, int, int]) -> tuple[int, ...] | None:
     """The counterfactual's token ids (BOS as the text's), which must align with the text's token by token."""
     if record.counterfactual is None:
         return None
     cf = encode(tokenizer, record.counterfactual)
     if len(cf) != len(ids):
-        raise DataError(f"{where}: counterfactual has {len(cf)} tokens and the text {len(ids)}; they must align token "
-                        "by token (change words for words of as many tokens)")
+        raise PromptFileError(*where, f"counterfactual has {len(cf)} tokens and the text {len(ids)}; they must align "
+                              "token by token (change words for words of as many tokens)")
     return bos + tuple(cf)
 
 
-def _role_position(value: Any, name: str, ids: list[int], tokenizer: Any, where: str) -> int:
+def _role_position(value: Any, name: str, ids: list[int], tokenizer: Any, where: tuple[str, int, int]) -> int:
     """The position (in the text's own tokens) that a role value points at."""
     if isinstance(value, int) and not isinstance(value, bool):
         if not 0 <= value < len(ids):
-            raise DataError(f"{where}: role {name!r} position {value} out of range (text has {len(ids)} tokens)")
+            raise PromptFileError(*where, f"role {name!r} position {value} out of range (text has {len(ids)} tokens)")
         return value
     occurrence = 1
     if isinstance(value, dict) and set(value) <= {"word", "occurrence"}:
         occurrence = value.get("occurrence", 1)
         value = value.get("word")
         if not isinstance(occurrence, int) or isinstance(occurrence, bool) or occurrence < 1:
-            raise DataError(f"{where}: role {name!r} occurrence must be a positive integer")
+            raise PromptFileError(*where, f"role {name!r} occurrence must be a positive integer")
     if not isinstance(value, str) or not value.strip():
-        raise DataError(
-            f"{where}: role {name!r} must be a token position, a word, or {{\"word\": ..., \"occurrence\": n}}"
+        raise PromptFileError(*where, f"role {name!r} must be a token position, a word, or {{\"word\": ..., \"occurrence\": n}}"
         )
     word = value.strip()
     hits = [i for i, token_id in enumerate(ids) if tokenizer.decode([token_id]).strip() == word]
     if not hits:
-        raise DataError(f"{where}: role {name!r}: word {word!r} not found among the text's tokens")
+        raise PromptFileError(*where, f"role {name!r}: word {word!r} not found among the text's tokens")
     if len(hits) < occurrence:
-        raise DataError(f"{where}: role {name!r}: word {word!r} occurs {len(hits)} time(s), not {occurrence}")
+        raise PromptFileError(*where, f"role {name!r}: word {word!r} occurs {len(hits)} time(s), not {occurrence}")
     return hits[occurrence - 1]
 
 
-def _answer_id(word: str | None, key: str, tokenizer: Any, where: str) -> int | None:
+def _answer_id(word: str | None, key: str, tokenizer: Any, where: tuple[str, int, int]) -> int | None:
     """The single token id of an answer (None if absent)."""
     if word is None:
         return None
     ids = encode(tokenizer, word)
     if len(ids) != 1:
-        raise DataError(f"{where}: {key} {word!r} is not a single token for this tokenizer ({len(ids)} tokens)")
+        raise PromptFileError(*where, f"{key} {word!r} is not a single token for this tokenizer ({len(ids)} tokens)")
     return ids[0]

@@ -15,12 +15,15 @@ import contextlib
 import dataclasses
 import hashlib
 import io
+import tempfile
+from contextvars import ContextVar
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import Tensor
 
-from circuitlang.cachefiles import caches_on, cache_root, discard, verify_checked, write_checked
+from circuitlang.cachefiles import caches_on, cache_root, discard, storing, verify_checked, write_checked
 from circuitlang.engine.omega import OmegaSlices, layer_slices
 from circuitlang.models.geometry import AttentionGeometry
 
@@ -29,6 +32,26 @@ ENGINE_VERSION = "3"  # bump whenever an engine change alters traces or Omega: e
 
 def omega_dir() -> Path:
     return cache_root() / "omega"
+
+
+# Outside `use_caches()` (--no-cache, the Python API) a run of several chunks keeps each layer's slices here,
+# a temporary directory of its own, so that they are computed once per run, not once per chunk.
+_scratch: ContextVar[Path | None] = ContextVar("circuitlang_omega_scratch", default=None)
+
+
+@contextlib.contextmanager
+def omega_scratch() -> Iterator[None]:
+    """Inside the block, `cached_layer_slices` computes each layer once even with the caches off, keeping it
+    in a temporary directory removed afterwards (the user's cache is neither read nor written)."""
+    if caches_on() or _scratch.get() is not None:
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="circuitlang-omega-") as directory:
+        token = _scratch.set(Path(directory))
+        try:
+            yield
+        finally:
+            _scratch.reset(token)
 
 
 def _layer_digest(geometry: AttentionGeometry, layer: int) -> str:
@@ -42,15 +65,17 @@ def _layer_digest(geometry: AttentionGeometry, layer: int) -> str:
 
 
 def cached_layer_slices(geometry: AttentionGeometry, layer: int, cos: Tensor | None = None, sin: Tensor | None = None) -> OmegaSlices:
-    """`layer_slices` through the Omega cache inside `use_caches()`; computed otherwise.
+    """`layer_slices` through the Omega cache inside `use_caches()`, or a run's scratch copy (`omega_scratch`);
+    computed otherwise.
 
     Rotary models: the cores for offsets 0..M-1 depend only on the first M rows of the rotary tables, so
     an entry keeps the most offsets computed so far with the tables it used, and a run with shorter prompts
     takes the first M cores when its tables equal those rows (longer prompts recompute and replace it).
     """
-    if not caches_on():
+    directory = omega_dir() if caches_on() else _scratch.get()
+    if directory is None:
         return layer_slices(geometry, layer, cos, sin)
-    path = omega_dir() / f"{_layer_digest(geometry, layer)}.pt"
+    path = directory / f"{_layer_digest(geometry, layer)}.pt"
     offsets = len(cos) if geometry.rotary else 1
     try:
         if verify_checked(path):  # then mapped, not read: only the pages the trace touches come into memory
@@ -64,7 +89,7 @@ def cached_layer_slices(geometry: AttentionGeometry, layer: int, cos: Tensor | N
     slices = layer_slices(geometry, layer, cos, sin)
     buffer = io.BytesIO()
     torch.save({**{f.name: getattr(slices, f.name) for f in dataclasses.fields(slices)}, "cos": cos, "sin": sin}, buffer)
-    with contextlib.suppress(OSError):  # a cache that cannot be written costs only the reuse
+    with storing():
         write_checked(path, buffer.getvalue())
     return slices
 

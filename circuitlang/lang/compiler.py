@@ -86,7 +86,7 @@ def check_against_model(plan: Plan, n_layers: int, n_heads: int) -> None:
     if isinstance(plan.compare, tuple):
         named += [_head(h) for h in plan.compare]
     if plan.evaluate is not None and isinstance(plan.evaluate.sizes, tuple) and max(plan.evaluate.sizes) > n_layers * n_heads:
-        raise SpecError.at(where.get("evaluate", fallback), f"evaluate: circuit size {max(plan.evaluate.sizes)} is more "
+        raise SpecError.at(where.get("evaluate sizes", fallback), f"evaluate: circuit size {max(plan.evaluate.sizes)} is more "
                            f"than the {n_layers * n_heads} heads of {plan.model.name} ({n_layers} layers x {n_heads} heads)")
     for layer, head in named:
         if not inside(layer, head):
@@ -324,6 +324,8 @@ class _Compiler:
                 chosen = "all"
             else:
                 chosen = tuple(sorted({self.count(n, "a circuit size", MAX_INDEX) for n in sizes.children}))
+                largest = max(sizes.children, key=int)  # checked against the model's heads once it is loaded
+                self.where["evaluate sizes"] = Where(self.file, largest.line, largest.column)
         draws = self.count(random, "the number of random rankings", MAX_RANDOM_DRAWS, least=0) if random else Evaluation.random
         return {"evaluate": Evaluation(kind, mean is not None, chosen, draws)}
 

@@ -13,6 +13,7 @@ from lark import Lark, Token, Tree, UnexpectedCharacters, UnexpectedInput, Unexp
 from lark.lexer import PatternStr
 
 from circuitlang.lang.errors import SpecError, did_you_mean, listing
+from circuitlang.lang.plan import READING_KEYS, READING_SETS, WRITERS
 
 _PARSER = Lark(
     files("circuitlang.lang").joinpath("circuit.lark").read_text(),
@@ -31,6 +32,10 @@ BARE_WORD = re.compile(next(t.pattern.value for t in _PARSER.terminals if t.name
 _ENDS = {"_NL": "end of line", "$END": "end of file"}
 _NAMED = {"DECIMAL": "a head like 9.9", "INT": "a whole number", "WORD": "a name",
           "STRING": "a quoted string", **_ENDS}
+# What the words of `sources` and `readings` are (the grammar takes any word there, for "did you mean"): an
+# error in them lists these, not the keywords of other statements that the lexer lets through.
+_SETTINGS = {"sources": (f"a source ({listing(WRITERS)})",) * 2,
+             "readings": (f"a set of readings ({listing(READING_SETS)})", f"a reading ({listing(READING_KEYS)}) with its value")}
 # a WORD after one of these is a token role (`9.9 end->IO`, `at end`)
 _BEFORE_ROLE = {"DECIMAL"} | {name for name, value in _LITERALS.items() if value in ("->", "at")}
 
@@ -72,12 +77,16 @@ def _syntax_error(e: UnexpectedInput, text: str, filename: str) -> SpecError:
 
 
 def _describe(expected: set[str], e: UnexpectedInput) -> list[str]:
+    stack = e.interactive_parser.parser_state.value_stack
+    statement = [t for t in stack if isinstance(t, Token) and t.value in _SETTINGS]
+    if statement and "WORD" in expected:  # inside `sources` or `readings`: their words, not the keywords
+        first, later = _SETTINGS[statement[-1].value]
+        return [later if len(stack) > stack.index(statement[-1]) + 1 else first] + [_ENDS["_NL"]] * ("_NL" in expected)
     names = set(expected)
     if {"INT", "DECIMAL"} <= names:
         names -= {"INT", "DECIMAL"}
         names.add("NUMBER")
     words = sorted(f'"{_LITERALS[n]}"' for n in names if n in _LITERALS)
-    stack = e.interactive_parser.parser_state.value_stack
     role = stack and isinstance(stack[-1], Token) and stack[-1].type in _BEFORE_ROLE
     named = {**_NAMED, "NUMBER": "a number", "WORD": "a token role like end or IO" if role else "a name"}
     return words + [text for name, text in named.items() if name in names]

@@ -141,6 +141,13 @@ def _dequantize(gguf_path: Path) -> tuple[Any, Any]:
 def _save(model: Any, tokenizer: Any, directory: Path) -> None:
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
+    # safetensors writes through a private temporary file (0600): give every file the mode the umask gives
+    # any other cache file, so the copy is as readable as the rest of the cache
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in directory.iterdir():
+        if path.is_file():
+            os.chmod(path, 0o666 & ~mask)
 
 
 def _build(spec: EmbeddedModel, package: Any, sha: str, target: Path, progress: Stage | None) -> None:

@@ -16,14 +16,13 @@ tensor of the right shape and dtype for every weight of the bridge; anything els
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from circuitlang.cachefiles import cache_root, caches_on, discard, verify_checked, write_checked_file
+from circuitlang.cachefiles import cache_root, caches_on, discard, storing, verify_checked, write_checked_file
 
 _FORMAT = "1"  # bump when what an entry holds changes
 
@@ -60,7 +59,7 @@ def process_weights(bridge: Any, path: Path | None, saved: dict[str, torch.Tenso
     if saved is None:
         bridge.enable_compatibility_mode()
         if path is not None:
-            with contextlib.suppress(OSError):  # a cache that cannot be written costs only the reuse
+            with storing():
                 write_checked_file(path, lambda tmp: torch.save(bridge.state_dict(), tmp))
         return
     from transformer_lens.weight_processing import ProcessWeights

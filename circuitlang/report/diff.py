@@ -24,6 +24,7 @@ from circuitlang.atomic import atomic_write
 from circuitlang.report.draw import (DRAWING_FORMATS, PENWIDTH, Drawing, digraph, head_label, layered_nodes, writer_attrs, render_dot,
                                      token_attrs)
 from circuitlang.report.export import dumps, edge_filter, node_id, plain, read_trace_json
+from circuitlang.report.outdir import require_listed
 
 FORMAT = "circuitlang.diff/1"
 ONLY_A, ONLY_B, BOTH = "#e07b00", "#7b3fb5", "#9a9a9a"  # orange, purple, grey
@@ -117,8 +118,10 @@ def diff_traces(a: Trace, b: Trace, min_count: int, names: tuple[str, str] = ("A
 
 def read_input(path: str, load: Callable[[str], Trace]) -> tuple[Trace, int]:
     """The trace of `path` and its spec's `show` filter: a trace.json read back (filter 1 if it carries no
-    readable plan), or a .circ spec traced by `load` (which may reuse a cached run)."""
+    readable plan), or a .circ spec traced by `load` (which may reuse a cached run). A trace.json in a run
+    directory is read only if the run's manifest lists it with these bytes (report/outdir.py)."""
     if Path(path).suffix == ".json":
+        require_listed(path)
         try:
             trace = read_trace_json(path)
         except ValueError as err:  # not JSON, or not a trace; OSError messages already name the file
@@ -178,10 +181,11 @@ def render_diff(diff: TraceDiff, console: Console, top: int = 15) -> None:
         if not changed:  # a table of headers and no rows reads like a rendering fault
             console.print(f"[italic]{title}[/italic]: none", highlight=False)
             continue
-        table = Table(title=title, box=box.SIMPLE_HEAD,
+        # 80 columns (a file, a narrow terminal) hold every column whole: no cell is cut or wrapped
+        table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True,
                       caption=f"{len(changed) - top} more changed edges not shown" if len(changed) > top else None)
-        for name in ("up", "down token", "type", "count A", "count B", "total A", "total B", "change"):
-            table.add_column(name, justify="left" if name in ("up", "down token", "type") else "right")
+        for name in ("up", "into", "side", "count A", "count B", "total A", "total B", "change"):
+            table.add_column(name, justify="left" if name in ("up", "into", "side") else "right", no_wrap=True)
         for c in changed[:top]:
             change = f"{c.delta_total:+.3g}" if "total" in title else f"{c.delta_count:+d}"
             table.add_row(*_edge_text(c), c.type, str(c.count_a), str(c.count_b), f"{c.total_a:.3g}", f"{c.total_b:.3g}",

@@ -169,5 +169,5 @@ def render_dot(dot: graphviz.Digraph, directory: str | os.PathLike, stem: str, f
         for fmt in images:
             paths.append(atomic_write(directory / f"{stem}.{fmt}", graphviz.Source(source).pipe(format=fmt)))
     except graphviz.ExecutableNotFound:
-        return Drawing(paths, NO_DOT.format(dot=paths[0], images=" and ".join(f".{f}" for f in images)))
+        return Drawing(paths, NO_DOT.format(dot=paths[0].name, images=" and ".join(f".{f}" for f in images)))
     return Drawing(paths, None)

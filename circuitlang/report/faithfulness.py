@@ -61,9 +61,10 @@ def render_faithfulness(results: FaithfulnessResults, console: Console) -> None:
     ablation = "the mean over the counterfactual prompts" if results.ablation == "mean" else "each prompt's own counterfactual"
     table = Table(title=f"Faithfulness against {results.against}: heads outside the circuit take the outputs of {ablation}",
                   box=box.SIMPLE_HEAD, caption="f = (m(C) - m(empty)) / (m(M) - m(empty)); CPR = area under f (higher is "
-                  "better), CMD = area between f and 1 (lower is better), over the fraction of heads kept")
+                  "better), CMD = area between f and 1 (lower is better), over the fraction of heads kept",
+                  collapse_padding=True, pad_edge=False)  # 80 columns hold every method's name and numbers whole
     for column in ("method", "CPR", "CMD", *(f"f@{k}" for k in REPORT_SIZES)):
-        table.add_column(column, justify="left" if column == "method" else "right")
+        table.add_column(column, justify="left" if column == "method" else "right", no_wrap=True)
     for curve in results.methods:
         name = LABELS.get(curve.method, curve.method) + (f" ({curve.draws} draws)" if curve.method == "random" else "")
         cells = []
@@ -94,11 +95,15 @@ def render_faithfulness(results: FaithfulnessResults, console: Console) -> None:
                       f"the query and key inputs it traced, and the traced heads' logit edges; every other edge, value "
                       f"inputs included, ablated): {edge['recovered']:.2f} ± {edge['recovered_std']:.2f} of the gap recovered "
                       f"over {edge['n_prompts']} prompts", highlight=False)
-    if results.overlap:
-        overlap = Table(title="Top-k heads against reference sets", box=box.SIMPLE_HEAD)
+    # SVT's ranking is the trace's own evidence, so its top k against the traced heads is 1.00 by construction
+    rows = [o for o in results.overlap if not (o.method == "svt" and o.reference == "trace")]
+    if rows:
+        circular = len(rows) < len(results.overlap)
+        overlap = Table(title="Top-k heads against reference sets", box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False,
+                        caption="SVT against the trace is left out: its ranking is the trace's own evidence" if circular else None)
         for column in ("method", "reference", "k", "precision", "recall", "F1"):
-            overlap.add_column(column, justify="left" if column in ("method", "reference") else "right")
-        for o in results.overlap:
+            overlap.add_column(column, justify="left" if column in ("method", "reference") else "right", no_wrap=True)
+        for o in rows:
             overlap.add_row(LABELS.get(o.method, o.method), o.reference, str(o.k), _num(o.precision), _num(o.recall), _num(o.f1))
         console.print(overlap)
     t = results.timings

@@ -281,20 +281,35 @@ def _run_settings(trace: Trace) -> tuple[int, str | tuple[str, ...] | None]:
     return plan.show_min_count, plan.compare
 
 
-def viewer_for_run(trace_json: str | os.PathLike) -> tuple[Path, bool]:
-    """trace.html beside `trace_json` (with interventions.json beside it, if there is one), rewritten when it
-    is missing or older than either JSON file or the viewer's code; returns its path and whether it was
-    written. The `show` filter and `compare` come from the plan the trace carries."""
+def viewer_for_run(trace_json: str | os.PathLike) -> tuple[Path, bool, str | None]:
+    """trace.html beside `trace_json`, from the files its directory's manifest lists (report/outdir.py):
+    trace.json, and interventions.json when the run wrote it. Rewritten when the manifest does not list it
+    as made from them, or it is older than the viewer's code; returns its path, whether it was written, and
+    a note for the user (or None). In a directory without a manifest (an older circuitlang's), only the
+    trace is shown: an interventions.json there might be another run's. The `show` filter and `compare`
+    come from the plan the trace carries."""
     from circuitlang.report.export import read_trace_json
     from circuitlang.report.interventions import read_interventions_json
+    from circuitlang.report.outdir import MANIFEST, listed, record, require_listed
 
     trace_json = Path(trace_json)
     html = trace_json.with_name("trace.html")
-    found = trace_json.with_name("interventions.json")
-    sources = [trace_json, Path(__file__), *ASSETS.iterdir()] + ([found] if found.exists() else [])
-    if html.exists() and html.stat().st_mtime >= max(p.stat().st_mtime for p in sources):
-        return html, False
+    manifest = require_listed(trace_json)  # NotThisRun for a trace.json its run did not write
+    code = max(p.stat().st_mtime for p in [Path(__file__), *ASSETS.iterdir()])
+    if manifest is None:
+        found, note = None, f"no {MANIFEST} in {trace_json.parent}: showing the trace alone (an interventions.json there may be another run's)"
+        fresh = html.exists() and html.stat().st_mtime >= max(code, trace_json.stat().st_mtime)
+    else:
+        found, note = (trace_json.with_name("interventions.json") if "interventions.json" in manifest["files"] else None), None
+        if found is not None:
+            require_listed(found)
+        fresh = html.exists() and listed(html)[0] and html.stat().st_mtime >= code
+    if fresh:
+        return html, False, note
     trace = read_trace_json(trace_json)
     min_count, compare = _run_settings(trace)
-    interventions = read_interventions_json(found) if found.exists() else None
-    return write_trace_viewer(trace, html, min_count=min_count, compare=compare, interventions=interventions), True
+    interventions = read_interventions_json(found) if found is not None else None
+    path = write_trace_viewer(trace, html, min_count=min_count, compare=compare, interventions=interventions)
+    if manifest is not None:
+        record(path, manifest)
+    return path, True, note

@@ -211,12 +211,31 @@ def cache_usage() -> dict[str, tuple[int, int]]:
     return out
 
 
-def clear_cache(kinds: tuple[str, ...]) -> int:
-    """Remove the named kinds of cache entries; returns the bytes freed."""
-    freed = 0
+@dataclasses.dataclass(frozen=True)
+class Cleared:
+    """What `clear_cache` did: bytes removed, bytes it could not remove, and the first reason why."""
+
+    freed: int
+    left: int = 0
+    error: str | None = None
+
+
+def clear_cache(kinds: tuple[str, ...]) -> Cleared:
+    """Remove the named kinds of cache entries, file by file, counting only what was removed (a read-only
+    cache frees nothing and says why)."""
+    freed = left = 0
+    error = None
     for kind in kinds:
         directory = KINDS[kind]()
-        if directory.is_dir():
-            freed += sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
-            shutil.rmtree(directory, ignore_errors=True)
-    return freed
+        if not directory.is_dir():
+            continue
+        for path in [p for p in directory.rglob("*") if p.is_file() or p.is_symlink()]:
+            size = path.lstat().st_size
+            try:
+                path.unlink()
+                freed += size
+            except OSError as err:
+                left += size
+                error = error or f"{(err.strerror or str(err)).lower()} ({path})"
+        shutil.rmtree(directory, ignore_errors=True)  # the directories, now empty unless a file stayed
+    return Cleared(freed, left, error)

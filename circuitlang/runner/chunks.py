@@ -18,6 +18,7 @@ import numpy as np
 
 from circuitlang.data.prompts import PromptSet
 from circuitlang.engine.forward import Activations
+from circuitlang.environment import chunk_budget_mb
 from circuitlang.models.geometry import AttentionGeometry
 from circuitlang.models.model import LoadedModel
 from circuitlang.engine.results import FiringStats, TracedEdges, TracedEvents
@@ -25,7 +26,6 @@ from circuitlang.engine.trace import canonical_edges, root_positions, trace_acti
 from circuitlang.lang.plan import Plan, Root
 
 FORWARD_BATCH = 64  # prompts per forward pass inside a chunk
-BUDGET_ENV = "CIRCUITLANG_CHUNK_MB"
 
 
 def activation_bytes(model: LoadedModel, n: int, resid_layers: int = 0, writers: bool = False, kv: bool = False) -> int:
@@ -46,8 +46,9 @@ def default_budget() -> int:
     1.5 GiB (the machine's, not what is free at the moment: the same spec chunks alike on the same machine).
     The cap keeps a chunk of Gemma 3 270M's IOI prompts at 256, the default spec's size: a larger run peaks
     like it (measured: docs/performance.md)."""
-    if os.environ.get(BUDGET_ENV):
-        return int(float(os.environ[BUDGET_ENV]) * 2**20)
+    budget_mb = chunk_budget_mb()
+    if budget_mb is not None:
+        return int(budget_mb * 2**20)
     try:
         memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # not a POSIX system that says

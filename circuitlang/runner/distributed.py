@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -26,6 +28,10 @@ from circuitlang.runner.chunks import ChunkTrace
 from circuitlang.runner.execute import ChunkWork, InterventionJob, Progress, _ticker, resolve_model
 
 INSTALL = 'Ray is not installed: pip install "circuitlang[ray]"'
+
+
+class RayWarning(UserWarning):
+    """Something about the Ray workers that slows the run (the CLI prints it as one line)."""
 
 
 class DistributedError(RuntimeError):
@@ -109,9 +115,12 @@ class RayChunks:
         if not ray.is_initialized():
             if self.cluster.address:
                 _check_reachable(self.cluster.address)
+            # A local instance runs its workers at this process's priority; Ray's default, niceness 15, starved
+            # them beside other work (each about 1% of a core, still loading the model after 11 minutes).
+            local = {} if self.cluster.address else {"_system_config": {"worker_niceness": os.nice(0)}}
             try:
                 ray.init(address=self.cluster.address, include_dashboard=False, logging_level=logging.ERROR,
-                         log_to_driver=False)
+                         log_to_driver=False, **local)
             except Exception as err:  # Ray raises several kinds (ConnectionError, RuntimeError, ValueError)
                 where = f"the Ray cluster at {self.cluster.address}" if self.cluster.address else "a local Ray instance"
                 raise DistributedError(f"could not start or reach {where}: {_first_line(err)}") from None
@@ -127,7 +136,7 @@ class RayChunks:
         actor = ray.remote(max_restarts=-1, max_task_retries=self.cluster.attempts - 1, **options)(ChunkWorker)
         self.actors = [actor.remote(self.plan, self.device, 1, caches_on()) for _ in range(count)]
         t0 = time.perf_counter()
-        tick = _ticker(self.progress, "workers (model loaded)", count)
+        tick = _ticker(self.progress, "workers loaded", count)  # on screen from the start: 0/N while they load
         tick(0)
         loading = [a.__ray_ready__.remote() for a in self.actors]
         while loading:
@@ -138,6 +147,11 @@ class RayChunks:
                 raise DistributedError(f"a Ray worker could not load the model: {_first_line(err)}") from None
             tick(1)
         self.timings["workers"] = time.perf_counter() - t0
+        nicest = max(ray.get([a.__ray_call__.remote(lambda _: os.nice(0)) for a in self.actors]))
+        if nicest > os.nice(0):
+            warnings.warn(RayWarning(f"the Ray workers run at niceness {nicest}, this process at {os.nice(0)}: beside other "
+                                     f"work they get a small share of the cores; start the cluster with "
+                                     f"RAY_worker_niceness={os.nice(0)} (docs/scaling.md)"), stacklevel=2)
         return self
 
     def __exit__(self, *exc) -> None:

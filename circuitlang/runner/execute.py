@@ -25,10 +25,11 @@ from circuitlang.data.prompts import PromptSet, load_prompt_file
 from circuitlang.engine import intervene as iv
 from circuitlang.engine.evaluate import FaithfulnessResults, evaluate_plan
 from circuitlang.engine.forward import Activations, capture
+from circuitlang.engine.omega_cache import omega_scratch
 from circuitlang.models.geometry import AttentionGeometry, attention_geometry
 from circuitlang.engine.intervene import InterventionResults
 from circuitlang.models.model import LoadedModel, load_model
-from circuitlang.cachefiles import use_caches
+from circuitlang.cachefiles import storing, use_caches
 from circuitlang.engine.results import Trace
 from circuitlang.engine.roots import RootChoice, RootError, RootEvidence, RootSkip, auto_roots, direct_effects, last_token_writes, root_evidence
 from circuitlang.engine.trace import build_trace
@@ -245,7 +246,7 @@ def run_plan(plan: Plan, *, model: LoadedModel | None = None, device: str | None
     bounds = chunk_bounds(len(prompts), size)
     auto = isinstance(plan.roots, AutoRoots)
     with _chunks(work, cluster, device, progress, timings, keep=keep,
-                 forward_passes=1 + (auto and len(bounds) > 1)) as chunks:
+                 forward_passes=1 + (auto and len(bounds) > 1)) as chunks, omega_scratch():
         chosen: tuple[RootChoice, ...] = ()
         skipped: tuple[RootSkip, ...] = ()
         if auto:
@@ -327,13 +328,13 @@ def cached_run(plan: Plan, *, device: str | None = None, progress: Progress | No
             return _cached_faithfulness(plan, result, key, fkey, device, progress), key
         with use_caches():
             results = run_plan_interventions(plan, result, device=device, progress=progress, chunk=chunk, cluster=cluster)
-        with contextlib.suppress(OSError):
+        with storing():
             rc.store_interventions(key, ikey, results)
         return _cached_faithfulness(plan, dataclasses.replace(result, interventions=results), key, fkey, device, progress), key
     with use_caches():
         result = run_plan(plan, device=device, progress=progress, chunk=chunk, cluster=cluster)
     if key:
-        with contextlib.suppress(OSError):  # a cache that cannot be written costs only the reuse
+        with storing():
             rc.store_run(key, rc.CachedRun(result.trace, result.auto_roots, result.skipped_roots, result.logit_diff),
                          {"model": identity, "plan": rc.trace_plan_text(keyed)})
             if result.interventions is not None:
@@ -353,7 +354,7 @@ def _cached_faithfulness(plan: Plan, result: RunResult, key: str, fkey: str, dev
     with use_caches():  # the caches of a cached run: the processed weights load memory-mapped
         model = resolve_model(plan.model, device, progress)
         found = evaluate_plan(plan, model, build_prompts(plan, model), result.trace, progress)
-    with contextlib.suppress(OSError):
+    with storing():
         rc.store_faithfulness(key, fkey, found)
     return dataclasses.replace(result, faithfulness=found)
 

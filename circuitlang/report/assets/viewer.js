@@ -14,6 +14,7 @@
   const fmt = (x, d = 3) => (x === null || x === undefined || !isFinite(x) ? "—"
     : Math.abs(x) >= 1000 ? Math.round(x).toLocaleString("en-US") : Number(Number(x).toPrecision(d)).toString());
   const fmtInt = (x) => Number(x).toLocaleString("en-US");
+  const signed = (x) => (x > 0 ? "+" : "") + fmt(x);  // a change (B - A), its sign always shown
   const headOf = (id) => id.split(":")[0];
   const roleOf = (id) => { const k = id.indexOf(":"); return k < 0 ? null : id.slice(k + 1); };
   // Writer nodes of `sources` ("mlp 5", "bias 3", "embed") take a negative head number, as in trace.json's layout.
@@ -202,7 +203,7 @@
     for (const n of nodes.values()) minX = Math.min(minX, n.x - n.w / 2);
     for (const r of rows) {
       const t = el("text", { x: minX - 18, y: r.headY + 4, "text-anchor": "end", class: "layer-label" }, gLabels);
-      t.textContent = `layer ${r.l}`;
+      t.textContent = r.l < 0 ? "embeddings" : `layer ${r.l}`;  // the embeddings write before layer 0
     }
     // attention edges: each token box into its head
     const tokens = [...nodes.values()].filter((n) => n.role !== null);
@@ -489,11 +490,12 @@
     const more = ks.length > LIST ? `<p class="note">${ks.length - LIST} more, not listed</p>` : "";
     if (DIFF) {
       return `<h3>${title} (${ks.length})</h3><table><tr><th>${other === "u" ? "from" : "to"}</th><th>type</th><th class="num">A</th><th class="num">B</th><th class="num">Δ count</th></tr>` +
-        edgeRows(shown, [(e) => `<td>${esc(other === "u" ? e.u : label(e.v))}</td>`, (e) => `<td>${e.type}</td>`,
-                         (e) => `<td class="num">${e.ca}</td>`, (e) => `<td class="num">${e.cb}</td>`, (e) => `<td class="num">${e.cb - e.ca > 0 ? "+" : ""}${e.cb - e.ca}</td>`]) + `</table>${more}`;
+        edgeRows(shown, [(e) => `<td>${esc(other === "u" ? `${e.u} → ${roleOf(e.v)}` : label(e.v))}</td>`, (e) => `<td>${e.type}</td>`,
+                         (e) => `<td class="num">${e.ca}</td>`, (e) => `<td class="num">${e.cb}</td>`, (e) => `<td class="num">${signed(e.cb - e.ca)}</td>`]) + `</table>${more}`;
     }
+    // an in-edge names the token it writes into: a head's tokens each have their own edges from one writer
     return `<h3>${title} (${ks.length})</h3><table><tr><th>${other === "u" ? "from" : "to"}</th><th>type</th><th class="num">count</th><th class="num">total</th><th class="num">mean</th></tr>` +
-      edgeRows(shown, [(e) => `<td>${esc(other === "u" ? e.u : label(e.v))}</td>`, (e) => `<td><span style="color:${S[e.type]}">${e.type}</span></td>`,
+      edgeRows(shown, [(e) => `<td>${esc(other === "u" ? `${e.u} → ${roleOf(e.v)}` : label(e.v))}</td>`, (e) => `<td><span style="color:${S[e.type]}">${e.type}</span></td>`,
                        (e) => `<td class="num">${e.count}</td>`, (e) => `<td class="num">${fmt(e.total)}</td>`, (e) => `<td class="num">${fmt(e.mean)}</td>`]) + `</table>${more}`;
   }
 
@@ -562,8 +564,8 @@
       return head + `<dl class="kv"><dt>type</dt><dd>${e.type}</dd>
         <dt>where</dt><dd id="edge-where">${{ a: "only in A", b: "only in B", both: "in both" }[where(e)] || "—"}</dd>
         <dt>count A</dt><dd id="edge-count-a">${e.ca}</dd><dt>count B</dt><dd id="edge-count-b">${e.cb}</dd>
-        <dt>Δ count</dt><dd id="edge-delta">${e.cb - e.ca > 0 ? "+" : ""}${e.cb - e.ca}</dd>
-        <dt>total A</dt><dd>${fmt(e.ta)}</dd><dt>total B</dt><dd>${fmt(e.tb)}</dd><dt>Δ total</dt><dd>${fmt(e.tb - e.ta)}</dd></dl>`;
+        <dt>Δ count</dt><dd id="edge-delta">${signed(e.cb - e.ca)}</dd>
+        <dt>total A</dt><dd>${fmt(e.ta)}</dd><dt>total B</dt><dd>${fmt(e.tb)}</dd><dt>Δ total</dt><dd id="edge-delta-total">${signed(e.tb - e.ta)}</dd></dl>`;
     }
     const order = e.p.map((p, n) => n);
     const shown = order.slice(0, PROMPT_LIMIT);
@@ -598,7 +600,7 @@
         <tr><td>edges</td><td class="num" id="e-both">${n("both")}</td><td class="num" id="e-only-a">${n("a")}</td><td class="num" id="e-only-b">${n("b")}</td><td class="num">${je.toFixed(2)}</td></tr></table>
         <h3>largest changes of total contribution</h3><table><tr><th>edge</th><th>type</th><th class="num">A</th><th class="num">B</th><th class="num">Δ total</th></tr>` +
         edgeRows(changes, [(e) => `<td>${esc(e.u)} → ${esc(label(e.v))}</td>`, (e) => `<td>${e.type}</td>`, (e) => `<td class="num">${e.ca}</td>`,
-                           (e) => `<td class="num">${e.cb}</td>`, (e) => `<td class="num">${fmt(e.tb - e.ta)}</td>`]) + "</table>" +
+                           (e) => `<td class="num">${e.cb}</td>`, (e) => `<td class="num">${signed(e.tb - e.ta)}</td>`]) + "</table>" +
         `<p class="note">click a head or an edge for its numbers; drag to pan, wheel to zoom</p>`;
     }
     const rootsHtml = D.config.roots.map((r) => `<tr class="link" data-head="${esc(r.split(" ")[0])}"><td>${esc(r)}</td><td class="num">${fmtInt((heads.get(r.split(" ")[0]) || {}).firing || 0)}</td></tr>`).join("");
@@ -657,6 +659,7 @@
       state.set = state.set === name ? null : name;
       state.head = null; state.edge = null;
       decorate(); renderPanel(); writeHash();
+      revealSelection();
     };
   }
 
@@ -670,6 +673,19 @@
   function revealSelection() {
     if (state.head) reveal(state.head);
     else if (state.edge) reveal(edges[byKey.get(state.edge)].v);
+    else if (state.set) revealEdges(D.interventions.sets.find((x) => x.name === state.set).edges);
+  }
+  // bring the drawn ends of edges `ks` into the view (widening it if they span more than it holds)
+  function revealEdges(ks) {
+    const ends = ks.flatMap((k) => [edges[k].u, edges[k].v]).map((id) => current.nodes.get(id)).filter(Boolean);
+    if (!ends.length) return;
+    const m = 60, xs = ends.map((n) => n.x), ys = ends.map((n) => n.y);
+    const box = { x0: Math.min(...xs) - m, x1: Math.max(...xs) + m, y0: Math.min(...ys) - m, y1: Math.max(...ys) + m };
+    if (box.x0 >= view.x && box.x1 <= view.x + view.w && box.y0 >= view.y && box.y1 <= view.y + view.h) return;
+    const grow = Math.max(1, (box.x1 - box.x0) / view.w, (box.y1 - box.y0) / view.h);
+    const w = view.w * grow, h = view.h * grow;
+    view = { x: (box.x0 + box.x1) / 2 - w / 2, y: (box.y0 + box.y1) / 2 - h / 2, w, h };
+    applyView();
   }
 
   function refresh() {
