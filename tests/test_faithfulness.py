@@ -55,6 +55,7 @@ def _full_logit_f(model, tokens, lengths, answers, hooks=()):
     with torch.inference_mode():
         logits = model.bridge.run_with_hooks(tokens, fwd_hooks=list(hooks))
     last = logits[torch.arange(len(lengths)), lengths - 1]
+    answers = answers.flatten(1)  # [P, 2, 1]: one target, one distractor
     return (last.gather(1, answers[:, :1]) - last.gather(1, answers[:, 1:])).squeeze(1)
 
 

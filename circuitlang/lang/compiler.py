@@ -688,7 +688,7 @@ class _TaskCompiler:
         parts[key] = self.answers(tree)
 
     def answers(self, tree) -> tuple[str, ...]:
-        return tuple(self.checked(s, ranges=True) for s in tree.children[1:])
+        return tuple(self.checked(s, ranges=True) for s in tree.children[1:] if s.type == "STRING")
 
     def _swap(self, tree, parts):
         *roles, to = tree.children

@@ -59,6 +59,16 @@ class RunResult:
     faithfulness: FaithfulnessResults | None = None  # `evaluate faithfulness`
 
     @property
+    def metric(self) -> dict | None:
+        """The task metric on the clean prompts, as trace.json records it (None when the prompts have no answers)."""
+        if not self.logit_diff:
+            return None
+        f = np.array(self.logit_diff, dtype=np.float64)
+        task = self.plan.prompts.task if isinstance(self.plan.prompts, TaskPrompts) else None
+        return {"kind": f"{task.metric if task else 'logit'} difference", "mean": float(f.mean()),
+                "positive_fraction": float((f > 0).mean()), "prompts": len(f)}
+
+    @property
     def roots(self) -> list[Root]:
         """The roots traced, strongest first for `trace from auto`."""
         return [c.root for c in self.auto_roots] if isinstance(self.plan.roots, AutoRoots) else list(self.plan.roots)
