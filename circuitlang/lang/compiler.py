@@ -614,6 +614,9 @@ class _TaskCompiler:
             if not _SLOT_NAME.fullmatch(column) or names.count(column) > 1:
                 raise self.error(column, f'column "{column}": columns are distinct names of letters, digits and _')
         width = len(names) or 1
+        if not rest:
+            raise self.error(name, f'words {name} is empty; list its words on the line: words {name} "a", "b", ... '
+                             '(or words NAME file "PATH")')
         if len(rest) == 1 and isinstance(rest[0], Token):
             rows = self.word_file(rest[0], width)
         else:
