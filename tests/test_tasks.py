@@ -90,6 +90,8 @@ BAD = [
     (spec(('  target " {IO}"\n', '  target " {IO}"\n  metric logit\n')), 't.circ:10:15: expected "difference", found end of line'),
     ('task "x" {\n  words a "b"\n', 't.circ:3:1: unclosed task block; end it with a line holding "}"'),
     ("slot IO from names\n", 't.circ:1:1: "slot" is only allowed inside a task block'),
+    (spec(('  template "When', '  template " "\n  template "When')), 't.circ:8:12: an empty template; write the prompt with its '
+     '{slot} placeholders'),
 ]
 
 

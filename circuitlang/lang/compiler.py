@@ -670,6 +670,8 @@ class _TaskCompiler:
         text, *options = tree.children
         k = len(parts["template"]) + 1
         self.at(f"template {k}", text)
+        if not _text(text).strip():
+            raise self.error(text, "an empty template; write the prompt with its {slot} placeholders")
         given = {"target": (), "distractor": (), "counterfactual": None}
         for option in options:
             child = option.children[0]
