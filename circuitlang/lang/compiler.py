@@ -789,8 +789,13 @@ def _task_lines(task: Task) -> list[str]:
     lines = [f"task {quoted(task.name)} {{"]
     for v in task.vocabularies:
         columns = f" ({', '.join(v.columns)})" if v.columns else ""
-        rows = [" ".join(map(quoted, row)) for row in v.rows]
-        lines.append(f"  words {v.name}{columns} " + ",\n    ".join(rows))
+        line = f"  words {v.name}{columns} "
+        for k, row in enumerate(" ".join(map(quoted, r)) for r in v.rows):  # rows continue after a comma
+            if k and len(line) + len(row) > 110:
+                lines.append(line + ",")
+                line = "    "
+            line += (", " if k and line != "    " else "") + row
+        lines.append(line)
     lines += [f"  slot {', '.join(s.names)} from {s.vocabulary}" for s in task.slots]
     for t in task.templates:
         options = [f"{key} {', '.join(map(quoted, values))}" for key, values in (("target", t.targets), ("distractor", t.distractors))
