@@ -31,9 +31,12 @@ def main() -> None:
     parser.add_argument("--faithfulness", type=int, default=16, help="prompts of the faithfulness run (0: none)")
     parser.add_argument("--random", type=int, default=2, help="random rankings of the faithfulness run")
     parser.add_argument("--skip-traces", action="store_true")
+    parser.add_argument("--markdown", action="store_true", help="print docs/tasks.md's tables from the written outputs")
     args = parser.parse_args()
     console = Console(width=160)
     specs = args.specs or sorted(glob.glob("specs/tasks/*.circ"))
+    if args.markdown:
+        return markdown(specs)
     for path in [] if args.skip_traces else specs:
         plan = dataclasses.replace(parse_spec(path), evaluate=None)
         t = time.perf_counter()
@@ -65,6 +68,37 @@ def main() -> None:
         from circuitlang.report.faithfulness import render_faithfulness
 
         render_faithfulness(found, console)
+
+
+def markdown(specs: list[str]) -> None:
+    """docs/tasks.md's rows, read back from each spec's trace.json and faithfulness/faithfulness.json."""
+    import json
+
+    from circuitlang.engine.evaluate import FaithfulnessResults
+
+    print("| task | metric | mean F | F > 0 | roots (trace from auto 3) |\n|---|---|---|---|---|")
+    for path in specs:
+        out = Path(parse_spec(path).output.directory)
+        if not (out / "trace.json").exists():
+            continue
+        data = json.loads((out / "trace.json").read_text())
+        m = data["metric"]
+        print(f"| {Path(path).stem} | {m['kind']} | {m['mean']:.3f} | {m['positive_fraction']:.2f} | "
+              f"{', '.join(data['config']['roots'])} |")
+    for path in specs:
+        found = Path(parse_spec(path).output.directory) / "faithfulness" / "faithfulness.json"
+        if not found.exists():
+            continue
+        data = json.loads(found.read_text())
+        r = FaithfulnessResults.from_dict({k: v for k, v in data.items() if k != "format"})
+        print(f"\n{Path(path).stem}: m(M) = {r.m_full:.3f}, m(empty) = {r.m_empty:.3f}, counterfactual {r.m_counterfactual:.3f}, "
+              f"{r.n_prompts} prompts\n\n| ranking | CPR | CMD | f at 5 | f at 10 | f at 20 |\n|---|---|---|---|---|---|")
+        for c in r.methods:
+            def pm(x, sd):
+                return f"{x:.2f}" + (f" ± {sd:.2f}" if sd is not None else "")
+            cells = [pm(float(c.f[r.sizes.index(k)]), None if c.f_std is None else float(c.f_std[r.sizes.index(k)]))
+                     for k in (5, 10, 20)]
+            print(f"| {c.method} | {pm(c.cpr, c.cpr_std)} | {pm(c.cmd, c.cmd_std)} | {' | '.join(cells)} |")
 
 
 if __name__ == "__main__":
