@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 
 from circuitlang.lang import SpecError, format_plan, parse_spec
-from circuitlang.lang.plan import Plan
+from circuitlang.lang.plan import Plan, TaskPrompts
 
 EXIT_SPEC = 2  # a bad spec or bad arguments
 EXIT_RUN = 1  # a run that could not finish (model, prompts, roots)
@@ -471,7 +471,7 @@ def _write_files(plan: Plan, result, out: Path) -> list[str]:
 
     formats = set(plan.output.formats)
     if "json" in formats:
-        write_trace_json(result.trace, out / "trace.json", plan_text=format_plan(plan))
+        write_trace_json(result.trace, out / "trace.json", plan_text=format_plan(plan), metric=result.metric)
     if "graphml" in formats:
         write_graphml(result.trace, out / "trace.graphml")
     drawing = write_drawing(result.trace, out, "trace", formats, plan.show_min_count, known_head_set(plan.compare))
@@ -532,8 +532,12 @@ def _report(plan: Plan, result, console: Console) -> None:
         diffs = sorted(result.logit_diff)
         mean = sum(diffs) / len(diffs)
         positive = sum(d > 0 for d in diffs)
-        console.print(f"F(X) = logit(target) - logit(distractor): mean {mean:.3f}, median {diffs[len(diffs) // 2]:.3f}, "
+        what = ("logit(target) - logit(distractor)" if result.metric["kind"] == "logit difference" and
+                not isinstance(plan.prompts, TaskPrompts) else f"the {result.metric['kind']} of the targets and distractors")
+        console.print(f"F(X) = {what}: mean {mean:.3f}, median {diffs[len(diffs) // 2]:.3f}, "
                       f"positive in {positive}/{len(diffs)} prompts", highlight=False)
+    if "dropped" in result.trace.prompts:
+        console.print(f"prompts: {result.trace.prompts}", highlight=False)
 
 
 if __name__ == "__main__":

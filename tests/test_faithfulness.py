@@ -55,6 +55,7 @@ def _full_logit_f(model, tokens, lengths, answers, hooks=()):
     with torch.inference_mode():
         logits = model.bridge.run_with_hooks(tokens, fwd_hooks=list(hooks))
     last = logits[torch.arange(len(lengths)), lengths - 1]
+    answers = answers.flatten(1)  # [P, 2, 1]: one target, one distractor
     return (last.gather(1, answers[:, :1]) - last.gather(1, answers[:, 1:])).squeeze(1)
 
 
@@ -147,7 +148,7 @@ def test_our_gradient_times_difference_equals_transformer_lens_attribution_patch
     ours = ev.gradient_times_difference(model, batch, z_clean, z_cf, batch_size=3)  # [P, L, H]
     for row in range(len(prompts)):
         n = int(batch.lengths[row])
-        t, d = batch.answers[row].tolist()
+        t, d = batch.answers[row].flatten().tolist()  # one target, one distractor
         result = attribution_patch(model.bridge, batch.tokens[row : row + 1, :n], batch.cf_tokens[row : row + 1, :n],
                                    lambda logits: logits[0, -1, t] - logits[0, -1, d], EdgeAttributionConfig(granularity="node"))
         theirs = torch.zeros(2, 4)
@@ -207,7 +208,7 @@ def test_the_evaluate_statement(tmp_path):
     assert parse_text("evaluate faithfulness against abc sizes all random 0").evaluate == Evaluation("abc", False, "all", 0)
     cases = {
         "evaluate faithfulness against file": "against file takes each prompt's counterfactual from a prompts file",
-        "evaluate faithfulness against abd": 'expected "abc", "file" or "flipped", found "abd"; did you mean "abc"?',
+        "evaluate faithfulness against abd": 'expected "abc", "counterfactual", "file" or "flipped", found "abd"; did you mean "abc"?',
         "evaluate faithfulness against abc sizes 73": "circuit size 73 is more than the 72 heads of gemma-3-270m",
         "evaluate faithfulness against abc sizes 0": "a circuit size must be at least 1",
     }
@@ -338,7 +339,7 @@ def test_edge_level_scores_the_traces_own_edges_with_transformer_lens(tmp_path_f
     own = []
     for row in range(4):
         n = int(batch.lengths[row])
-        t_id, d_id = batch.answers[row].tolist()
+        t_id, d_id = batch.answers[row].flatten().tolist()
         own.append(tl_faithfulness(model.bridge, batch.tokens[row : row + 1, :n], batch.cf_tokens[row : row + 1, :n],
                                    lambda logits: logits[0, -1, t_id] - logits[0, -1, d_id],
                                    ev.trace_edge_circuit(t, row, n - 1, model.n_layers)).recovered)

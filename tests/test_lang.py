@@ -204,7 +204,7 @@ BAD = [
     # syntax
     ("slice paper", 't.circ:1:1: unknown statement "slice"; did you mean "slices"?'),
     ("modle gpt2", 't.circ:1:1: unknown statement "modle"; did you mean "model"?'),
-    ("42", 't.circ:1:1: unknown statement "42"; statements are model, prompts, trace, firing, slices, '
+    ("42", 't.circ:1:1: unknown statement "42"; statements are model, task, prompts, trace, firing, slices, '
            "keep, show, compare, output, seed, extends, evaluate, sources, readings or intervene"),
     ("slices papers", 't.circ:1:8: expected "all", "paper" or "top", found "papers"; did you mean "paper"?'),
     # issue 26: the words of sources and readings, not the keywords of other statements

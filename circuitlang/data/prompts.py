@@ -49,7 +49,8 @@ class Prompt:
     ``labels`` has one display label per position; ``target``/``distractor`` are the token ids of the
     correct and the competing answer (IOI: the IO and S names). ``counterfactual``, when set, is the token ids of
     a counterfactual prompt aligned position by position with ``token_ids`` (same length; the faithfulness
-    evaluation patches head outputs from it).
+    evaluation patches head outputs from it). ``targets``/``distractors``, when set, are answer *sets* (a task's,
+    circuitlang.data.tasks): F compares the sets; ``target``/``distractor`` are then their first members.
     """
 
     text: str
@@ -60,6 +61,14 @@ class Prompt:
     distractor: int | None = None
     meta: tuple[tuple[str, str], ...] = ()
     counterfactual: tuple[int, ...] | None = None
+    targets: tuple[int, ...] = ()
+    distractors: tuple[int, ...] = ()
+
+    def answer_sets(self) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+        """(targets, distractors): the sets, or the one target and distractor; None without answers."""
+        if self.target is None or self.distractor is None:
+            return None
+        return self.targets or (self.target,), self.distractors or (self.distractor,)
 
     def role(self, name: str) -> int:
         """The token position of role ``name``; DataError listing the known roles if it has none."""
@@ -72,11 +81,14 @@ class Prompt:
 
 @dataclass(frozen=True)
 class PromptSet:
-    """An ordered set of prompts; ``role_names`` are the roles every prompt defines."""
+    """An ordered set of prompts; ``role_names`` are the roles every prompt defines; ``metric`` is how F compares
+    the answers: ``logit`` (difference of the mean logits of the targets and of the distractors) or ``probability``
+    (difference of their summed probabilities)."""
 
     prompts: tuple[Prompt, ...]
     role_names: tuple[str, ...]
     description: str
+    metric: str = "logit"
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -87,7 +99,7 @@ class PromptSet:
     def __getitem__(self, index: int | slice) -> Prompt | PromptSet:
         """A prompt for an int; a PromptSet (same roles and description) for a slice."""
         if isinstance(index, slice):
-            return PromptSet(self.prompts[index], self.role_names, self.description)
+            return PromptSet(self.prompts[index], self.role_names, self.description, self.metric)
         return self.prompts[index]
 
 

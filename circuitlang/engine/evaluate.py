@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from circuitlang.data.prompts import PromptSet
-from circuitlang.engine.forward import FINAL, batch_tokens, keepers, logit_diff, run_to_final_norm
+from circuitlang.engine.forward import FINAL, answer_ids, batch_tokens, keepers, logit_diff, run_to_final_norm, set_metric
 from circuitlang.models.model import LoadedModel
 from circuitlang.engine.results import EMBED, MLP
 from circuitlang.engine.roots import direct_effects, last_token_writes
@@ -198,12 +198,14 @@ def top_k_overlap(ranking: Sequence[str], reference: set[str], k: int) -> tuple[
 
 @dataclass(frozen=True)
 class Batch:
-    """The prompts as tensors: clean and counterfactual tokens [P, n], lengths [P], answers [P, 2]."""
+    """The prompts as tensors: clean and counterfactual tokens [P, n], lengths [P], answers [P, 2, K] (target and
+    distractor sets, forward.answer_ids), and how F compares them (forward.set_metric)."""
 
     tokens: Tensor
     cf_tokens: Tensor
     lengths: Tensor
     answers: Tensor
+    metric: str = "logit"
 
     @classmethod
     def of(cls, model: LoadedModel, prompts: PromptSet) -> Batch:
@@ -219,8 +221,7 @@ class Batch:
                 raise EvaluationError(f"prompt {row}: the counterfactual has {len(p.counterfactual)} tokens, the prompt "
                                       f"{len(p.token_ids)}; they must align")
             cf[row, : len(p.counterfactual)] = torch.tensor(p.counterfactual)
-        answers = torch.tensor([(p.target, p.distractor) for p in prompts], dtype=torch.long)
-        return cls(tokens, cf, lengths, answers)
+        return cls(tokens, cf, lengths, answer_ids(prompts), prompts.metric)
 
 
 def _z_hook(layer: int) -> str:
@@ -233,7 +234,7 @@ def _last(final: Tensor, lengths: Tensor) -> Tensor:
 
 
 def head_outputs(model: LoadedModel, tokens: Tensor, lengths: Tensor, answers: Tensor, *, batch_size: int = 64,
-                 extra: Sequence[str] = ()) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+                 extra: Sequence[str] = (), metric: str = "logit") -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """(z [P, n, L, H, r], F [P], extra hooks' tensors): one plain pass in batches."""
     L = model.n_layers
     zs, fs, more = [], [], {name: [] for name in extra}
@@ -242,7 +243,7 @@ def head_outputs(model: LoadedModel, tokens: Tensor, lengths: Tensor, answers: T
         got: dict[str, list[Tensor]] = {}
         final = run_to_final_norm(model, tokens[start : start + batch_size], keepers(names, got))
         sl = slice(start, start + batch_size)
-        fs.append(logit_diff(model, _last(final, lengths[sl]), answers[sl]).float())
+        fs.append(logit_diff(model, _last(final, lengths[sl]), answers[sl], metric).float())
         zs.append(torch.stack([got[_z_hook(l)][0] for l in range(L)], dim=2))
         for name in extra:
             more[name].append(got[name][0])
@@ -274,7 +275,7 @@ def patched_logit_diff(model: LoadedModel, batch: Batch, z_cf: Tensor, keep: Ten
 
         hooks = [(_z_hook(l), patch(l)) for l in range(model.n_layers) if not bool(kept[:, l].all())]
         final = run_to_final_norm(model, batch.tokens[p], hooks)
-        out[rows] = logit_diff(model, _last(final, batch.lengths[p]), batch.answers[p]).float()
+        out[rows] = logit_diff(model, _last(final, batch.lengths[p]), batch.answers[p], batch.metric).float()
         del final
     return out.view(C, P)
 
@@ -304,7 +305,7 @@ def gradient_times_difference(model: LoadedModel, batch: Batch, z_clean: Tensor,
 
         with torch.inference_mode(False), torch.enable_grad():
             final = model.bridge.run_with_hooks(tokens.to(model.device), fwd_hooks=[(_z_hook(l), probe(l)) for l in range(L)] + [(FINAL, stop)])
-            f = logit_diff(model, _last(final, batch.lengths[sl]), batch.answers[sl])
+            f = logit_diff(model, _last(final, batch.lengths[sl]), batch.answers[sl], batch.metric)
             grads = torch.autograd.grad(f.sum(), [deltas[l] for l in range(L)])
         g = torch.stack([gr.detach().float().cpu() for gr in grads], dim=2)  # [B, n, L, H, r]
         n = g.shape[1]
@@ -324,10 +325,8 @@ def tl_attribution(model: LoadedModel, batch: Batch) -> Tensor:
     out = torch.zeros(batch.tokens.shape[0], model.n_layers, model.n_heads)
     for row in range(batch.tokens.shape[0]):
         n = int(batch.lengths[row])
-        target, distractor = batch.answers[row].tolist()
-
-        def metric(logits, t=target, d=distractor):
-            return logits[0, -1, t] - logits[0, -1, d]
+        def metric(logits, answers=batch.answers[row : row + 1]):
+            return set_metric(logits[:, -1], answers.to(logits.device), batch.metric)[0]
 
         result = attribution_patch(model.bridge, batch.tokens[row : row + 1, :n].to(model.device),
                                    batch.cf_tokens[row : row + 1, :n].to(model.device), metric,
@@ -347,7 +346,7 @@ def direct_logit_attribution(model: LoadedModel, batch: Batch, z_clean: Tensor, 
     post = [scales[f"blocks.{l}.ln1_post.hook_scale"] for l in range(model.n_layers) if f"blocks.{l}.ln1_post.hook_scale" in scales]
     writes = last_token_writes(z_clean[rows, last], W_O, torch.stack([s[rows, last].reshape(P) for s in post], dim=1) if post else None)
     W_U = model.bridge.W_U.detach().to("cpu", torch.float32)
-    return direct_effects(writes, W_U, batch.answers[:, 0], batch.answers[:, 1], scales["ln_final.hook_scale"][rows, last].reshape(P))
+    return direct_effects(writes, W_U, batch.answers, scales["ln_final.hook_scale"][rows, last].reshape(P))
 
 
 def tl_edge_support(model: LoadedModel) -> str | None:
@@ -406,10 +405,8 @@ def tl_edge_faithfulness(model: LoadedModel, batch: Batch, trace: Any) -> dict[s
     recovered, edges, skipped = [], [], 0
     for row in range(min(EDGE_PROMPTS, batch.tokens.shape[0])):
         n = int(batch.lengths[row])
-        target, distractor = batch.answers[row].tolist()
-
-        def metric(logits, t=target, d=distractor):
-            return logits[0, -1, t] - logits[0, -1, d]
+        def metric(logits, answers=batch.answers[row : row + 1]):
+            return set_metric(logits[:, -1], answers.to(logits.device), batch.metric)[0]
 
         circuit = trace_edge_circuit(trace, row, n - 1, model.n_layers)
         try:
@@ -463,9 +460,9 @@ def evaluate_faithfulness(
     t = time.perf_counter()
     scale_hooks = ["ln_final.hook_scale"] + [f"blocks.{l}.ln1_post.hook_scale" for l in range(L)
                                               if f"blocks.{l}.ln1_post.hook_scale" in model.bridge.hook_dict]
-    z_clean, f_clean, scales = head_outputs(model, batch.tokens, batch.lengths, batch.answers, extra=scale_hooks)
+    z_clean, f_clean, scales = head_outputs(model, batch.tokens, batch.lengths, batch.answers, extra=scale_hooks, metric=batch.metric)
     timings["forward"] = time.perf_counter() - t
-    z_cf, f_cf, _ = head_outputs(model, batch.cf_tokens, batch.lengths, batch.answers)
+    z_cf, f_cf, _ = head_outputs(model, batch.cf_tokens, batch.lengths, batch.answers, metric=batch.metric)
     replacement = z_cf
     if mean:  # per position, over the counterfactual prompts that reach it
         mask = (torch.arange(z_cf.shape[1])[None, :] < batch.lengths[:, None]).float()[:, :, None, None, None]
@@ -557,7 +554,7 @@ def evaluate_faithfulness(
 def counterfactual_prompts(prompts: PromptSet, tokenizer: Any, against: str, seed: int = 0) -> PromptSet:
     """The prompts with their counterfactuals: generated for the ioi prompts (`abc`, `flipped`), the file's own
     otherwise (`file`: every prompt must carry one)."""
-    if against == "file":
+    if against in ("file", "counterfactual"):
         missing = [i for i, p in enumerate(prompts) if p.counterfactual is None]
         if missing:
             raise EvaluationError(f"prompt {missing[0]} has no counterfactual text")

@@ -3,8 +3,9 @@
 Prompts are right-padded; causal attention keeps every position inside a prompt independent of the
 padding after it, and `lengths` masks the padding out of every later step.
 
-No pass computes the full-vocabulary logits: F(X) needs two of them at one token, so every pass stops at
-the final norm (`ln_final.hook_normalized`) and reads the two unembedding columns there.
+Every pass stops at the final norm (`ln_final.hook_normalized`): the logit difference F(X) reads the answers'
+unembedding columns there, not the full vocabulary; only the probability difference (`metric probability` of a
+task) needs every logit, at the last token alone.
 """
 
 from __future__ import annotations
@@ -122,25 +123,66 @@ def batch_tokens(prompts: PromptSet, pad_id: int, length: int | None = None) -> 
     return tokens, lengths
 
 
-def answer_logits(final: Tensor, W_U: Tensor, b_U: Tensor | None, answers: Tensor, transform: Callable[[Tensor], Tensor]) -> Tensor:
-    """[B, 2]: the logits of answers [B, 2] (target, distractor) read off the final-norm residual final [B, d].
+def answer_ids(prompts: PromptSet) -> Tensor | None:
+    """[P, 2, K]: each prompt's target and distractor sets (circuitlang.data.prompts.Prompt.answer_sets), padded with
+    -1 to the largest set; None when a prompt has no answers."""
+    sets = [p.answer_sets() for p in prompts]
+    if any(s is None for s in sets):
+        return None
+    K = max(len(side) for s in sets for side in s)
+    out = torch.full((len(sets), 2, K), -1, dtype=torch.long)
+    for row, s in enumerate(sets):
+        for side, ids in enumerate(s):
+            out[row, side, : len(ids)] = torch.tensor(ids)
+    return out
 
-    The unembedding's two columns instead of all of them; `transform` is the model's elementwise
-    post-unembedding map (Gemma's soft cap; the identity elsewhere), so the two values equal the model's.
+
+def answer_logits(final: Tensor, W_U: Tensor, b_U: Tensor | None, answers: Tensor, transform: Callable[[Tensor], Tensor]) -> Tensor:
+    """The logits of answers [B, ...] (token ids; -1 pads, read as token 0) off the final-norm residual final [B, d].
+
+    The unembedding's answer columns instead of all of them; `transform` is the model's elementwise
+    post-unembedding map (Gemma's soft cap; the identity elsewhere), so the values equal the model's.
     """
-    logits = torch.einsum("bd,dbk->bk", final, W_U[:, answers].to(final.dtype))
+    ids = answers.clamp(min=0)
+    logits = torch.einsum("bd,db...->b...", final, W_U[:, ids].to(final.dtype))
     if b_U is not None:
-        logits = logits + b_U[answers].to(final.dtype)
+        logits = logits + b_U[ids].to(final.dtype)
     return transform(logits)
 
 
-def logit_diff(model: LoadedModel, final_last: Tensor, answers: Tensor) -> Tensor:
-    """[B]: F(X) = logit(target) - logit(distractor) from the final-norm residual at the last token [B, d]."""
+def set_metric(logits: Tensor, answers: Tensor, metric: str = "logit") -> Tensor:
+    """[B]: F from logits [B, V] (all of them) or [B, 2, K] (the answers' own) and answers [B, 2] or [B, 2, K]:
+    `logit`, the mean logit of the targets minus that of the distractors (logit(target) - logit(distractor) for
+    single answers, section 5.4); `probability`, the targets' summed probability minus the distractors' (logits
+    [B, V] only)."""
+    if answers.dim() == 2:
+        answers = answers[:, :, None]
+    valid = answers >= 0
+    if metric == "probability":
+        probs = torch.softmax(logits.float(), dim=-1)
+        picked = torch.gather(probs, 1, answers.clamp(min=0).flatten(1)).view(answers.shape)
+        sums = (picked * valid).sum(-1)
+        return sums[:, 0] - sums[:, 1]
+    if logits.dim() == 2:
+        logits = torch.gather(logits, 1, answers.clamp(min=0).flatten(1)).view(answers.shape)
+    means = (logits * valid).sum(-1) / valid.sum(-1)
+    return means[:, 0] - means[:, 1]
+
+
+def logit_diff(model: LoadedModel, final_last: Tensor, answers: Tensor, metric: str = "logit") -> Tensor:
+    """[B]: F(X) from the final-norm residual at the last token [B, d] and answers [B, 2] or [B, 2, K]
+    (`set_metric`): the answers' unembedding columns for `logit`, every logit for `probability`."""
     b = model.bridge
     b_U = getattr(b, "b_U", None)
-    pair = answer_logits(final_last.float(), b.W_U.detach().float(), None if b_U is None else b_U.detach().float(), answers.to(final_last.device),
-                         b.adapter.apply_output_logits_transform)
-    return (pair[:, 0] - pair[:, 1]).cpu()
+    W_U, b_U = b.W_U.detach().float(), None if b_U is None else b_U.detach().float()
+    answers = answers.to(final_last.device)
+    if metric == "probability":
+        logits = final_last.float() @ W_U.to(final_last.device) + (0 if b_U is None else b_U.to(final_last.device))
+        return set_metric(b.adapter.apply_output_logits_transform(logits), answers, metric).cpu()
+    if answers.dim() == 2:
+        answers = answers[:, :, None]
+    return set_metric(answer_logits(final_last.float(), W_U, b_U, answers, b.adapter.apply_output_logits_transform),
+                      answers).cpu()
 
 
 def keepers(names: Sequence[str], store: dict[str, list[Tensor]]) -> list[Hook]:
@@ -295,8 +337,8 @@ def capture(
         fields["mlp_out"] = next(h for h in _MLP_WRITE if f"blocks.0.{h}" in available)
     names = {f"blocks.{l}.{hook}" for hook in fields.values() for l in range(L)} | {"ln_final.hook_scale"}
     names |= {f"blocks.{l}.hook_resid_pre" for l in {0, *resid_layers}}
-    answers = [(p.target, p.distractor) for p in prompts]
-    has_answers = all(t is not None and d is not None for t, d in answers)
+    answers = answer_ids(prompts)
+    has_answers = answers is not None
     per_layer = {f"blocks.{l}.{hook}": (field, l) for field, hook in fields.items() for l in range(L)}
     kept: dict[str, Tensor] = {}
     at = 0  # the first row of the batch being run
@@ -332,7 +374,7 @@ def capture(
         if has_answers:
             rows = torch.arange(chunk.shape[0])
             last = final[rows.to(final.device), (lengths[at : at + batch_size] - 1).to(final.device)]
-            diffs.append(logit_diff(model, last, torch.tensor(answers[at : at + batch_size])))
+            diffs.append(logit_diff(model, last, answers[at : at + batch_size], prompts.metric))
         del final
         if progress is not None:
             progress(min(at + batch_size, total), total)

@@ -531,12 +531,13 @@ def _by_start(sp: SetPlan) -> dict[int, list[tuple[str, str, str]]]:
 
 def intervene_chunk(model: LoadedModel, geometry: AttentionGeometry, acts: Activations, prompt_ids: np.ndarray, plans: Sequence[SetPlan],
                     f_base: np.ndarray, answers: Tensor | None, *, centre: bool, homogeneous: bool = False, batch_rows: int = 256,
-                    partial: bool = True, tick: Callable[[int], None] | None = None) -> dict[str, list]:
+                    partial: bool = True, tick: Callable[[int], None] | None = None, metric: str = "logit") -> dict[str, list]:
     """Every variant of every set on the prompts `prompt_ids` (acts row k holds prompt prompt_ids[k]): row columns.
 
     The variants of a set that start at the same layer run stacked in one batch of up to `batch_rows`
     rows; partial=True starts that pass at the layer (from the residual captured there), False runs the
     whole model from the tokens (the reference the tests compare with). tick(passes) after each pass.
+    answers [P, 2] or [P, 2, K] and metric: F's answers and how it compares them (forward.set_metric).
     """
     import torch
 
@@ -562,7 +563,7 @@ def intervene_chunk(model: LoadedModel, geometry: AttentionGeometry, acts: Activ
             for rows in batches:
                 out = _stacked_pass(model, geometry, acts, groups, sp.events, variants, used[rows], local_of,
                                     start if partial else 0, int(firsts[rows[0]]) if resume else 0, answers,
-                                    float(model.attn_scale), centre)
+                                    float(model.attn_scale), centre, metric)
                 for variant, values in out.items():
                     acc = results.setdefault(variant, {k: [] for k in values})
                     for k, v in values.items():
@@ -606,7 +607,7 @@ def pass_batches(firsts: np.ndarray, lengths: np.ndarray, step: int) -> list[np.
 
 
 def _stacked_pass(model, geometry, acts, groups: EdgeGroups, events, variants, batch: np.ndarray, local_of: dict[int, int],
-                  start: int, first: int, answers, raw_scale: float, centre: bool) -> dict[tuple, dict[str, np.ndarray]]:
+                  start: int, first: int, answers, raw_scale: float, centre: bool, metric: str = "logit") -> dict[tuple, dict[str, np.ndarray]]:
     """One pass of len(variants) x len(batch) rows (variant-major) from layer `start` and position `first`:
     F after, scores, magnitudes."""
     import torch
@@ -638,7 +639,9 @@ def _stacked_pass(model, geometry, acts, groups: EdgeGroups, events, variants, b
     final = run_to_final_norm(model, tokens, hooks, start=start, resid=resid, cache=cache)
     last = (acts.lengths[local] - 1 - first).repeat(V)
     rows = torch.arange(B * V)
-    f_after = (logit_diff(model, final[rows.to(final.device), last.to(final.device)], answers[torch.from_numpy(batch)].repeat(V, 1)).double().numpy()
+    picked = answers[torch.from_numpy(batch)] if answers is not None else None
+    f_after = (logit_diff(model, final[rows.to(final.device), last.to(final.device)],
+                          picked.repeat(V, *[1] * (picked.dim() - 1)), metric).double().numpy()
                if answers is not None else np.full(B * V, np.nan))
     del final
     scores_after = {l: pass_scores(model, captured, l) for l in down_layers}
@@ -724,7 +727,7 @@ def run_interventions(
             progress("interventions", done[0], total)
 
     columns = intervene_chunk(model, geometry, acts, np.arange(len(prompts)), plans, f_base, answers, centre=_norm_centres(model),
-                              homogeneous=homogeneous, batch_rows=batch_rows, partial=partial, tick=tick)
+                              homogeneous=homogeneous, batch_rows=batch_rows, partial=partial, tick=tick, metric=prompts.metric)
     return finish_interventions(model.name, seed, _norm_centres(model), homogeneous, plans, [columns], done[0], time.perf_counter() - t0)
 
 
@@ -734,12 +737,12 @@ def start_layers(plans: Sequence[SetPlan]) -> set[int]:
 
 
 def baseline(prompts: PromptSet, logit_diff: Tensor | None) -> tuple[np.ndarray, Tensor | None]:
-    """F before, as float64 numpy (NaN without answers), and the answer ids [P, 2] (None without answers)."""
-    import torch
+    """F before, as float64 numpy (NaN without answers), and the answer ids [P, 2, K] (None without answers)."""
+    from circuitlang.engine.forward import answer_ids
 
     if logit_diff is None:
         return np.full(len(prompts), np.nan), None
-    return logit_diff.double().numpy(), torch.tensor([(p.target, p.distractor) for p in prompts], dtype=torch.long)
+    return logit_diff.double().numpy(), answer_ids(prompts)
 
 
 def finish_interventions(model_name: str, seed: int, centre: bool, homogeneous: bool, plans: Sequence[SetPlan],

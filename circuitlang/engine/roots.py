@@ -2,7 +2,9 @@
 
 A head's direct effect on the task is its direct logit attribution at the last token: its write to the
 residual, divided by the final norm's scale of that token, read by the unembedding difference
-W_U[:, target] - W_U[:, distractor] (the IO-minus-S logit difference of section 5.4).
+W_U[:, target] - W_U[:, distractor] (the IO-minus-S logit difference of section 5.4); with answer sets, the
+mean target column minus the mean distractor column. A task whose metric is the probability difference ranks
+heads by this logit direction too: a probability is not linear in one head's write, the logits are.
 """
 
 from __future__ import annotations
@@ -37,13 +39,19 @@ class RootChoice:
     from_end: bool = True
 
 
-def direct_effects(head_writes: Tensor, W_U: Tensor, targets: Tensor, distractors: Tensor, final_scale: Tensor) -> Tensor:
+def direct_effects(head_writes: Tensor, W_U: Tensor, answers: Tensor, final_scale: Tensor) -> Tensor:
     """[P, L, H]: each head's direct logit attribution to target - distractor at each prompt's last token.
 
-    head_writes [P, L, H, d]: what each head adds to the residual at the last token; final_scale [P]: the
-    final norm's scale there.
+    head_writes [P, L, H, d]: what each head adds to the residual at the last token; answers [P, 2] or [P, 2, K]
+    (target and distractor sets, -1 pads; circuitlang.engine.forward.answer_ids); final_scale [P]: the final
+    norm's scale there.
     """
-    direction = (W_U[:, targets] - W_U[:, distractors]).T  # [P, d]
+    if answers.dim() == 2:
+        answers = answers[:, :, None]
+    valid = (answers >= 0).to(W_U.dtype)
+    columns = W_U[:, answers.clamp(min=0)] * valid  # [d, P, 2, K]
+    means = columns.sum(-1) / valid.sum(-1)  # [d, P, 2]
+    direction = (means[..., 0] - means[..., 1]).T  # [P, d]
     return torch.einsum("plhd,pd->plh", head_writes, direction) / final_scale[:, None, None]
 
 

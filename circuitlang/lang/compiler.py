@@ -17,6 +17,7 @@ from lark import Token, Tree
 
 from circuitlang.data.ioi import IOI_ROLES, known_heads
 from circuitlang.data.prompts import MAX_PROMPTS, PromptFileError, common_roles, read_prompt_file
+from circuitlang.data.tasks import Reference, Span, TaskTextError, placeholders, template_roles
 from circuitlang.lang.errors import SpecError, did_you_mean, listing
 from circuitlang.lang.parser import BARE_WORD, KEYWORDS, STATEMENTS, parse_statements
 from circuitlang.lang.plan import (
@@ -35,6 +36,12 @@ from circuitlang.lang.plan import (
     Readings,
     Root,
     SliceRule,
+    Slot,
+    Swap,
+    Task,
+    TaskPrompts,
+    Template,
+    Vocabulary,
     WRITERS,
     Where,
 )
@@ -55,7 +62,10 @@ _HOMOGLYPHS = str.maketrans("аеорсухіјѕԁԛԝАВЕКМНОРСТХІ�
 KNOWN_LISTS = ("ioi",)  # `compare known NAME`: the lists circuitlang.data.ioi.known_heads has
 DTYPES = ("float32", "float16", "bfloat16")
 _DEVICE = re.compile(r"cpu|mps|cuda(:\d+)?")
-_KIND = {"prompts_ioi": "prompts", "prompts_file": "prompts", "trace_roots": "trace",
+_SLOT_NAME = re.compile(r"[A-Za-z_]\w*")  # a slot is written {slot} and {slot.column} in a task's texts
+_ESCAPE = re.compile(r"\\(.?)")
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+_KIND = {"prompts_ioi": "prompts", "prompts_file": "prompts", "prompts_task": "prompts", "trace_roots": "trace",
          "trace_auto": "trace", "compare_known": "compare", "compare_heads": "compare"}
 
 Statements = dict[str, tuple[str, Tree]]  # statement kind or block name -> (file, tree)
@@ -110,6 +120,7 @@ def format_plan(plan: Plan) -> str:
     lines += [
         f"model   {_word(m.name)} device {m.device} dtype {m.dtype}",
         f"prompts ioi {p.n} {p.kind} seed {p.seed}" if isinstance(p, IOIPrompts)
+        else f"prompts task {p.n} seed {p.seed}" if isinstance(p, TaskPrompts)
         else f'prompts file "{p.path}"',
         "trace   from " + (f"auto {plan.roots.k}" if isinstance(plan.roots, AutoRoots)
                            else ", ".join(map(str, plan.roots))),
@@ -126,6 +137,8 @@ def format_plan(plan: Plan) -> str:
     lines += [f'output  "{o.directory}" {" ".join(o.formats)}', f"seed    {plan.seed}"]
     if plan.evaluate is not None:
         lines.append(f"evaluate {plan.evaluate}")
+    if isinstance(p, TaskPrompts):
+        lines += ["", *_task_lines(p.task)]
     for s in plan.interventions:
         actions = f"{', '.join(s.actions)}  {', '.join(s.places)}"
         lines += ["", f'intervene "{s.name}" {{', *(f"  {_selector(e)}" for e in s.edges),
@@ -177,6 +190,8 @@ def _compile(statements: Statements, blocks: Statements, sources: list[str]) -> 
             c.file, tree = statements[kind]
             c.where[kind] = Where(c.file, tree.meta.line, tree.meta.column)
             fields.update(getattr(c, f"_{tree.data}")(*tree.children))
+    if c.task is not None and "prompts" not in statements:
+        fields["prompts"] = TaskPrompts(c.task)
     interventions = []
     for file, tree in blocks.values():
         c.file = file
@@ -201,6 +216,7 @@ class _Compiler:
         self.records = ()  # with a prompts file: its checked lines
         self.model_name = Plan.model.name  # the default model
         self.roots: tuple[Root, ...] | AutoRoots = AutoRoots()
+        self.task: Task | None = None  # the task block, once read
 
     def error(self, token: Token, message: str) -> SpecError:
         return SpecError(self.file, token.line, token.column, message)
@@ -224,6 +240,7 @@ class _Compiler:
         return {"model": ModelSpec(self.model_name, **given)}
 
     def _prompts_ioi(self, n, kind, seed):
+        self.no_task("prompts ioi", n or seed or kind)
         self.roles = IOI_ROLES
         return {"prompts": IOIPrompts(
             self.count(n, "the number of prompts", MAX_PROMPTS) if n else IOIPrompts.n,
@@ -232,6 +249,7 @@ class _Compiler:
         )}
 
     def _prompts_file(self, path):
+        self.no_task("prompts file", path)
         shown = os.path.normpath(os.path.join(os.path.dirname(self.file), _text(path)))
         absolute = os.path.abspath(shown)
         if os.path.isdir(absolute):
@@ -248,6 +266,28 @@ class _Compiler:
         self.records = records
         self.prompt_path = shown
         return {"prompts": FilePrompts(absolute)}
+
+    def _prompts_task(self, n, seed):
+        if self.task is None:
+            raise SpecError.at(self.where["prompts"], "prompts task draws from the spec's task block, and there is none; "
+                               'add one: task "NAME" { ... } (docs/language.md, "Tasks")')
+        return {"prompts": TaskPrompts(
+            self.task,
+            self.count(n, "the number of prompts", MAX_PROMPTS) if n else TaskPrompts.n,
+            self.count(seed, "the seed", MAX_SEED, least=0) if seed else TaskPrompts.seed,
+        )}
+
+    def no_task(self, statement: str, token) -> None:
+        if self.task is not None:
+            raise SpecError.at(self.where["prompts"], f"{statement} and the task block both make the prompts; "
+                               "drop one, or write `prompts task [N] [seed S]` for the task's")
+
+    def _task(self, name, *lines):
+        self.task = _TaskCompiler(self).task(name, lines)
+        roles = template_roles([t.text for t in self.task.templates])
+        self.roles = tuple(r for r in roles[0] if all(r in rs for rs in roles))
+        self.any_roles = {r for rs in roles for r in rs}
+        return {}
 
     def _trace_roots(self, *trees):
         roots = []
@@ -305,7 +345,22 @@ class _Compiler:
 
     def _evaluate(self, against, mean, sizes, random):
         kind = str(against.children[0])
-        if kind == "file" and self.prompt_file is None:
+        if self.task is not None:
+            if kind != "counterfactual":
+                raise self.error(against.children[0], f'the prompts of task "{self.task.name}" carry the task\'s own '
+                                 "counterfactual: write `against counterfactual`")
+            if self.task.counterfactual is None and any(t.counterfactual is None for t in self.task.templates):
+                raise self.error(against.children[0], f'task "{self.task.name}" has no counterfactual; add a line like '
+                                 '"counterfactual IO -> names" to it')
+            kind = "counterfactual"
+        elif kind == "counterfactual":
+            if self.prompt_file is None:
+                raise self.error(against.children[0], "against counterfactual takes each prompt's own counterfactual, from "
+                                 "a task or a prompts file; the ioi prompts have abc and flipped")
+            kind = "file"
+        if self.task is not None:
+            pass
+        elif kind == "file" and self.prompt_file is None:
             raise self.error(against.children[0], "evaluate ... against file takes each prompt's counterfactual from a prompts "
                              "file; the ioi prompts have abc and flipped counterfactuals")
         if kind != "file" and self.prompt_file is not None:
@@ -428,7 +483,10 @@ class _Compiler:
 
     def role(self, token, anywhere: bool = False) -> str:
         """A role the prompts define: for a root, every prompt; for `at` (anywhere), some prompt."""
-        if self.prompt_file is None:
+        if self.task is not None:
+            whose = f'{"the" if anywhere else "every"} prompt{"s" * anywhere} of task "{self.task.name}"'
+            known = tuple(sorted(self.any_roles)) if anywhere else self.roles
+        elif self.prompt_file is None:
             known, whose = self.roles, "the ioi prompts"
         elif anywhere:
             known, whose = tuple(sorted(self.any_roles)), f"the prompts of {self.prompt_file}"
@@ -510,3 +568,246 @@ def _selector(e: EdgeSelector) -> str:
         case "top":
             text = f"top {e.k} edges"
     return text + (f" at {e.role}" if e.role else "") + (f" {e.side}" if e.side else "")
+
+
+class _TaskCompiler:
+    """A `task` block -> Task, checking all that needs no tokenizer: word lists, slots, placeholders, answers and
+    the counterfactual against the templates' roles."""
+
+    def __init__(self, outer: _Compiler):
+        self.outer, self.file = outer, outer.file
+        self.where: dict[str, Where] = {}
+        self.vocabularies: dict[str, Vocabulary] = {}
+        self.slots: dict[str, str] = {}  # slot -> its word list
+
+    def error(self, token: Token, message: str, offset: int = 0) -> SpecError:
+        return SpecError(self.file, token.line, token.column + offset, message)
+
+    def at(self, key: str, token: Token) -> None:
+        self.where[key] = Where(self.file, token.line, token.column)
+
+    def task(self, name: Token, lines) -> Task:
+        self.at("task", name)
+        parts = {"slot": [], "template": [], "target": (), "distractor": (), "swap": None, "metric": "logit"}
+        for tree in lines:
+            getattr(self, f"_{tree.data}")(tree, parts)
+        if not parts["template"]:
+            raise self.error(name, f'task {name} has no template; add a line like template "Then, {{IO}} and {{S}} ..."')
+        templates = parts["template"]
+        for key in ("target", "distractor"):
+            for k, (t, token) in enumerate(templates, 1):
+                if not (t.targets if key == "target" else t.distractors) and not parts[key]:
+                    raise self.error(token, f'template {k} has no {key}; add `{key} " {{IO}}"` to the task or to the template')
+        swap = parts["swap"]
+        if swap is not None:
+            self.check_swap(swap, templates)
+        return Task(_text(name), tuple(self.vocabularies.values()), tuple(parts["slot"]), tuple(t for t, _ in templates),
+                    parts["target"], parts["distractor"], swap and swap[0], parts["metric"], file=self.file,
+                    where=tuple(self.where.items()))
+
+    # lines of the block
+
+    def _words(self, tree, parts):
+        name, columns, *rest = tree.children
+        if name in self.vocabularies:
+            raise self.error(name, f"words {name} is given twice")
+        names = tuple(map(str, columns.children)) if columns else ()
+        for column in columns.children if columns else ():
+            if not _SLOT_NAME.fullmatch(column) or names.count(column) > 1:
+                raise self.error(column, f'column "{column}": columns are distinct names of letters, digits and _')
+        width = len(names) or 1
+        if not rest:
+            raise self.error(name, f'words {name} is empty; list its words on the line: words {name} "a", "b", ... '
+                             '(or words NAME file "PATH")')
+        if len(rest) == 1 and isinstance(rest[0], Token):
+            rows = self.word_file(rest[0], width)
+        else:
+            rows = []
+            for row in rest:
+                words = tuple(self.text(w) for w in row.children)
+                if len(words) != width:
+                    raise self.error(row.children[0], f"a row of {len(words)} words in words {name}, which has {width} "
+                                     f"column{'s' * (width > 1)}" + ("" if names else "; name the columns: words NAME (a, b) ..."))
+                rows.append(words)
+        self.at(f"words {name}", name)
+        self.vocabularies[str(name)] = Vocabulary(str(name), names, tuple(rows))
+
+    def word_file(self, path: Token, width: int) -> list[tuple[str, ...]]:
+        shown = os.path.normpath(os.path.join(os.path.dirname(self.file), _text(path)))
+        try:
+            with open(shown, encoding="utf-8") as f:
+                lines = f.read().removeprefix("\ufeff").split("\n")
+        except (OSError, ValueError) as e:
+            raise self.error(path, f"can't read the word file {shown}: {(getattr(e, 'strerror', None) or 'not UTF-8 text').lower()}") from None
+        rows = []
+        for number, line in enumerate(lines, 1):
+            line = line.removesuffix("\r")
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            words = tuple(line.split("\t")) if width > 1 else (line.strip(),)
+            if len(words) != width:
+                raise SpecError(shown, number, 0, f"{len(words)} tab-separated words; the word list has {width} columns")
+            rows.append(words)
+        if not rows:
+            raise self.error(path, f"the word file {shown} is empty (blank lines and # comments only)")
+        return rows
+
+    def _slot(self, tree, parts):
+        *names, vocabulary = tree.children
+        if vocabulary not in self.vocabularies:
+            raise self.error(vocabulary, f'unknown word list "{vocabulary}"; write `words {vocabulary} ...` above this line'
+                             + did_you_mean(vocabulary, self.vocabularies))
+        for name in names:
+            if not _SLOT_NAME.fullmatch(name) or name == "end":
+                raise self.error(name, f'slot "{name}": a slot is a name of letters, digits and _, and not "end"')
+            if name in self.slots:
+                raise self.error(name, f"slot {name} is given twice")
+            self.slots[str(name)] = str(vocabulary)
+        rows = self.vocabularies[vocabulary].rows
+        if len(names) > len(rows):
+            raise self.error(names[0], f"{len(names)} distinct words from {vocabulary}, which has {len(rows)}")
+        parts["slot"].append(Slot(tuple(map(str, names)), str(vocabulary)))
+
+    def _template(self, tree, parts):
+        text, *options = tree.children
+        k = len(parts["template"]) + 1
+        self.at(f"template {k}", text)
+        if not _text(text).strip():
+            raise self.error(text, "an empty template; write the prompt with its {slot} placeholders")
+        given = {"target": (), "distractor": (), "counterfactual": None}
+        for option in options:
+            child = option.children[0]
+            if isinstance(child, Tree):  # target / distractor
+                key, values = str(child.children[0]), self.answers(child)
+            else:
+                key, values = "counterfactual", self.checked(child, ranges=False)
+            if given[key]:
+                raise self.error(child if isinstance(child, Token) else child.children[0], f"template {k} gives its {key} twice")
+            given[key] = values
+        parts["template"].append((Template(self.checked(text, ranges=False), given["target"], given["distractor"],
+                                           given["counterfactual"], line=text.line), text))
+
+    def _answers(self, tree, parts):
+        key = str(tree.children[0])
+        if parts[key]:
+            raise self.error(tree.children[0], f"the task's {key} is given twice")
+        self.at(key, tree.children[0])
+        parts[key] = self.answers(tree)
+
+    def answers(self, tree) -> tuple[str, ...]:
+        return tuple(self.checked(s, ranges=True) for s in tree.children[1:] if s.type == "STRING")
+
+    def _swap(self, tree, parts):
+        *roles, to = tree.children
+        if parts["swap"] is not None:
+            raise self.error(tree.children[0], "the task's counterfactual is given twice")
+        self.at("counterfactual", roles[0])
+        if to.type == "STRING":
+            swap = Swap(tuple(map(str, roles)), text=self.checked(to, ranges=False))
+        elif to not in self.vocabularies:
+            raise self.error(to, f'unknown word list "{to}"; a counterfactual takes fresh words from a word list '
+                             f'or writes a "text"' + did_you_mean(to, self.vocabularies))
+        else:
+            swap = Swap(tuple(map(str, roles)), vocabulary=str(to))
+        parts["swap"] = (swap, roles)
+
+    def _metric(self, tree, parts):
+        parts["metric"] = str(tree.children[1])
+
+    def check_swap(self, swap, templates) -> None:
+        rule, tokens = swap
+        for role, token in zip(rule.roles, tokens):
+            if list(rule.roles).count(role) > 1:
+                raise self.error(token, f"role {role} is named twice")
+        roles = template_roles([t.text for t, _ in templates])
+        for k, ((t, token), names) in enumerate(zip(templates, roles), 1):
+            if t.counterfactual is not None:
+                continue
+            for role, role_token in zip(rule.roles, tokens):
+                if role == "end":
+                    raise self.error(role_token, "the counterfactual changes words at slots' roles, not at end")
+                if role not in names:
+                    raise self.error(token, f'template {k} has no role "{role}", which the counterfactual on line '
+                                     f"{role_token.line} names; its roles are {', '.join(names[:-1])}")
+            if rule.vocabulary is not None:
+                columns = self.vocabularies[rule.vocabulary].columns
+                refs = [p for p in placeholders(t.text) if isinstance(p, Reference)]
+                for role, p in zip(names, refs):
+                    if role in rule.roles and p.column is not None and p.column not in columns:
+                        raise self.error(token, f'template {k} writes column "{p.column}" at role {role}, which words '
+                                         f"{rule.vocabulary} of the counterfactual has not")
+
+    # pieces
+
+    def text(self, token: Token) -> str:
+        """A task string with its escapes (\\n, \\t, \\\\) read."""
+        def escape(m: re.Match) -> str:
+            if m.group(1) not in _ESCAPES:
+                raise self.error(token, f'unknown escape "\\{m.group(1)}"; escapes are \\n, \\t and \\\\', 1 + m.start())
+            return _ESCAPES[m.group(1)]
+        return _ESCAPE.sub(escape, _text(token))
+
+    def checked(self, token: Token, ranges: bool) -> str:
+        """A template's or answer's text, its placeholders checked against the slots and word lists."""
+        raw = _text(token)
+        try:
+            pieces = placeholders(raw)
+        except TaskTextError as e:
+            raise self.error(token, e.message, 1 + e.offset) from None
+        for p in pieces:
+            if isinstance(p, Span):
+                if not ranges:
+                    raise self.error(token, "a range {A..B} makes several answers; write it in a target or distractor",
+                                     1 + p.offset)
+                for o in (p.lo, p.hi):
+                    if o.slot is not None:
+                        self.reference(token, o.slot, o.column, p.offset, numbers=True)
+            elif isinstance(p, Reference):
+                self.reference(token, p.slot, p.column, p.offset)
+        return self.text(token)
+
+    def reference(self, token: Token, slot: str, column: str | None, offset: int, numbers: bool = False) -> None:
+        if slot not in self.slots:
+            raise self.error(token, f'unknown slot "{slot}"; slots are {listing(tuple(self.slots)) if self.slots else "none yet"}'
+                             + did_you_mean(slot, self.slots), 2 + offset)
+        vocabulary = self.vocabularies[self.slots[slot]]
+        if column is not None and column not in vocabulary.columns:
+            known = listing(vocabulary.columns) if vocabulary.columns else "none (it has one unnamed column: write {" + slot + "})"
+            raise self.error(token, f'words {vocabulary.name} has no column "{column}"; its columns are {known}'
+                             + did_you_mean(column, vocabulary.columns), 2 + offset + len(slot) + 1)
+        if numbers:
+            index = 0 if column is None else vocabulary.columns.index(column)
+            bad = next((r[index] for r in vocabulary.rows if not r[index].isdigit()), None)
+            if bad is not None:
+                raise self.error(token, f'a range reads {slot} as a whole number, and words {vocabulary.name} has "{bad}"',
+                                 2 + offset)
+
+
+def _task_lines(task: Task) -> list[str]:
+    """The task block as written by `format_plan`: word lists inline, so the plan says every word it draws."""
+    def quoted(text: str) -> str:
+        return '"' + text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t") + '"'
+
+    lines = [f"task {quoted(task.name)} {{"]
+    for v in task.vocabularies:
+        columns = f" ({', '.join(v.columns)})" if v.columns else ""
+        line = f"  words {v.name}{columns} "
+        for k, row in enumerate(" ".join(map(quoted, r)) for r in v.rows):  # rows continue after a comma
+            if k and len(line) + len(row) > 110:
+                lines.append(line + ",")
+                line = "    "
+            line += (", " if k and line != "    " else "") + row
+        lines.append(line)
+    lines += [f"  slot {', '.join(s.names)} from {s.vocabulary}" for s in task.slots]
+    for t in task.templates:
+        options = [f"{key} {', '.join(map(quoted, values))}" for key, values in (("target", t.targets), ("distractor", t.distractors))
+                   if values]
+        options += [f"counterfactual {quoted(t.counterfactual)}"] if t.counterfactual is not None else []
+        lines.append(f"  template {quoted(t.text)}" + "".join(f" {o}" for o in options))
+    lines += [f"  {key} {', '.join(map(quoted, values))}" for key, values in (("target", task.targets), ("distractor", task.distractors))
+              if values]
+    if task.counterfactual is not None:
+        c = task.counterfactual
+        lines.append(f"  counterfactual {', '.join(c.roles)} -> {c.vocabulary or quoted(c.text)}")
+    lines += [f"  metric {task.metric} difference", "}"]
+    return lines

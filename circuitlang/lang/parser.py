@@ -23,9 +23,10 @@ _PARSER = Lark(
     maybe_placeholders=True,
 )
 
-STATEMENTS = ("model", "prompts", "trace", "firing", "slices", "keep", "show", "compare", "output",
+STATEMENTS = ("model", "task", "prompts", "trace", "firing", "slices", "keep", "show", "compare", "output",
               "seed", "extends", "evaluate", "sources", "readings", "intervene")
-_BLOCK_WORDS = ("edge", "edges", "top", "ablate", "boost", "global", "local", "against", "}")
+_BLOCK_WORDS = ("edge", "edges", "top", "ablate", "boost", "global", "local", "against", "}",
+                "words", "slot", "template", "target", "distractor", "counterfactual", "metric")
 _LITERALS = {t.name: t.pattern.value for t in _PARSER.terminals if isinstance(t.pattern, PatternStr)}
 KEYWORDS = frozenset(v for v in _LITERALS.values() if v.isidentifier())
 BARE_WORD = re.compile(next(t.pattern.value for t in _PARSER.terminals if t.name == "WORD"))
@@ -64,16 +65,27 @@ def _syntax_error(e: UnexpectedInput, text: str, filename: str) -> SpecError:
     if found.startswith('"') and kind != "STRING":
         message = f'unterminated string {found}; close it with " on the same line'
     elif kind == "$END" and "RBRACE" in expected:
-        message = 'unclosed intervene block; end it with a line holding "}"'
+        message = f'unclosed {_open_block(text, e.line)} block; end it with a line holding "}}"'
     elif "model" in words and found in _BLOCK_WORDS:
-        message = f"{said} is only allowed inside an intervene block"
+        message = f"{said} is only allowed inside {'an intervene' if _BLOCK_WORDS.index(found) < 9 else 'a task'} block"
     elif "model" in words:
         message = f"unknown statement {said}" + (hint or f"; statements are {listing(STATEMENTS)}")
     elif "}" in words and found in STATEMENTS:
-        message = f'statement {said} inside an intervene block; close the block with "}}" first'
+        message = f'statement {said} inside {_open_block(text, e.line, "a")} block; close the block with "}}" first'
     else:
         message = f"expected {listing(_describe(expected, e))}, found {said}{hint}"
     return SpecError(filename, e.line, e.column, message)
+
+
+def _open_block(text: str, line: int, article: str = "") -> str:
+    """The kind of block open at `line` ("intervene" or "task"), with "a"/"an" before it when asked."""
+    kind = "intervene"
+    for row in text.split("\n")[:line][::-1]:
+        word = row.split()[0] if row.split() else ""
+        if word in ("task", "intervene"):
+            kind = word
+            break
+    return f"{'an' if kind == 'intervene' else 'a'} {kind}" if article else kind
 
 
 def _describe(expected: set[str], e: UnexpectedInput) -> list[str]:

@@ -47,6 +47,77 @@ class FilePrompts:
 
 
 @dataclass(frozen=True)
+class Vocabulary:
+    """`words NAME [(COLUMN, ...)] ROWS`: a task's word list; each row holds one word per column."""
+
+    name: str
+    columns: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+
+
+@dataclass(frozen=True)
+class Slot:
+    """`slot NAME, NAME from VOCABULARY`: per prompt, distinct rows of the vocabulary, one per name."""
+
+    names: tuple[str, ...]
+    vocabulary: str
+
+
+@dataclass(frozen=True)
+class Template:
+    """`template "TEXT" [target ...] [distractor ...] [counterfactual "TEXT"]`: a prompt's text with `{slot}`
+    placeholders, and this template's own answers and counterfactual text (else the task's)."""
+
+    text: str
+    targets: tuple[str, ...] = ()
+    distractors: tuple[str, ...] = ()
+    counterfactual: str | None = None
+    line: int = field(default=0, compare=False)
+
+
+@dataclass(frozen=True)
+class Swap:
+    """`counterfactual ROLE, ... -> VOCABULARY | "TEXT"`: the counterfactual prompt changes the words at these
+    roles, to fresh distinct rows of a vocabulary (none the prompt already drew from it) or to a text."""
+
+    roles: tuple[str, ...]
+    vocabulary: str | None = None
+    text: str | None = None
+
+
+METRICS = ("logit", "probability")
+
+
+@dataclass(frozen=True)
+class Task:
+    """A `task` block: prompts from templates whose slots are filled from word lists (docs/language.md, "Tasks").
+
+    targets / distractors: the answer sets (text with placeholders) of templates that give none; metric: F is
+    the difference of the sets' mean logits (`logit`) or of their summed probabilities (`probability`)."""
+
+    name: str
+    vocabularies: tuple[Vocabulary, ...]
+    slots: tuple[Slot, ...]
+    templates: tuple[Template, ...]
+    targets: tuple[str, ...] = ()
+    distractors: tuple[str, ...] = ()
+    counterfactual: Swap | None = None
+    metric: Literal["logit", "probability"] = "logit"
+    file: str = field(default="", compare=False)  # the spec file, for errors found once the tokenizer loads
+    # where each part was written: "target", "distractor", "counterfactual", "template N", "words NAME"
+    where: tuple[tuple[str, Where], ...] = field(default=(), compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class TaskPrompts:
+    """`prompts task [N] [seed S]`: N prompts of the spec's task, drawn from seed S."""
+
+    task: Task
+    n: int = 256
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class Root:
     """A trace root: head (layer, head) on the token pair (dest role -> src role)."""
 
@@ -162,7 +233,7 @@ READING_SETS = {  # the order breaks ties in Readings.__str__
 }
 
 
-COUNTERFACTUALS = ("abc", "flipped", "file")
+COUNTERFACTUALS = ("abc", "flipped", "file", "counterfactual")
 DEFAULT_RANDOM_DRAWS = 10
 
 
@@ -190,7 +261,7 @@ class Evaluation:
 @dataclass(frozen=True)
 class Plan:
     model: ModelSpec = ModelSpec("gemma-3-270m")
-    prompts: IOIPrompts | FilePrompts = IOIPrompts()
+    prompts: IOIPrompts | FilePrompts | TaskPrompts = IOIPrompts()
     roots: tuple[Root, ...] | AutoRoots = AutoRoots()
     threshold: float = 0.5
     slices: SliceRule = SliceRule()

@@ -78,10 +78,11 @@ def _columns(table: TracedEvents | TracedEdges) -> dict[str, Any]:
     return {f.name: getattr(table, f.name) for f in fields(table)}
 
 
-def trace_to_dict(trace: Trace, plan_text: str | None = None, *, include_timings: bool = False) -> dict:
+def trace_to_dict(trace: Trace, plan_text: str | None = None, *, include_timings: bool = False, metric: dict | None = None) -> dict:
     """The whole trace as plain JSON data. Graph in node-link form with string ids ("9.6", "9.6:end").
 
-    `plan_text` (the compiled spec) defaults to the one a trace read back from trace.json carries.
+    `plan_text` (the compiled spec) defaults to the one a trace read back from trace.json carries; `metric`, the
+    task metric on the clean prompts ({"kind", "mean", "positive_fraction", "prompts"}), is written when given.
     """
     g = trace.graph
     data = {
@@ -105,6 +106,8 @@ def trace_to_dict(trace: Trace, plan_text: str | None = None, *, include_timings
         "plan": plan_text if plan_text is not None else trace.extra.get("plan"),
         "extra": {k: v for k, v in trace.extra.items() if k != "plan"},
     }
+    if metric is not None:
+        data["metric"] = metric
     if include_timings:
         data["timings"] = trace.timings
     return plain(data)
@@ -114,8 +117,9 @@ def dumps(data: dict) -> str:
     return json.dumps(data, sort_keys=True, indent=1, ensure_ascii=False) + "\n"
 
 
-def write_trace_json(trace: Trace, path: str | os.PathLike, plan_text: str | None = None, *, include_timings: bool = False) -> Path:
-    return atomic_write(path, dumps(trace_to_dict(trace, plan_text, include_timings=include_timings)))
+def write_trace_json(trace: Trace, path: str | os.PathLike, plan_text: str | None = None, *, include_timings: bool = False,
+                     metric: dict | None = None) -> Path:
+    return atomic_write(path, dumps(trace_to_dict(trace, plan_text, include_timings=include_timings, metric=metric)))
 
 
 def _table(cls, columns: dict[str, list]):

@@ -22,9 +22,10 @@ import torch
 
 from circuitlang.data.ioi import ioi_prompts
 from circuitlang.data.prompts import PromptSet, load_prompt_file
+from circuitlang.data.tasks import task_prompts
 from circuitlang.engine import intervene as iv
 from circuitlang.engine.evaluate import FaithfulnessResults, evaluate_plan
-from circuitlang.engine.forward import Activations, capture
+from circuitlang.engine.forward import Activations, answer_ids, capture
 from circuitlang.engine.omega_cache import omega_scratch
 from circuitlang.models.geometry import AttentionGeometry, attention_geometry
 from circuitlang.engine.intervene import InterventionResults
@@ -34,7 +35,7 @@ from circuitlang.engine.results import Trace
 from circuitlang.engine.roots import RootChoice, RootError, RootEvidence, RootSkip, auto_roots, direct_effects, last_token_writes, root_evidence
 from circuitlang.engine.trace import build_trace
 from circuitlang.lang.compiler import check_against_model
-from circuitlang.lang.plan import AutoRoots, FilePrompts, ModelSpec, Plan, Root
+from circuitlang.lang.plan import AutoRoots, FilePrompts, ModelSpec, Plan, Root, TaskPrompts
 from circuitlang.runner import cache as rc
 from circuitlang.runner.chunks import FORWARD_BATCH, ChunkTrace, chunk_bounds, chunk_size, merge_chunks, trace_chunk
 
@@ -59,6 +60,16 @@ class RunResult:
     faithfulness: FaithfulnessResults | None = None  # `evaluate faithfulness`
 
     @property
+    def metric(self) -> dict | None:
+        """The task metric on the clean prompts, as trace.json records it (None when the prompts have no answers)."""
+        if not self.logit_diff:
+            return None
+        f = np.array(self.logit_diff, dtype=np.float64)
+        task = self.plan.prompts.task if isinstance(self.plan.prompts, TaskPrompts) else None
+        return {"kind": f"{task.metric if task else 'logit'} difference", "mean": float(f.mean()),
+                "positive_fraction": float((f > 0).mean()), "prompts": len(f)}
+
+    @property
     def roots(self) -> list[Root]:
         """The roots traced, strongest first for `trace from auto`."""
         return [c.root for c in self.auto_roots] if isinstance(self.plan.roots, AutoRoots) else list(self.plan.roots)
@@ -78,20 +89,21 @@ def build_prompts(plan: Plan, model: LoadedModel) -> PromptSet:
     if isinstance(plan.prompts, FilePrompts):
         return load_prompt_file(plan.prompts.path, model.tokenizer, prepend_bos=model.prepend_bos)
     p = plan.prompts
+    if isinstance(p, TaskPrompts):
+        return task_prompts(p.task, model.tokenizer, p.n, p.seed, prepend_bos=model.prepend_bos)
     return ioi_prompts(model.tokenizer, p.n, p.kind, p.seed, prepend_bos=model.prepend_bos)
 
 
 def evidence_of(model: LoadedModel, acts: Activations, prompts: PromptSet, threshold: float, geometry: AttentionGeometry) -> RootEvidence:
     """What `trace from auto` reads from these prompts' activations (see circuitlang.engine.roots)."""
-    if any(p.target is None or p.distractor is None for p in prompts):
+    answers = answer_ids(prompts)
+    if answers is None:
         raise RootError("`trace from auto` needs prompts with a target and a distractor answer")
     W_U = model.bridge.W_U.detach().to("cpu", torch.float32)
-    targets = torch.tensor([p.target for p in prompts])
-    distractors = torch.tensor([p.distractor for p in prompts])
     rows, last = torch.arange(len(prompts)), acts.lengths - 1
     post = acts.post_scale[:, rows, last].T if acts.post_scale is not None else None
     writes = last_token_writes(acts.z[rows, last], geometry.W_O, post)
-    effects = direct_effects(writes, W_U, targets, distractors, acts.final_scale[rows, last])
+    effects = direct_effects(writes, W_U, answers, acts.final_scale[rows, last])
     return root_evidence(acts, effects, prompts, threshold)
 
 
@@ -108,8 +120,9 @@ class InterventionJob:
 
     plans: tuple[iv.SetPlan, ...]
     f_base: np.ndarray
-    answers: torch.Tensor | None
+    answers: torch.Tensor | None  # [P, 2, K] (forward.answer_ids)
     starts: tuple[int, ...]
+    metric: str = "logit"  # how F compares the answers (PromptSet.metric)
 
 
 @dataclass(frozen=True)
@@ -144,10 +157,11 @@ class ChunkWork:
         """The intervention rows of the prompts `ids`; acts: theirs, else a pass keeping the residual where the passes start
         and the keys and values they resume after."""
         if acts is None:
-            subset = PromptSet(tuple(self.prompts[int(p)] for p in ids), self.prompts.role_names, self.prompts.description)
+            subset = PromptSet(tuple(self.prompts[int(p)] for p in ids), self.prompts.role_names, self.prompts.description,
+                               self.prompts.metric)
             acts = capture(self.model, subset, batch_size=FORWARD_BATCH, length=self.length, resid_layers=job.starts, kv=True)
         return iv.intervene_chunk(self.model, self.geometry, acts, ids, job.plans, job.f_base, job.answers,
-                                  centre=iv._norm_centres(self.model), tick=tick)
+                                  centre=iv._norm_centres(self.model), tick=tick, metric=job.metric)
 
 
 class LocalChunks:
@@ -285,8 +299,8 @@ def run_plan_interventions(plan: Plan, run: RunResult, *, work: ChunkWork | None
     plans = iv.plan_sets(run.trace, prompts, plan.interventions, run.roots, plan.seed, geometry.W_Q.shape[-1], geometry.rotary)
     touched = np.unique(np.concatenate([sp.prompts for sp in plans] + [np.zeros(0, dtype=np.int64)])).astype(np.int64)
     f_base = np.array(run.logit_diff, dtype=np.float64) if run.logit_diff else np.full(len(prompts), np.nan)
-    answers = torch.tensor([(p.target, p.distractor) for p in prompts], dtype=torch.long) if run.logit_diff else None
-    job = InterventionJob(tuple(plans), f_base, answers, tuple(sorted(iv.start_layers(plans))))
+    answers = answer_ids(prompts) if run.logit_diff else None
+    job = InterventionJob(tuple(plans), f_base, answers, tuple(sorted(iv.start_layers(plans))), prompts.metric)
     size = chunk or chunk_size(model, prompts, resid_layers=len(job.starts), kv=True)
     ids = [touched[begin : begin + size] for begin in range(0, len(touched), size)]
     passes = sum(iv.passes_needed(plans, chunk) for chunk in ids)  # a chunk's batches end with it
