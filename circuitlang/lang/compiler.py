@@ -20,7 +20,9 @@ from circuitlang.data.prompts import MAX_PROMPTS, PromptFileError, common_roles,
 from circuitlang.lang.errors import SpecError, did_you_mean, listing
 from circuitlang.lang.parser import BARE_WORD, KEYWORDS, STATEMENTS, parse_statements
 from circuitlang.lang.plan import (
+    CHECKS,
     OUTPUT_FORMATS,
+    RANKINGS,
     AutoRoots,
     EdgeSelector,
     Evaluation,
@@ -303,7 +305,7 @@ class _Compiler:
     def _seed(self, seed):
         return {"seed": self.count(seed, "the seed", MAX_SEED, least=0)}
 
-    def _evaluate(self, against, mean, sizes, random):
+    def _evaluate(self, against, mean, sizes, ranks, random, check):
         kind = str(against.children[0])
         if kind == "file" and self.prompt_file is None:
             raise self.error(against.children[0], "evaluate ... against file takes each prompt's counterfactual from a prompts "
@@ -325,7 +327,17 @@ class _Compiler:
             else:
                 chosen = tuple(sorted({self.count(n, "a circuit size", MAX_INDEX) for n in sizes.children}))
         draws = self.count(random, "the number of random rankings", MAX_RANDOM_DRAWS, least=0) if random else Evaluation.random
-        return {"evaluate": Evaluation(kind, mean is not None, chosen, draws)}
+        rankings = Evaluation.rankings
+        if ranks is not None:
+            for word in ranks.children:
+                if str(word) not in RANKINGS:
+                    raise self.error(word, f'unknown ranking "{word}"; rankings are {listing(RANKINGS, "and")}'
+                                     + did_you_mean(str(word), RANKINGS))
+            rankings = tuple(dict.fromkeys(map(str, ranks.children)))
+        if check is not None and str(check.children[0]) not in CHECKS:
+            raise self.error(check.children[0], f'unknown check "{check.children[0]}"; the check is "tl" (TransformerLens 4)'
+                             + did_you_mean(str(check.children[0]), CHECKS))
+        return {"evaluate": Evaluation(kind, mean is not None, chosen, draws, rankings, check is not None)}
 
     def _sources(self, keyword, *words):
         chosen = []
