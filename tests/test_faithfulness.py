@@ -158,15 +158,16 @@ def test_influence_is_the_flow_of_normalised_edge_weights_from_the_roots():
 
     # One prompt; the root 2.0 fires on (5, 2). Its dest side (signal 4) reads 1.1 at token 5 (c = 2: weight
     # 2 / (2 * 4)); its src side (signal 2) reads 0.0 at token 2 (c = 1: 1 / (2 * 2)). 1.1 fires from token 5 on
-    # 3 and 4 (attention .6 and .2: 3/4 and 1/4 of its node's inflow); through src 3, 0.0 at token 3 (c = .5,
-    # signal 1: .25) and 0.1 with a negative contribution (no share); through src 4, 0.1 at token 5 (c = 1:
-    # .5); an MLP edge is a leaf.
+    # 3 and 4 (attention .6 and .2: 3/4 and 1/4 of its node's inflow); through src 3 (signal 1, less than its
+    # traced edges' 1.5: they share 1.5) 0.0 at token 3 (c = .5: .5 / 3) and 0.1 at token 3 (c = 1: 1 / 3), and
+    # 0.1 at token 5 through dest with a negative contribution (no share); through src 4, 0.1 at token 5 on
+    # the dest side (c = 1, signal 1: .5); an MLP edge is a leaf.
     events = _columns(TracedEvents, prompt=[0, 0, 0], layer=[2, 1, 1], head=[0, 1, 1], dest=[5, 5, 5], src=[2, 3, 4],
                       attention=[0.8, 0.6, 0.2], signal_dest=[4.0, 1.0, 1.0], signal_src=[2.0, 1.0, 1.0])
-    edges = _columns(TracedEdges, event=[0, 0, 1, 1, 2, 0], prompt=[0] * 6, up_layer=[1, 0, 0, 0, 0, 1],
-                     up_head=[1, 0, 0, 1, 1, MLP], layer=[2, 2, 1, 1, 1, 2], head=[0, 0, 1, 1, 1, 0],
-                     dest=[5, 5, 5, 5, 5, 5], src=[2, 2, 3, 3, 4, 2], side=["d", "s", "s", "d", "d", "d"],
-                     contribution=[2.0, 1.0, 0.5, -0.3, 1.0, 1.0])
+    edges = _columns(TracedEdges, event=[0, 0, 1, 1, 2, 0, 1], prompt=[0] * 7, up_layer=[1, 0, 0, 0, 0, 1, 0],
+                     up_head=[1, 0, 0, 1, 1, MLP, 1], layer=[2, 2, 1, 1, 1, 2, 1], head=[0, 0, 1, 1, 1, 0, 1],
+                     dest=[5] * 7, src=[2, 2, 3, 3, 4, 2, 3], side=["d", "s", "s", "d", "d", "d", "s"],
+                     contribution=[2.0, 1.0, 0.5, -0.3, 1.0, 1.0, 1.0])
     trace = SimpleNamespace(events=events, edges=edges, config=SimpleNamespace(roots=("2.0 end->A",)),
                             firing=SimpleNamespace(counts=np.zeros((3, 2))))
     prompts = [SimpleNamespace(role=lambda name: {"end": 5, "A": 2}[name])]
@@ -174,16 +175,16 @@ def test_influence_is_the_flow_of_normalised_edge_weights_from_the_roots():
     expected = np.zeros((3, 2))
     expected[2, 0] = 1.0
     expected[1, 1] = 0.25
-    expected[0, 0] = 0.25 + 0.25 * 0.75 * 0.25
-    expected[0, 1] = 0.25 * 0.25 * 0.5
+    expected[0, 0] = 0.25 + 0.25 * 0.75 * 0.5 / 3
+    expected[0, 1] = 0.25 * 0.75 * 1 / 3 + 0.25 * 0.25 * 0.5
     np.testing.assert_allclose(influence, expected)
     # the same numbers as the roots' rows of (I - A)^-1 on the node graph, written out: nodes 2.0@5, 1.1@5
-    # (through its events), 0.0@2, 0.0@3, 0.1@5
-    A = np.zeros((5, 5))
+    # (through its events), 0.0@2, 0.0@3, 0.1@5, 0.1@3
+    A = np.zeros((6, 6))
     A[0, 1], A[0, 2] = 0.25, 0.25
-    A[1, 3], A[1, 4] = 0.75 * 0.25, 0.25 * 0.5
-    flow = np.linalg.inv(np.eye(5) - A)[0]
-    assert influence[0, 0] == pytest.approx(flow[2] + flow[3]) and influence[0, 1] == pytest.approx(flow[4])
+    A[1, 3], A[1, 5], A[1, 4] = 0.75 * 0.5 / 3, 0.75 / 3, 0.25 * 0.5
+    flow = np.linalg.inv(np.eye(6) - A)[0]
+    assert influence[0, 0] == pytest.approx(flow[2] + flow[3]) and influence[0, 1] == pytest.approx(flow[4] + flow[5])
     # two prompts, the second without a traced event: the mean over prompts halves every influence
     two = [prompts[0], prompts[0]]
     np.testing.assert_allclose(ev.influence_scores(trace, two, 3, 2), expected / 2)
@@ -283,11 +284,17 @@ def test_the_evaluate_statement(tmp_path):
     assert plan.evaluate == Evaluation("flipped", True, (5, 10, 20), 3)
     assert parse_text(format_plan(plan)) == plan
     assert parse_text("evaluate faithfulness against abc sizes all random 0").evaluate == Evaluation("abc", False, "all", 0)
+    plan = parse_text("evaluate faithfulness against abc sizes 5 rank influence, dla, influence random 0 check tl")
+    assert plan.evaluate == Evaluation("abc", False, (5,), 0, ("influence", "dla"), True)
+    assert parse_text(format_plan(plan)) == plan
     cases = {
         "evaluate faithfulness against file": "against file takes each prompt's counterfactual from a prompts file",
         "evaluate faithfulness against abd": 'expected "abc", "file" or "flipped", found "abd"; did you mean "abc"?',
         "evaluate faithfulness against abc sizes 73": "circuit size 73 is more than the 72 heads of gemma-3-270m",
         "evaluate faithfulness against abc sizes 0": "a circuit size must be at least 1",
+        "evaluate faithfulness against abc rank influnce": 'unknown ranking "influnce"; rankings are influence, count, '
+        'attribution_clean, attribution_cf and dla; did you mean "influence"?',
+        "evaluate faithfulness against abc check transformerlens": 'unknown check "transformerlens"; the check is "tl"',
     }
     for text, message in cases.items():
         with pytest.raises(SpecError, match=message.replace("(", r"\(").replace("?", r"\?")):

@@ -212,7 +212,8 @@ def influence_scores(trace: Any, prompts: PromptSet, n_layers: int, n_heads: int
     A node is a head's output at one token of one prompt. The weight of an edge (l', b) -> event (l, h, i, j)
     through side d (token i) or s (token j) is that side's share of the event's signal, c / (2 S_side): its
     contribution (eq. 8; negative ones carry no share) over the side's whole signal (every writer's, eq. 8
-    extended: heads, MLPs, embeddings, biases), each side carrying half of the bilinear score. A node's
+    extended: heads, MLPs, embeddings, biases; the traced edges' sum where that is larger), each side
+    carrying half of the bilinear score. A node's
     inflow goes to its traced events (the firings with that token as destination, where Algorithm 1 recurses)
     in proportion to their attention. With A these weights, a head's influence in a prompt is the sum over its
     nodes of the roots' rows of (I - A)^-1 (every path to a root, the product of its weights), here summed
@@ -232,10 +233,16 @@ def influence_scores(trace: Any, prompts: PromptSet, n_layers: int, n_heads: int
     node_attention = np.zeros(len(nodes))
     np.add.at(node_attention, ev_at, attention)
     share = attention / np.where(node_attention[ev_at] > 0, node_attention[ev_at], 1.0)
-    # each edge's weight: its share of the downstream side's signal, half per side
+    # each edge's weight: its share of the downstream side's signal, half per side; where negative writers
+    # make the signal smaller than the traced edges' sum, that sum (so a side never hands on more than half)
+    positive = np.clip(ed.contribution, 0, None).astype(float)
+    side_of = 2 * ed.event.astype(int) + (ed.side == "s")
+    traced = np.zeros(2 * E)
+    np.add.at(traced, side_of, positive)
+    signal = np.stack([ev.signal_dest, ev.signal_src], axis=1).reshape(-1).astype(float)
+    whole = np.maximum(signal, traced)
     event = ed.event[heads].astype(int)
-    side_signal = np.where(ed.side[heads] == "d", ev.signal_dest[event], ev.signal_src[event]).astype(float)
-    weight = np.clip(ed.contribution[heads], 0, None) / np.where(side_signal > 0, 2 * side_signal, np.inf)
+    weight = positive[heads] / np.where(whole[side_of[heads]] > 0, 2 * whole[side_of[heads]], np.inf)
     seed = np.zeros(E)  # the roots' events start with 1
     np.add.at(seed, [e for rows in root_events(ev, prompts, [parse_root(t) for t in trace.config.roots]) for e in rows], 1.0)
     flow = seed.copy()  # each event's flow from the roots
