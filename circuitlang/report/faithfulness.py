@@ -122,8 +122,9 @@ def render_faithfulness(results: FaithfulnessResults, console: Console) -> None:
         console.print(overlap)
     t = results.timings
     if t.get("evaluation") and t.get("forward"):
-        console.print(f"evaluation: {t['evaluation']:.1f} s = {t['evaluation'] / t['forward']:.0f} forward passes over the "
-                      f"prompts ({t['forward']:.2f} s each); {int(t.get('passes', 0))} batched patched passes", highlight=False)
+        console.print(f"evaluation: {t['evaluation']:.1f} s = {t['evaluation'] / t['forward']:.1f} times the counterfactual "
+                      f"capture pass ({t['forward']:.2f} s, to the final norm); {int(t.get('passes', 0))} batched patched "
+                      f"passes", highlight=False)
 
 
 def write_faithfulness_plot(results: FaithfulnessResults, path: str | os.PathLike) -> Path:
