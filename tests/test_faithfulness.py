@@ -107,6 +107,21 @@ def test_every_curve_runs_from_zero_with_nothing_to_one_with_everything(handbuil
         assert curve.cmd == pytest.approx(float(np.sum((np.abs(1 - curve.f[1:]) + np.abs(1 - curve.f[:-1])) / 2 * np.diff(x))))
 
 
+def test_the_runs_own_clean_f_spares_the_clean_pass_and_changes_nothing(handbuilt, hb_prompts, hb_result, monkeypatch):
+    t, res = hb_result
+    batch = ev.Batch.of(handbuilt, hb_prompts)
+    clean = _full_logit_f(handbuilt, batch.tokens, batch.lengths, batch.answers)
+    captured = []
+    real = ev.head_outputs
+    monkeypatch.setattr(ev, "head_outputs", lambda model, tokens, *a, **k: captured.append(tokens) or real(model, tokens, *a, **k))
+    alone = ev.evaluate_faithfulness(handbuilt, hb_prompts, t, against="file", sizes="all", rankings=("influence",),
+                                     random_draws=0, f_clean=clean.tolist())
+    assert len(captured) == 1 and torch.equal(captured[0], batch.cf_tokens), "only the counterfactual run is captured"
+    assert [c.method for c in alone.methods] == ["influence"] and alone.timings["passes"] == 8
+    assert alone.m_full == pytest.approx(res.m_full, rel=1e-5)
+    np.testing.assert_allclose(alone.method("influence").f, res.method("influence").f, atol=1e-5)
+
+
 def test_one_patched_pass_equals_patching_each_circuit_alone(handbuilt, hb_prompts):
     batch = ev.Batch.of(handbuilt, hb_prompts)
     z_clean, _, _ = ev.head_outputs(handbuilt, batch.tokens, batch.lengths, batch.answers)
