@@ -667,7 +667,7 @@ def evaluate_faithfulness(
         summary = np.array([curve_summary(row, grid) for row in fr])
         curves.append(MethodCurve("random", tuple(names[i] for i in randoms[0].tolist()), mr.mean(0), fr.mean(0),
                                   float(ar[:, 0].mean()), float(ar[:, 1].mean()), float(summary[:, 0].mean()),
-                                  float(fr.mean(0)[[s for s, k in enumerate(grid) if 1 <= k <= SMALL]].max(initial=np.nan)),
+                                  curve_summary(fr.mean(0), grid)[1],
                                   f_std=fr.std(0), cpr_std=float(ar[:, 0].std()), cmd_std=float(ar[:, 1].std()),
                                   mean_f_std=float(summary[:, 0].std()), draws=random_draws))
 
