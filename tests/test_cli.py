@@ -19,13 +19,15 @@ def tiny_dir(tmp_path_factory, gpt2_tokenizer):
 
 
 def spec(directory: Path, tiny: Path, name: str = "tiny.circ", extra: str = "") -> Path:
-    """specs/ioi.circ with only the model and the prompt count changed (and the `show` filter scaled)."""
+    """specs/ioi.circ with only the model and the prompt count changed (the `show` filter and the evaluated
+    circuit sizes scaled: the tiny model has 12 heads)."""
     path = directory / name
     path.write_text(
         f'extends "{REPO / "specs" / "ioi.circ"}"\n'
         f'model "{tiny}"\n'
         "prompts ioi 16 mixed seed 0\n"
-        "show edges in >= 2 prompts\n" + extra
+        "show edges in >= 2 prompts\n"
+        "evaluate faithfulness against abc sizes 2, 5 rank influence random 0\n" + extra
     )
     return path
 
@@ -49,6 +51,8 @@ def test_run_writes_every_output_and_the_same_trace_twice(tmp_path, tiny_dir, ca
     assert data["events"]["prompt"] and data["graph"]["edges"]
     # The intervene block of specs/ioi.circ ran (section 5.4) and its report joined the output.
     assert "into the strongest root" in out
+    # so did its evaluate statement: the influence ranking's circuits of 5, 10 and 20 heads
+    assert "Faithfulness against abc" in out and "SVT influence (trace)" in out and "faithfulness.json" in files
     first = (tmp_path / "a" / "trace.json").read_bytes()
     assert main(["run", str(path), "--out", str(tmp_path / "a"), "--no-cache", "--quiet"]) == 0
     assert capsys.readouterr().out == ""

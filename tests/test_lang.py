@@ -14,6 +14,7 @@ from circuitlang.lang.plan import (
     PAPER_ROOTS,
     AutoRoots,
     EdgeSelector,
+    Evaluation,
     FilePrompts,
     InterventionSet,
     IOIPrompts,
@@ -512,6 +513,7 @@ def test_shipped_specs():
     assert ioi.output == Output("runs/ioi", ("json", "graphml", "svg", "png", "html"))
     assert ioi.interventions == (InterventionSet(
         "into the strongest root", (EdgeSelector("into", root=1, role="end"),), line=12),)
+    assert ioi.evaluate == Evaluation("abc", False, (5, 10, 20), 0, ("influence",))
 
     gpt2 = parse_spec(REPO / "specs" / "paper" / "gpt2-ioi.circ")
     assert (gpt2.model, gpt2.roots, gpt2.compare, gpt2.threshold) == (ModelSpec("gpt2"), PAPER_ROOTS, "ioi", 0.5)

@@ -90,7 +90,8 @@ def runs(tmp_path_factory, gpt2_tokenizer):
     root = tmp_path_factory.mktemp("viewer")
     tiny = build_gpt2(root / "tiny", gpt2_tokenizer, n_layer=3, n_head=4, n_embd=64, seed=4)
     base = (f'extends "{REPO / "specs" / "ioi.circ"}"\nmodel "{tiny}"\nprompts ioi 16 mixed seed 0\n'
-            f"show edges in >= {SHOW} prompts\ncompare heads {', '.join(KNOWN)}\n")
+            f"show edges in >= {SHOW} prompts\ncompare heads {', '.join(KNOWN)}\n"
+            "evaluate faithfulness against abc sizes 2, 5 rank influence random 0\n")  # the tiny model has 12 heads
     (root / "a.circ").write_text(base + 'intervene "into root 2" {\n  edges into root 2\n  ablate, boost  global, local  against random\n}\n')
     (root / "b.circ").write_text(base + "keep mass 0.95\n")
     for name in ("a", "b"):

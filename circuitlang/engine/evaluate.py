@@ -14,15 +14,23 @@ for k on a grid of sizes, and each curve is summarised by CPR = the area under f
 kept (higher is better) and CMD = the area between f and 1 (lower is better), by the trapezoid rule on the
 grid.
 
-Rankings: `svt` (the trace's own evidence: in how many prompts a head takes part in the trace, as a traced
-event or as a kept upstream head, then its total |contribution| (eq. 8); heads the trace never reached
-follow by their firing counts), `attribution` (attribution patching at node granularity, |mean over prompts
-of sum over positions of (z_clean - z_cf) . dF/dz at the counterfactual run|: TransformerLens 4's
-`attribution_patch`, and our batched gradient-times-difference beside it, tested equal), `dla` (|mean direct
-logit attribution| on the clean prompts) and `random` (seeded random orders; mean and spread).
+Rankings (each of every head): `influence` (the trace alone: the roots first, then every head by the share of
+the roots' traced signal that flows through it, `influence_scores`), `count` (in how many prompts the trace
+reached a head, then its total |contribution|), `attribution_clean` and `attribution_cf` (attribution
+patching at node granularity, sum over positions of (z_clean - z_cf) . dF/dz, the gradient taken at the clean
+run, as MIB's EAP, or at the counterfactual run, as TransformerLens 4's `attribution_patch`; positive: the
+head supports F), `dla` (mean direct logit attribution on the clean prompts) and `random` (seeded orders).
+
+MIB-style scores (hannamw/MIB-circuit-track, `evaluation.py`): CPR is the area under f of the circuits built
+on the *signed* scores (largest first), CMD the area of |1 - f| of the circuits built on |score|, trapezoids
+on a linear axis of the fraction of heads kept, over MIB's grid of fractions rounded to whole heads plus every
+size up to 20 heads. Beside them, the mean of min(f, 1) over the circuits of 1 to 20 heads (overshoot earns
+nothing there; the largest f is reported beside it).
 
 Every circuit size costs one batched forward pass (all methods' circuits of that size stacked on the batch
-axis, in row chunks), which stops at the final norm and reads two unembedding columns. The engine never prints.
+axis, in row chunks), which stops at the final norm and reads two unembedding columns. The attribution scores
+cost one forward with gradients and one backward per batch of prompts (TransformerLens's own
+`attribution_patch`, one prompt a call, only with `check tl`). The engine never prints.
 """
 
 from __future__ import annotations
@@ -40,9 +48,12 @@ from circuitlang.engine.forward import FINAL, answer_ids, batch_tokens, keepers,
 from circuitlang.models.model import LoadedModel
 from circuitlang.engine.results import EMBED, MLP
 from circuitlang.engine.roots import direct_effects, last_token_writes
+from circuitlang.engine.trace import parse_root, root_events
+from circuitlang.lang.plan import RANKINGS
 
-METHODS = ("svt", "attribution", "dla", "random")
-SMALL_SIZES = (1, 2, 3, 5, 7, 10, 15, 20)
+SIGNED = ("attribution_clean", "attribution_cf", "dla")  # scores with a sign: CPR's circuits differ from CMD's
+MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # MIB's circuit sizes
+SMALL = 20  # every circuit size up to this many heads is evaluated: where a researcher reads a circuit
 REPORT_SIZES = (5, 10, 20)
 ROW_CHUNK = 256  # prompt rows per patched forward pass
 Progress = Callable[[str, int, int], None]
@@ -57,9 +68,12 @@ class EvaluationError(ValueError):
 
 @dataclass(frozen=True)
 class MethodCurve:
-    """One method's curve. ranking: heads "l.h", most important first (random: the first draw's order);
-    m [S], f [S] at `FaithfulnessResults.sizes` (random: the mean over draws, f_std their standard
-    deviation); cpr, cmd (random: mean, with *_std); scores [L, H]: what the ranking sorted (None: random)."""
+    """One method's curves at `FaithfulnessResults.sizes`. ranking: heads "l.h" by |score|, most important
+    first (random: the first draw's order); m [S], f [S]: the circuits of that ranking (CMD's); signed,
+    m_signed, f_signed: the same for the ranking by signed score (CPR's), None where it is the same order
+    (influence, count, random); cpr (on f_signed where there is one), cmd (on f); mean_f: the mean of
+    min(f, 1) over the circuits of 1 to 20 heads on the CPR side, f_max the largest f there (overshoot).
+    random: means over the draws, with *_std their standard deviations. scores [L, H]: what was ranked."""
 
     method: str
     ranking: tuple[str, ...]
@@ -67,14 +81,25 @@ class MethodCurve:
     f: np.ndarray
     cpr: float
     cmd: float
+    mean_f: float = float("nan")
+    f_max: float = float("nan")
+    signed: tuple[str, ...] | None = None
+    m_signed: np.ndarray | None = None
+    f_signed: np.ndarray | None = None
     f_std: np.ndarray | None = None
     cpr_std: float | None = None
     cmd_std: float | None = None
+    mean_f_std: float | None = None
     scores: np.ndarray | None = None
     draws: int = 1
 
+    @property
+    def f_cpr(self) -> np.ndarray:
+        """The curve CPR, the f at k columns and mean_f read: the signed ranking's where there is one."""
+        return self.f if self.f_signed is None else self.f_signed
+
     def f_at(self, k: int, sizes: Sequence[int]) -> float | None:
-        return float(self.f[list(sizes).index(k)]) if k in sizes else None
+        return float(self.f_cpr[list(sizes).index(k)]) if k in sizes else None
 
 
 @dataclass(frozen=True)
@@ -115,9 +140,10 @@ class FaithfulnessResults:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FaithfulnessResults:
-        arrays = ("m", "f", "f_std", "scores")
-        methods = tuple(MethodCurve(**{k: (np.asarray(v, dtype=float) if k in arrays and v is not None else v)
-                                       for k, v in m.items()} | {"ranking": tuple(m["ranking"])}) for m in data["methods"])
+        arrays = ("m", "f", "m_signed", "f_signed", "f_std", "scores")
+        methods = tuple(MethodCurve(**{k: (np.asarray(v, dtype=float) if k in arrays and v is not None else
+                                           tuple(v) if k in ("ranking", "signed") and v is not None else v)
+                                       for k, v in m.items()}) for m in data["methods"])
         return cls(**{**data, "sizes": tuple(data["sizes"]), "methods": methods,
                       "overlap": tuple(Overlap(**o) for o in data.get("overlap", ()))})
 
@@ -126,9 +152,10 @@ class FaithfulnessResults:
 
 
 def default_sizes(n_heads: int) -> tuple[int, ...]:
-    """0, 1, 2, 3, 5, 7, 10, 15, 20, then every 10 up to 40 and every 20 beyond, and all n_heads heads."""
-    grid = [0, *SMALL_SIZES, 30, 40, *range(60, n_heads, 20), n_heads]
-    return tuple(sorted({k for k in grid if k <= n_heads}))
+    """MIB's grid of fractions of the n_heads heads, rounded to whole heads, plus every size from 0 to 20 and
+    all the heads (for Gemma 3 270M's 72 heads: 0-20, 36, 72)."""
+    grid = {int(np.floor(f * n_heads + 0.5)) for f in MIB_FRACTIONS} | set(range(SMALL + 1)) | {n_heads}
+    return tuple(sorted(k for k in grid if k <= n_heads))
 
 
 def circuit_masks(rankings: Tensor, sizes: Sequence[int]) -> Tensor:
@@ -153,29 +180,104 @@ def areas(f: np.ndarray, sizes: Sequence[int], n_heads: int) -> tuple[float, flo
     return float(np.trapezoid(f, x)), float(np.trapezoid(np.abs(1.0 - f), x))
 
 
-def rank_scores(scores: Tensor) -> Tensor:
-    """[N]: flat head indices by decreasing |score| (ties: lower index first)."""
-    flat = scores.abs().flatten().double()
+def rank_scores(scores: Tensor, signed: bool = False) -> Tensor:
+    """[N]: flat head indices by decreasing |score| (signed: by decreasing score); ties: lower index first."""
+    flat = (scores if signed else scores.abs()).flatten().double()
     return torch.from_numpy(np.lexsort((np.arange(flat.numel()), -flat.numpy())).copy())
 
 
-def svt_ranking(trace: Any, n_layers: int, n_heads: int) -> tuple[Tensor, Tensor]:
+def count_ranking(trace: Any, n_layers: int, n_heads: int) -> tuple[Tensor, Tensor]:
     """(ranking [N], evidence [L, H]): heads by the number of prompts in which the trace reached them (as a
     traced event or a kept upstream head), then their total |contribution|; the heads it never reached follow
     by their firing counts. evidence = prompts + a fraction that orders ties by contribution."""
     H = n_heads
     ev, ed = trace.events, trace.edges
+    heads = ed.up_head >= 0  # writers other than heads (`sources`) are not ranked
     pairs = set(zip(ev.prompt.tolist(), (ev.layer * H + ev.head).tolist()))
-    pairs |= set(zip(ed.prompt.tolist(), (ed.up_layer * H + ed.up_head).tolist()))
+    pairs |= set(zip(ed.prompt[heads].tolist(), (ed.up_layer * H + ed.up_head)[heads].tolist()))
     prompts = np.zeros(n_layers * H)
     for _, head in pairs:
         prompts[head] += 1
     contribution = np.zeros(n_layers * H)
-    np.add.at(contribution, (ed.up_layer * H + ed.up_head).astype(int), np.abs(ed.contribution))
+    np.add.at(contribution, (ed.up_layer * H + ed.up_head)[heads].astype(int), np.abs(ed.contribution[heads]))
     firing = np.asarray(trace.firing.counts, dtype=float).reshape(-1)
     order = np.lexsort((np.arange(n_layers * H), -firing, -contribution, -prompts))
-    evidence = prompts + contribution / (contribution.max() + 1.0) / 2
+    evidence = prompts + contribution / (contribution.max(initial=0.0) + 1.0) / 2
     return torch.from_numpy(order.copy()), torch.from_numpy(evidence.reshape(n_layers, H))
+
+
+def influence_scores(trace: Any, prompts: PromptSet, n_layers: int, n_heads: int) -> np.ndarray:
+    """[L, H]: each head's influence on the roots through the traced edges, averaged over prompts and roots.
+
+    A node is a head's output at one token of one prompt. The weight of an edge (l', b) -> event (l, h, i, j)
+    through side d (token i) or s (token j) is that side's share of the event's signal, c / (2 S_side): its
+    contribution (eq. 8; negative ones carry no share) over the side's whole signal (every writer's, eq. 8
+    extended: heads, MLPs, embeddings, biases; the traced edges' sum where that is larger), each side
+    carrying half of the bilinear score. A node's
+    inflow goes to its traced events (the firings with that token as destination, where Algorithm 1 recurses)
+    in proportion to their attention. With A these weights, a head's influence in a prompt is the sum over its
+    nodes of the roots' rows of (I - A)^-1 (every path to a root, the product of its weights), here summed
+    layer by layer from the top (edges only go down), divided by the number of roots; the roots' own events
+    start with 1. Writers other than heads are leaves. circuit-tracer prunes attribution graphs this way."""
+    ev, ed = trace.events, trace.edges
+    H, E = n_heads, len(ev)
+    n = int(max(ev.dest.max(initial=0), ed.token.max(initial=0), 0)) + 1
+    key = lambda p, l, h, t: ((np.asarray(p) * n_layers + l) * H + h) * n + t  # noqa: E731  (prompt, head, token)
+    heads = ed.up_head >= 0
+    ev_node = key(ev.prompt, ev.layer, ev.head, ev.dest)
+    up_node = key(ed.prompt[heads], ed.up_layer[heads], ed.up_head[heads], ed.token[heads])
+    nodes, inverse = np.unique(np.concatenate([ev_node, up_node]), return_inverse=True)
+    ev_at, up_at = inverse[:E], inverse[E:]
+    # each event's share of its node's inflow: its attention over the node's traced events'
+    attention = np.asarray(ev.attention, dtype=float)
+    node_attention = np.zeros(len(nodes))
+    np.add.at(node_attention, ev_at, attention)
+    share = attention / np.where(node_attention[ev_at] > 0, node_attention[ev_at], 1.0)
+    # each edge's weight: its share of the downstream side's signal, half per side; where negative writers
+    # make the signal smaller than the traced edges' sum, that sum (so a side never hands on more than half)
+    positive = np.clip(ed.contribution, 0, None).astype(float)
+    side_of = 2 * ed.event.astype(int) + (ed.side == "s")
+    traced = np.zeros(2 * E)
+    np.add.at(traced, side_of, positive)
+    signal = np.stack([ev.signal_dest, ev.signal_src], axis=1).reshape(-1).astype(float)
+    whole = np.maximum(signal, traced)
+    event = ed.event[heads].astype(int)
+    weight = positive[heads] / np.where(whole[side_of[heads]] > 0, 2 * whole[side_of[heads]], np.inf)
+    seed = np.zeros(E)  # the roots' events start with 1
+    np.add.at(seed, [e for rows in root_events(ev, prompts, [parse_root(t) for t in trace.config.roots]) for e in rows], 1.0)
+    flow = seed.copy()  # each event's flow from the roots
+    node_flow = np.zeros(len(nodes))  # each node's inflow through edges
+    for layer in sorted(set(ev.layer.tolist()), reverse=True):
+        here = ev.layer == layer
+        flow[here] += node_flow[ev_at[here]] * share[here]
+        down = here[event]
+        np.add.at(node_flow, up_at[down], flow[event[down]] * weight[down])
+    total = node_flow + np.bincount(ev_at, seed, minlength=len(nodes))
+    head = (nodes // n) % (n_layers * H)
+    out = np.zeros(n_layers * H)
+    np.add.at(out, head, total)
+    return (out / max(len(prompts), 1) / max(len(trace.config.roots), 1)).reshape(n_layers, H)
+
+
+def influence_ranking(influence: np.ndarray, roots: set[int], count_order: Tensor) -> tuple[Tensor, Tensor]:
+    """(ranking [N], scores [L, H]): the roots first (influence 1 by definition), then every head by its
+    influence, ties (the heads the trace never reached among them) in the count ranking's order."""
+    scores = influence.reshape(-1).copy()
+    scores[list(roots)] = 1.0
+    place = torch.empty_like(count_order)
+    place[count_order] = torch.arange(len(count_order))
+    is_root = np.isin(np.arange(len(scores)), list(roots))
+    order = np.lexsort((place.numpy(), -scores, ~is_root))
+    return torch.from_numpy(order.copy()), torch.from_numpy(scores.reshape(influence.shape))
+
+
+def curve_summary(f: np.ndarray, sizes: Sequence[int]) -> tuple[float, float]:
+    """(mean of min(f, 1), largest f) over the circuits of 1 to SMALL heads on the grid."""
+    small = [s for s, k in enumerate(sizes) if 1 <= k <= SMALL]
+    if not small:
+        return float("nan"), float("nan")
+    f = np.asarray(f, dtype=float)[small]
+    return float(np.minimum(f, 1.0).mean()), float(f.max())
 
 
 def random_rankings(n: int, draws: int, seed: int) -> Tensor:
@@ -280,18 +382,20 @@ def patched_logit_diff(model: LoadedModel, batch: Batch, z_cf: Tensor, keep: Ten
     return out.view(C, P)
 
 
-def gradient_times_difference(model: LoadedModel, batch: Batch, z_clean: Tensor, z_cf: Tensor, *, batch_size: int = 64) -> Tensor:
+def gradient_times_difference(model: LoadedModel, batch: Batch, z_clean: Tensor, z_cf: Tensor, *, at: str = "counterfactual",
+                              batch_size: int = 64) -> Tensor:
     """[P, L, H]: attribution patching at node granularity, per prompt and head, summed over positions:
-    sum_{t, r} (z_clean - z_cf)[t, r] * dF/dz[t, r], the gradient taken at the counterfactual run (the
-    denoising convention of TransformerLens 4's `attribution_patch`). One forward with grad and one backward
-    per batch of prompts (F of each prompt depends on its own row only, so the gradient of the sum is each
-    prompt's own)."""
+    sum_{t, r} (z_clean - z_cf)[t, r] * dF/dz[t, r] (positive: the head's clean output supports F), the
+    gradient taken at the counterfactual run (`at="counterfactual"`, the denoising convention of
+    TransformerLens 4's `attribution_patch`) or at the clean run (`at="clean"`, MIB's EAP). One forward with
+    grad and one backward per batch of prompts (F of each prompt depends on its own row only, so the gradient
+    of the sum is each prompt's own)."""
     from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
     L, out = model.n_layers, []
     for start in range(0, batch.tokens.shape[0], batch_size):
         sl = slice(start, start + batch_size)
-        tokens = batch.cf_tokens[sl]
+        tokens = (batch.cf_tokens if at == "counterfactual" else batch.tokens)[sl]
         deltas: dict[int, Tensor] = {}
 
         def probe(layer: int) -> Callable:
@@ -435,20 +539,28 @@ def evaluate_faithfulness(
     against: str,
     mean: bool = False,
     sizes: Sequence[int] | str | None = None,
+    rankings: Sequence[str] = RANKINGS,
     random_draws: int = 10,
     seed: int = 0,
     references: dict[str, set[str]] | None = None,
-    use_tl: bool = True,
+    check_tl: bool = False,
+    f_clean: Sequence[float] | None = None,
     progress: Progress | None = None,
 ) -> FaithfulnessResults:
-    """Faithfulness curves of SVT (from `trace`), attribution patching, DLA and random rankings on `prompts`
-    (each with a counterfactual), with the same ablation for all: see the module docstring.
+    """Faithfulness curves of the `rankings` (influence and count from `trace`, attribution patching, DLA) and
+    of random ones on `prompts` (each with a counterfactual), with the same ablation for all: see the module
+    docstring. f_clean: each prompt's clean F where the run has it already (then, without attribution or DLA,
+    no clean pass is run). check_tl: also run TransformerLens 4's `attribution_patch` against our scores and,
+    where TransformerLens accepts the model, its edge-level `faithfulness` on the trace's edges.
 
     references: named head sets ("l.h") to score each method's top-k heads against (precision, recall, F1).
     """
     t_start = time.perf_counter()
     L, H = model.n_layers, model.n_heads
     N = L * H
+    unknown = [r for r in rankings if r not in RANKINGS]
+    if unknown:
+        raise EvaluationError(f"unknown ranking {unknown[0]!r}; rankings are {', '.join(RANKINGS)}")
     batch = Batch.of(model, prompts)
     grid = tuple(range(N + 1)) if sizes == "all" else default_sizes(N) if sizes is None else tuple(sorted({0, N, *sizes}))
     if grid[-1] != N or grid[0] != 0:
@@ -456,48 +568,71 @@ def evaluate_faithfulness(
     names = [f"{l}.{h}" for l in range(L) for h in range(H)]
     timings: dict[str, float] = {}
 
-    # the clean and counterfactual runs: head outputs, F, and the scales direct attribution needs
+    # the counterfactual run (and the clean one where F, the head outputs or the scales are not at hand)
     t = time.perf_counter()
-    scale_hooks = ["ln_final.hook_scale"] + [f"blocks.{l}.ln1_post.hook_scale" for l in range(L)
-                                              if f"blocks.{l}.ln1_post.hook_scale" in model.bridge.hook_dict]
-    z_clean, f_clean, scales = head_outputs(model, batch.tokens, batch.lengths, batch.answers, extra=scale_hooks, metric=batch.metric)
-    timings["forward"] = time.perf_counter() - t
     z_cf, f_cf, _ = head_outputs(model, batch.cf_tokens, batch.lengths, batch.answers, metric=batch.metric)
+    timings["forward"] = time.perf_counter() - t
+    needs_clean = check_tl or f_clean is None or any(r in SIGNED for r in rankings)
+    if needs_clean:
+        scale_hooks = ["ln_final.hook_scale"] + [f"blocks.{l}.ln1_post.hook_scale" for l in range(L)
+                                                  if f"blocks.{l}.ln1_post.hook_scale" in model.bridge.hook_dict]
+        z_clean, clean_f, scales = head_outputs(model, batch.tokens, batch.lengths, batch.answers,
+                                                extra=scale_hooks if "dla" in rankings else (), metric=batch.metric)
+    else:
+        clean_f = torch.as_tensor(np.asarray(f_clean, dtype=np.float64))
     replacement = z_cf
     if mean:  # per position, over the counterfactual prompts that reach it
         mask = (torch.arange(z_cf.shape[1])[None, :] < batch.lengths[:, None]).float()[:, :, None, None, None]
         replacement = (z_cf * mask).sum(0) / mask.sum(0).clamp_min(1)
 
-    # rankings
+    # rankings: name -> (order by |score|, order by signed score or None, scores [L, H])
     t = time.perf_counter()
-    from circuitlang.models.geometry import attention_geometry
-
-    own = gradient_times_difference(model, batch, z_clean, z_cf)  # [P, L, H]
+    count_order, count_evidence = count_ranking(trace, L, H)
     attribution: dict[str, Any] = {"source": "own", "granularity": "node"}
-    ap_scores = own.mean(0)
-    if use_tl:
+    per_prompt: dict[str, Tensor] = {}
+    fixed: dict[str, tuple[Tensor, Tensor | None, Tensor]] = {}
+    for name in rankings:
+        if name == "count":
+            fixed[name] = (count_order, None, count_evidence)
+        elif name == "influence":
+            roots = {r.layer * H + r.head for r in map(parse_root, trace.config.roots)}
+            order, scores = influence_ranking(influence_scores(trace, prompts, L, H), roots, count_order)
+            fixed[name] = (order, None, scores)
+        else:
+            if name == "dla":
+                from circuitlang.models.geometry import attention_geometry
+
+                scores = direct_logit_attribution(model, batch, z_clean, scales, attention_geometry(model).W_O).mean(0)
+            else:
+                per_prompt[name] = gradient_times_difference(model, batch, z_clean, z_cf, at=name.removeprefix("attribution_")
+                                                             .replace("cf", "counterfactual"))
+                scores = per_prompt[name].mean(0)
+            fixed[name] = (rank_scores(scores), rank_scores(scores, signed=True), scores)
+    if check_tl:  # TransformerLens 4's attribution_patch (the counterfactual gradient), one prompt a call
         try:
             tl = tl_attribution(model, batch)
         except (ValueError, NotImplementedError, RuntimeError) as err:
             attribution["tl_refused"] = str(err)
         else:
-            ap_scores = tl.mean(0)
-            attribution["source"] = "transformer_lens"
+            own = per_prompt.get("attribution_cf")
+            own = gradient_times_difference(model, batch, z_clean, z_cf) if own is None else own
+            attribution["source"] = "own, checked against transformer_lens"
             attribution["max_abs_difference_own_vs_tl"] = float((tl.mean(0) - own.mean(0)).abs().max())
             attribution["max_abs_score"] = float(tl.mean(0).abs().max())
-    timings["attribution"] = time.perf_counter() - t
-    dla = direct_logit_attribution(model, batch, z_clean, scales, attention_geometry(model).W_O).mean(0)
-    svt_order, svt_evidence = svt_ranking(trace, L, H)
-    fixed = {"svt": (svt_order, svt_evidence), "attribution": (rank_scores(ap_scores), ap_scores),
-             "dla": (rank_scores(dla), dla)}
+    timings["rankings"] = time.perf_counter() - t
+    rows: list[Tensor] = []  # the orders evaluated, each once
+    at: dict[str, tuple[int, int | None]] = {}  # name -> (row of the |score| order, row of the signed order)
+    for name, (order, signed, _) in fixed.items():
+        at[name] = (len(rows), None if signed is None else len(rows) + 1)
+        rows += [order] if signed is None else [order, signed]
     randoms = random_rankings(N, random_draws, seed * 1_000_003 + 13)
-    rankings = torch.cat([torch.stack([order for order, _ in fixed.values()]), randoms])  # [R, N]
+    orders = torch.cat([torch.stack(rows) if rows else torch.empty(0, N, dtype=torch.long), randoms])  # [R, N]
 
     # one batched pass per circuit size: every ranking's circuit of that size (duplicates run once)
     t = time.perf_counter()
-    masks = circuit_masks(rankings, grid)  # [R, S, N]
-    m = torch.empty(rankings.shape[0], len(grid), dtype=torch.float64)
-    m_full, m_empty = float(f_clean.double().mean()), None
+    masks = circuit_masks(orders, grid)  # [R, S, N]
+    m = torch.empty(orders.shape[0], len(grid), dtype=torch.float64)
+    m_full = float(clean_f.double().mean())
     inner = [s for s, k in enumerate(grid) if 0 < k < N]
     for done, s in enumerate([grid.index(0), *inner]):
         unique, inverse = torch.unique(masks[:, s].to(torch.uint8), dim=0, return_inverse=True)
@@ -511,18 +646,27 @@ def evaluate_faithfulness(
     passes = len(inner) + 1
 
     curves = []
-    for r, (name, (order, scores)) in enumerate(fixed.items()):
-        f = faithfulness(m[r].numpy(), m_full, m_empty)
-        cpr, cmd = areas(f, grid, N)
-        curves.append(MethodCurve(name, tuple(names[i] for i in order.tolist()), m[r].numpy(), f, cpr, cmd,
+    for name, (order, signed, scores) in fixed.items():
+        r_abs, r_signed = at[name]
+        f = faithfulness(m[r_abs].numpy(), m_full, m_empty)
+        f_signed = None if r_signed is None else faithfulness(m[r_signed].numpy(), m_full, m_empty)
+        f_cpr = f if f_signed is None else f_signed
+        mean_f, f_max = curve_summary(f_cpr, grid)
+        curves.append(MethodCurve(name, tuple(names[i] for i in order.tolist()), m[r_abs].numpy(), f,
+                                  areas(f_cpr, grid, N)[0], areas(f, grid, N)[1], mean_f, f_max,
+                                  signed=None if signed is None else tuple(names[i] for i in signed.tolist()),
+                                  m_signed=None if r_signed is None else m[r_signed].numpy(), f_signed=f_signed,
                                   scores=scores.double().numpy()))
     if random_draws:
-        mr = m[len(fixed):].numpy()
+        mr = m[len(rows):].numpy()
         fr = np.stack([faithfulness(row, m_full, m_empty) for row in mr])
         ar = np.array([areas(row, grid, N) for row in fr])
+        summary = np.array([curve_summary(row, grid) for row in fr])
         curves.append(MethodCurve("random", tuple(names[i] for i in randoms[0].tolist()), mr.mean(0), fr.mean(0),
-                                  float(ar[:, 0].mean()), float(ar[:, 1].mean()), f_std=fr.std(0),
-                                  cpr_std=float(ar[:, 0].std()), cmd_std=float(ar[:, 1].std()), draws=random_draws))
+                                  float(ar[:, 0].mean()), float(ar[:, 1].mean()), float(summary[:, 0].mean()),
+                                  curve_summary(fr.mean(0), grid)[1],
+                                  f_std=fr.std(0), cpr_std=float(ar[:, 0].std()), cmd_std=float(ar[:, 1].std()),
+                                  mean_f_std=float(summary[:, 0].std()), draws=random_draws))
 
     overlap = []
     for ref_name, ref in (references or {}).items():
@@ -534,14 +678,15 @@ def evaluate_faithfulness(
                     overlap.append(Overlap(curve.method, ref_name, k, *top_k_overlap(curve.ranking, ref, k)))
 
     edge_level: dict[str, Any] = {}
-    refusal = tl_edge_support(model)
-    edge_level["supported"] = refusal is None
-    if refusal is not None:
-        edge_level["reason"] = refusal
-    elif use_tl and hasattr(trace, "graph"):  # a real trace (not a ranking's stub): its edges, scored by TransformerLens
-        t = time.perf_counter()
-        edge_level |= tl_edge_faithfulness(model, batch, trace)
-        timings["edge_level"] = time.perf_counter() - t
+    if check_tl:
+        refusal = tl_edge_support(model)
+        edge_level["supported"] = refusal is None
+        if refusal is not None:
+            edge_level["reason"] = refusal
+        elif hasattr(trace, "graph"):  # a real trace (not a ranking's stub): its edges, scored by TransformerLens
+            t = time.perf_counter()
+            edge_level |= tl_edge_faithfulness(model, batch, trace)
+            timings["edge_level"] = time.perf_counter() - t
 
     timings["evaluation"] = time.perf_counter() - t_start
     timings["passes"] = float(passes)
@@ -574,8 +719,10 @@ def traced_heads(trace: Any, min_count: int = 1) -> set[str]:
     return heads
 
 
-def evaluate_plan(plan: Any, model: LoadedModel, prompts: PromptSet, trace: Any, progress: Progress | None = None) -> FaithfulnessResults | None:
-    """The plan's `evaluate faithfulness` statement on a traced run (None when the plan has none)."""
+def evaluate_plan(plan: Any, model: LoadedModel, prompts: PromptSet, trace: Any, progress: Progress | None = None,
+                  logit_diff: Sequence[float] = ()) -> FaithfulnessResults | None:
+    """The plan's `evaluate faithfulness` statement on a traced run (None when the plan has none); logit_diff:
+    the run's clean F per prompt, where it has them (the clean pass is then not repeated for them)."""
     ev = plan.evaluate
     if ev is None:
         return None
@@ -586,5 +733,6 @@ def evaluate_plan(plan: Any, model: LoadedModel, prompts: PromptSet, trace: Any,
         known = plan.compare if isinstance(plan.compare, tuple) else tuple(h for hs in known_heads(plan.compare).values() for h in hs)
         references["known"] = set(known)
     cf = counterfactual_prompts(prompts, model.tokenizer, ev.against, plan.seed)
-    return evaluate_faithfulness(model, cf, trace, against=ev.against, mean=ev.mean, sizes=ev.sizes, random_draws=ev.random,
-                                 seed=plan.seed, references=references, progress=progress)
+    return evaluate_faithfulness(model, cf, trace, against=ev.against, mean=ev.mean, sizes=ev.sizes, rankings=ev.rankings,
+                                 random_draws=ev.random, seed=plan.seed, references=references, check_tl=ev.check_tl,
+                                 f_clean=logit_diff or None, progress=progress)

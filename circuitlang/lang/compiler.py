@@ -21,7 +21,9 @@ from circuitlang.data.tasks import Reference, Span, TaskTextError, placeholders,
 from circuitlang.lang.errors import SpecError, did_you_mean, listing
 from circuitlang.lang.parser import BARE_WORD, KEYWORDS, STATEMENTS, parse_statements
 from circuitlang.lang.plan import (
+    CHECKS,
     OUTPUT_FORMATS,
+    RANKINGS,
     AutoRoots,
     EdgeSelector,
     Evaluation,
@@ -343,7 +345,7 @@ class _Compiler:
     def _seed(self, seed):
         return {"seed": self.count(seed, "the seed", MAX_SEED, least=0)}
 
-    def _evaluate(self, against, mean, sizes, random):
+    def _evaluate(self, against, mean, sizes, ranks, random, check):
         kind = str(against.children[0])
         if self.task is not None:
             if kind != "counterfactual":
@@ -382,7 +384,17 @@ class _Compiler:
                 largest = max(sizes.children, key=int)  # checked against the model's heads once it is loaded
                 self.where["evaluate sizes"] = Where(self.file, largest.line, largest.column)
         draws = self.count(random, "the number of random rankings", MAX_RANDOM_DRAWS, least=0) if random else Evaluation.random
-        return {"evaluate": Evaluation(kind, mean is not None, chosen, draws)}
+        rankings = Evaluation.rankings
+        if ranks is not None:
+            for word in ranks.children:
+                if str(word) not in RANKINGS:
+                    raise self.error(word, f'unknown ranking "{word}"; rankings are {listing(RANKINGS, "and")}'
+                                     + did_you_mean(str(word), RANKINGS))
+            rankings = tuple(dict.fromkeys(map(str, ranks.children)))
+        if check is not None and str(check.children[0]) not in CHECKS:
+            raise self.error(check.children[0], f'unknown check "{check.children[0]}"; the check is "tl" (TransformerLens 4)'
+                             + did_you_mean(str(check.children[0]), CHECKS))
+        return {"evaluate": Evaluation(kind, mean is not None, chosen, draws, rankings, check is not None)}
 
     def _sources(self, keyword, *words):
         chosen = []

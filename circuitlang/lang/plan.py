@@ -235,6 +235,10 @@ READING_SETS = {  # the order breaks ties in Readings.__str__
 
 COUNTERFACTUALS = ("abc", "flipped", "file", "counterfactual")
 DEFAULT_RANDOM_DRAWS = 10
+# `evaluate ... rank`: the trace's influence and count rankings, attribution patching with the gradient at the
+# clean run (MIB's EAP) and at the counterfactual run (TransformerLens 4's), direct logit attribution
+RANKINGS = ("influence", "count", "attribution_clean", "attribution_cf", "dla")
+CHECKS = ("tl",)
 
 
 @dataclass(frozen=True)
@@ -245,17 +249,22 @@ class Evaluation:
     (three other names) or `flipped` (S2 becomes IO) for the ioi prompts, `file` (each prompt's
     `counterfactual` text) for a prompts file; mean: patch with the mean over the counterfactual prompts
     instead of each prompt's own; sizes: the circuit sizes (heads) evaluated, None for the default grid,
-    "all" for every size; random: seeded random rankings averaged as the chance baseline.
+    "all" for every size; rankings: the methods whose rankings are evaluated (RANKINGS), random: seeded
+    random rankings averaged as the chance baseline; check_tl: check our attribution scores against
+    TransformerLens 4's `attribution_patch` and score the trace's edges with its `faithfulness` (`check tl`).
     """
 
     against: Literal["abc", "flipped", "file"] = "abc"
     mean: bool = False
     sizes: tuple[int, ...] | Literal["all"] | None = None
     random: int = DEFAULT_RANDOM_DRAWS
+    rankings: tuple[str, ...] = RANKINGS
+    check_tl: bool = False
 
     def __str__(self) -> str:
         sizes = "" if self.sizes is None else " sizes " + (self.sizes if self.sizes == "all" else ", ".join(map(str, self.sizes)))
-        return f"faithfulness against {self.against}{' mean' * self.mean}{sizes} random {self.random}"
+        rank = "" if self.rankings == RANKINGS else " rank " + ", ".join(self.rankings)
+        return f"faithfulness against {self.against}{' mean' * self.mean}{sizes}{rank} random {self.random}{' check tl' * self.check_tl}"
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,13 @@ if TYPE_CHECKING:
     from circuitlang.engine.evaluate import FaithfulnessResults
 
 FORMAT = "circuitlang.faithfulness/1"
-LABELS = {"svt": "SVT (trace)", "attribution": "attribution patching", "dla": "direct logit attribution", "random": "random"}
-COLOURS = {"svt": "#d62728", "attribution": "#1f77b4", "dla": "#2ca02c", "random": "#7f7f7f"}
+LABELS = {"influence": "SVT influence (trace)", "count": "SVT count (trace)",
+          "attribution_clean": "attribution patching, clean gradient (MIB's EAP)",
+          "attribution_cf": "attribution patching, counterfactual gradient (TL 4)", "dla": "direct logit attribution",
+          "random": "random"}
+COLOURS = {"influence": "#d62728", "count": "#ff9896", "attribution_clean": "#1f77b4", "attribution_cf": "#9edae5",
+           "dla": "#2ca02c", "random": "#7f7f7f"}
+TRACE_METHODS = ("influence", "count")
 REPORT_SIZES = (5, 10, 20)
 
 
@@ -55,23 +60,36 @@ def _pm(x: float | None, sd: float | None) -> str:
     return _num(x) if sd is None else f"{_num(x)} ± {_num(sd)}"
 
 
+def table_order(results: FaithfulnessResults) -> list:
+    """The methods by their mean f over circuits of 1 to 20 heads (capped at 1: overshoot is no win), random
+    last: no method is listed first unless it leads where a researcher reads a circuit."""
+    fixed = [c for c in results.methods if c.method != "random"]
+    key = lambda c: -c.mean_f if math.isfinite(c.mean_f) else math.inf  # noqa: E731
+    return sorted(fixed, key=key) + [c for c in results.methods if c.method == "random"]
+
+
 def render_faithfulness(results: FaithfulnessResults, console: Console) -> None:
-    """Method x (CPR, CMD, f at 5/10/20 heads), the two ends of the gap, the top-k overlaps, the run time."""
+    """Method x (CPR, CMD, f at 5/10/20 heads, mean f up to 20 heads, the largest f there), the two ends of the
+    gap, the top-k overlaps, the run time."""
     sizes = list(results.sizes)
     ablation = "the mean over the counterfactual prompts" if results.ablation == "mean" else "each prompt's own counterfactual"
     table = Table(title=f"Faithfulness against {results.against}: heads outside the circuit take the outputs of {ablation}",
-                  box=box.SIMPLE_HEAD, caption="f = (m(C) - m(empty)) / (m(M) - m(empty)); CPR = area under f (higher is "
-                  "better), CMD = area between f and 1 (lower is better), over the fraction of heads kept",
+                  box=box.SIMPLE_HEAD, caption="MIB-style, on heads: f = (m(C) - m(empty)) / (m(M) - m(empty)); CPR = area "
+                  "under f of the circuits on signed scores (higher is better), CMD = area of |1 - f| of the circuits on "
+                  "|score| (lower is better), over the fraction of heads kept; f@k and mean f (k <= 20, f capped at 1) on "
+                  "CPR's circuits; max f > 1 is overshoot, not a win",
                   collapse_padding=True, pad_edge=False)  # 80 columns hold every method's name and numbers whole
-    for column in ("method", "CPR", "CMD", *(f"f@{k}" for k in REPORT_SIZES)):
+    for column in ("method", "CPR", "CMD", *(f"f@{k}" for k in REPORT_SIZES), "mean f (k<=20)", "max f"):
         table.add_column(column, justify="left" if column == "method" else "right", no_wrap=True)
-    for curve in results.methods:
+    for curve in table_order(results):
         name = LABELS.get(curve.method, curve.method) + (f" ({curve.draws} draws)" if curve.method == "random" else "")
         cells = []
         for k in REPORT_SIZES:
             at = sizes.index(k) if k in sizes else None
-            cells.append("—" if at is None else _pm(float(curve.f[at]), None if curve.f_std is None else float(curve.f_std[at])))
-        table.add_row(name, _pm(curve.cpr, curve.cpr_std), _pm(curve.cmd, curve.cmd_std), *cells)
+            cells.append("—" if at is None else _pm(float(curve.f_cpr[at]), None if curve.f_std is None else float(curve.f_std[at])))
+        over = f"[yellow]{_num(curve.f_max)}[/yellow]" if math.isfinite(curve.f_max) and curve.f_max > 1 else _num(curve.f_max)
+        table.add_row(name, _pm(curve.cpr, curve.cpr_std), _pm(curve.cmd, curve.cmd_std), *cells,
+                      _pm(curve.mean_f, curve.mean_f_std), over)
     console.print(table)
     console.print(f"m = mean F over {results.n_prompts} prompts: full model {results.m_full:.3f}, empty circuit "
                   f"{results.m_empty:.3f}, counterfactual run {results.m_counterfactual:.3f}; {results.n_heads} heads, "
@@ -80,15 +98,16 @@ def render_faithfulness(results: FaithfulnessResults, console: Console) -> None:
     if not abs(gap) >= 0.1:
         console.print(f"[yellow]note[/yellow]: m(M) - m(empty) = {gap:.3g} is small: f divides by it, so it is noisy here", highlight=False)
     a = results.attribution
-    if a.get("source") == "transformer_lens":
-        console.print(f"attribution patching: TransformerLens 4's attribution_patch (node granularity); our batched "
-                      f"gradient x difference differs by at most {a.get('max_abs_difference_own_vs_tl', float('nan')):.2g} "
-                      f"(largest score {a.get('max_abs_score', float('nan')):.3g})", highlight=False)
-    elif a:
-        why = f": TransformerLens refused ({a['tl_refused']})" if a.get("tl_refused") else ""
-        console.print(f"attribution patching: our gradient x difference on head outputs{why}", highlight=False)
+    if "max_abs_difference_own_vs_tl" in a:
+        console.print(f"attribution patching: our batched gradient x difference; TransformerLens 4's attribution_patch "
+                      f"(node granularity, counterfactual gradient) differs from it by at most "
+                      f"{a['max_abs_difference_own_vs_tl']:.2g} (largest score {a.get('max_abs_score', float('nan')):.3g})",
+                      highlight=False)
+    elif a.get("tl_refused"):
+        console.print(f"attribution patching: our gradient x difference on head outputs; TransformerLens refused the check "
+                      f"({a['tl_refused']})", highlight=False)
     edge = results.edge_level
-    if edge and not edge.get("supported", False):
+    if edge and not edge.get("supported", False) and edge.get("reason"):
         console.print(f"edge level: TransformerLens 4's faithfulness refuses this model: {edge.get('reason', '')}", highlight=False)
     elif edge.get("n_prompts"):
         console.print(f"edge level: TransformerLens 4's faithfulness of the trace's own edges ({edge['edges']:.0f} per prompt: "
@@ -108,12 +127,14 @@ def render_faithfulness(results: FaithfulnessResults, console: Console) -> None:
         console.print(overlap)
     t = results.timings
     if t.get("evaluation") and t.get("forward"):
-        console.print(f"evaluation: {t['evaluation']:.1f} s = {t['evaluation'] / t['forward']:.0f} forward passes over the "
-                      f"prompts ({t['forward']:.2f} s each); {int(t.get('passes', 0))} batched patched passes", highlight=False)
+        console.print(f"evaluation: {t['evaluation']:.1f} s = {t['evaluation'] / t['forward']:.1f} times the counterfactual "
+                      f"capture pass ({t['forward']:.2f} s, to the final norm); {int(t.get('passes', 0))} batched patched "
+                      f"passes", highlight=False)
 
 
 def write_faithfulness_plot(results: FaithfulnessResults, path: str | os.PathLike) -> Path:
-    """faithfulness.png: f against the number of heads kept, one line per method, random as mean ± 1 sd."""
+    """faithfulness.png: f (CPR's circuits) against the number of heads kept, one line per method, random as mean
+    ± 1 sd, on a symlog axis (linear to 1 head)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -124,7 +145,8 @@ def write_faithfulness_plot(results: FaithfulnessResults, path: str | os.PathLik
     for curve in results.methods:
         colour = COLOURS.get(curve.method)
         label = f"{LABELS.get(curve.method, curve.method)} (CPR {curve.cpr:.2f})"
-        ax.plot(x, curve.f, marker="o", markersize=3, color=colour, label=label, linewidth=2 if curve.method == "svt" else 1.4)
+        ax.plot(x, curve.f_cpr, marker="o", markersize=3, color=colour, label=label,
+                linewidth=2 if curve.method in TRACE_METHODS else 1.4)
         if curve.f_std is not None:
             ax.fill_between(x, curve.f - curve.f_std, curve.f + curve.f_std, color=colour, alpha=0.2, linewidth=0)
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle=":")
@@ -132,6 +154,7 @@ def write_faithfulness_plot(results: FaithfulnessResults, path: str | os.PathLik
     ax.set_xlabel("heads kept (top k of each ranking)")
     ax.set_ylabel("faithfulness f")
     ax.set_xlim(0, results.n_heads)
+    ax.set_xscale("symlog", linthresh=1.0)  # the small circuits, where a researcher reads one, stay visible
     ax.set_title(f"faithfulness against {results.against} ({results.ablation} ablation), {results.n_prompts} prompts", fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()

@@ -83,11 +83,14 @@ def interventions_key(plan: Plan) -> str:
     return hashlib.sha256(f"{ENGINE_VERSION}\0{plan.seed}\0{blocks}".encode()).hexdigest()
 
 
+FAITHFULNESS_VERSION = "2"  # bump when the evaluation's rankings or scores change (2: influence, MIB-style scores)
+
+
 def faithfulness_key(plan: Plan) -> str:
     """What, besides the run key, makes a plan's faithfulness results: the evaluate statement, the seed, and
     the reference head sets of the top-k overlaps (show, compare)."""
     text = format_plan(dataclasses.replace(plan, output=Output(), sources=(), interventions=()))
-    return hashlib.sha256(f"{ENGINE_VERSION}\0faithfulness\0{text}".encode()).hexdigest()
+    return hashlib.sha256(f"{ENGINE_VERSION}\0faithfulness {FAITHFULNESS_VERSION}\0{text}".encode()).hexdigest()
 
 
 def load_faithfulness(key: str, fkey: str) -> FaithfulnessResults | None:

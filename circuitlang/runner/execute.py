@@ -281,7 +281,8 @@ def run_plan(plan: Plan, *, model: LoadedModel | None = None, device: str | None
             timings["interventions"] = time.perf_counter() - t
     if plan.evaluate is not None:
         t = time.perf_counter()
-        result = dataclasses.replace(result, faithfulness=evaluate_plan(plan, model, prompts, trace, progress))
+        found = evaluate_plan(plan, model, prompts, trace, progress, result.logit_diff)
+        result = dataclasses.replace(result, faithfulness=found)
         timings["faithfulness"] = time.perf_counter() - t
     return dataclasses.replace(result, trace=dataclasses.replace(trace, timings=timings))
 
@@ -367,7 +368,7 @@ def _cached_faithfulness(plan: Plan, result: RunResult, key: str, fkey: str, dev
         return dataclasses.replace(result, faithfulness=found, reused=(*result.reused, "faithfulness"))
     with use_caches():  # the caches of a cached run: the processed weights load memory-mapped
         model = resolve_model(plan.model, device, progress)
-        found = evaluate_plan(plan, model, build_prompts(plan, model), result.trace, progress)
+        found = evaluate_plan(plan, model, build_prompts(plan, model), result.trace, progress, result.logit_diff)
     with storing():
         rc.store_faithfulness(key, fkey, found)
     return dataclasses.replace(result, faithfulness=found)
