@@ -310,12 +310,13 @@ def test_circ_view_writes_when_needed_and_opens(runs, monkeypatch, capsys):
 
 
 def test_circ_view_of_a_spec(runs, tmp_path, monkeypatch, capsys):
-    """A spec: its output directory as `circ run` left it; traced first (json and html) when it holds none."""
+    """A spec: traced first (json and html) when its output directory holds no run; a directory holding another
+    spec's run is refused, never shown as this spec's (its manifest names the spec that wrote it)."""
     monkeypatch.setenv("CIRCUITLANG_CACHE", str(tmp_path / "cache"))
     spec = tmp_path / "v.circ"
     spec.write_text((runs / "a.circ").read_text() + f'output "{runs / "a"}" json\n')
-    assert main(["view", str(spec), "--no-open"]) == 0
-    assert capsys.readouterr().out.strip().endswith(str(runs / "a" / "trace.html"))
+    assert main(["view", str(spec), "--no-open"]) == 2
+    assert "holds the outputs of" in capsys.readouterr().err
     spec.write_text((runs / "b.circ").read_text() + f'output "{tmp_path / "fresh"}" json\n')
     assert main(["view", str(spec), "--no-open"]) == 0
     assert capsys.readouterr().out.strip().endswith(str(tmp_path / "fresh" / "trace.html"))

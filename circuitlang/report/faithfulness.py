@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 
 FORMAT = "circuitlang.faithfulness/1"
 LABELS = {"influence": "SVT influence (trace)", "count": "SVT count (trace)",
-          "attribution_clean": "attribution patching, clean gradient (MIB's EAP)",
-          "attribution_cf": "attribution patching, counterfactual gradient (TL 4)", "dla": "direct logit attribution",
+          # EAP: the gradient at the clean run (MIB); TL 4: at the counterfactual run (TransformerLens 4)
+          "attribution_clean": "attrib. patching (EAP)", "attribution_cf": "attrib. patching (TL 4)", "dla": "direct logit attribution",
           "random": "random"}
 COLOURS = {"influence": "#d62728", "count": "#ff9896", "attribution_clean": "#1f77b4", "attribution_cf": "#9edae5",
            "dla": "#2ca02c", "random": "#7f7f7f"}
@@ -77,10 +77,11 @@ def render_faithfulness(results: FaithfulnessResults, console: Console) -> None:
                   box=box.SIMPLE_HEAD, caption="MIB-style, on heads: f = (m(C) - m(empty)) / (m(M) - m(empty)); CPR = area "
                   "under f of the circuits on signed scores (higher is better), CMD = area of |1 - f| of the circuits on "
                   "|score| (lower is better), over the fraction of heads kept; f@k and mean f (k <= 20, f capped at 1) on "
-                  "CPR's circuits; max f > 1 is overshoot, not a win",
+                  "CPR's circuits; max f > 1 is overshoot, not a win; attribution patching's gradient at the clean run (EAP, "
+                  "as MIB) or at the counterfactual run (TL 4)",
                   collapse_padding=True, pad_edge=False)  # 80 columns hold every method's name and numbers whole
-    for column in ("method", "CPR", "CMD", *(f"f@{k}" for k in REPORT_SIZES), "mean f (k<=20)", "max f"):
-        table.add_column(column, justify="left" if column == "method" else "right", no_wrap=True)
+    for column in ("method", "CPR", "CMD", *(f"f@{k}" for k in REPORT_SIZES), "mean f", "max f"):
+        table.add_column(column, justify="left" if column == "method" else "right", no_wrap=column == "method")
     for curve in table_order(results):
         name = LABELS.get(curve.method, curve.method) + (f" ({curve.draws} draws)" if curve.method == "random" else "")
         cells = []
@@ -115,7 +116,7 @@ def render_faithfulness(results: FaithfulnessResults, console: Console) -> None:
                       f"inputs included, ablated): {edge['recovered']:.2f} ± {edge['recovered_std']:.2f} of the gap recovered "
                       f"over {edge['n_prompts']} prompts", highlight=False)
     # SVT's ranking is the trace's own evidence, so its top k against the traced heads is 1.00 by construction
-    rows = [o for o in results.overlap if not (o.method == "svt" and o.reference == "trace")]
+    rows = [o for o in results.overlap if not (o.method in TRACE_METHODS and o.reference == "trace")]
     if rows:
         circular = len(rows) < len(results.overlap)
         overlap = Table(title="Top-k heads against reference sets", box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False,
