@@ -173,13 +173,11 @@ def run_to_final_norm(model: LoadedModel, tokens: Tensor, hooks: Sequence[Hook] 
     return out
 
 
-def _hf_config(model: LoadedModel):
-    return getattr(getattr(model.bridge, "original_model", None), "config", None)
-
-
 def kv_cache(model: LoadedModel) -> DynamicCache:
-    """An empty Hugging Face key/value cache laid out for the model (sliding-window layers where it has them)."""
-    return DynamicCache(config=_hf_config(model))
+    """An empty Hugging Face key/value cache that keeps every position at every layer. Laid out for the model,
+    its sliding-window layers would keep only their window, and a prompt longer than that (Gemma 3: 512
+    tokens) could not resume after a prefix; the model's masks apply the window by position all the same."""
+    return DynamicCache()
 
 
 class PrefixCache(DynamicCache):
@@ -200,7 +198,7 @@ class PrefixCache(DynamicCache):
 def prefix_cache(model: LoadedModel, kv: tuple[Tensor, Tensor], rows: Tensor, first: int, repeat: int = 1) -> PrefixCache:
     """The cache of positions 0..first-1 of the prompts `rows` of captured `kv` (`Activations.kv`), for a pass
     of those rows stacked `repeat` times: the pass runs positions first.. only."""
-    cache = PrefixCache(_hf_config(model), repeat)
+    cache = PrefixCache(None, repeat)  # every layer full, as `kv_cache`: the masks apply any window by position
     keys, values = kv
     for layer in range(keys.shape[0]):
         DynamicCache.update(cache, keys[layer, rows, :, :first].to(model.device, model.dtype),

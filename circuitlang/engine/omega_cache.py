@@ -118,7 +118,8 @@ def cached_pair_slices(geometry: AttentionGeometry, layer: int, heads: Tensor, o
         rows, at = use.nonzero().flatten(), at[use]
         U[0, at], S[0, at], V[0, at] = saved["U"][rows].to(dtype), saved["S"][rows].to(dtype), saved["V"][rows].to(dtype)
         found[at] = True
-    for batch in (~found).nonzero().flatten().split(PAIR_BATCH):
+    missing = (~found).nonzero().flatten()
+    for batch in missing.split(PAIR_BATCH) if len(missing) else ():
         rotations = rotation_matrices(cos[m[batch]], sin[m[batch]], r, geometry.interleaved)
         u, s, v = pair_cores(R_a[h[batch]], R_b[h[batch]], rotations)
         U[0, batch], S[0, batch], V[0, batch] = u.to(dtype), s.to(dtype), v.to(dtype)
