@@ -150,3 +150,30 @@ def test_passes_resume_after_a_prefix_longer_than_a_sliding_window(tmp_path_fact
     whole = run_interventions(model, prompts, t, sets, roots, seed=0, acts=acts, partial=False)
     for f in ("f_after", "score_after", "cosine", "norm_ratio"):
         np.testing.assert_allclose(getattr(partial.rows, f), getattr(whole.rows, f), rtol=1e-4, atol=1e-5)
+
+
+def test_long_prompts_decompose_the_traced_events_only(model, prompts, dense, sparse, monkeypatch):
+    """Past STATS_TOKENS the Omega cores are those of the traced events' (head, offset) pairs, the walk and its
+    edges are unchanged, and the firing statistics count the traced events' slices."""
+    from circuitlang.engine import trace as trace_module
+
+    roots = busiest_roots(dense, prompts, model.n_layers - 1, distinct=False)
+    full = trace(model, prompts, roots, threshold=THRESHOLD, activations=sparse)
+    computed = []
+    real = omega_cache.pair_cores
+    monkeypatch.setattr(omega_cache, "pair_cores", lambda R_a, R_b, rot: computed.append(len(rot)) or real(R_a, R_b, rot))
+    monkeypatch.setattr(trace_module, "STATS_TOKENS", 4)
+    short = trace(model, prompts, roots, threshold=THRESHOLD, activations=sparse)
+    # The same events and edges; floats to rounding (float32 GEMMs over other batches of events).
+    for f in ("prompt", "layer", "head", "dest", "src", "n_slices"):
+        assert np.array_equal(getattr(full.events, f), getattr(short.events, f)), f
+    for f in ("score", "signal_dest", "signal_src"):
+        np.testing.assert_allclose(getattr(short.events, f), getattr(full.events, f), rtol=1e-5, atol=1e-6)
+    for f in ("event", "up_layer", "up_head"):
+        assert np.array_equal(getattr(full.edges, f), getattr(short.edges, f)), f
+    np.testing.assert_allclose(short.edges.contribution, full.edges.contribution, rtol=1e-5, atol=1e-6)
+    assert np.array_equal(full.firing.counts, short.firing.counts)
+    assert sum(len(c) for layer in short.firing.slice_counts for c in layer) == len(short.events) < full.firing.counts.sum()
+    ev = short.events
+    traced_pairs = {(l, h, d - s) for l, h, d, s in zip(ev.layer, ev.head, ev.dest, ev.src)}
+    assert sum(computed) == len(traced_pairs)
