@@ -140,7 +140,8 @@ def rotary_tables(n: int, rotary_dim: int = 8) -> tuple[torch.Tensor, torch.Tens
 
 
 def same(a, b) -> bool:
-    return all(torch.equal(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
+    pairs = [(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a)]
+    return all(x is y is None or (x is not None and y is not None and torch.equal(x, y)) for x, y in pairs)
 
 
 @pytest.fixture

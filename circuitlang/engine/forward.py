@@ -20,6 +20,7 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from circuitlang.data.prompts import PromptSet
+from circuitlang.engine.decompose import Firings, dense_firings, join_firings, layer_firings
 from circuitlang.engine.omega import rotation_matrices
 from circuitlang.models.geometry import bilinear_scores, rotary_tables
 from circuitlang.models.model import LoadedModel
@@ -36,7 +37,8 @@ class Activations:
 
     tokens [P, n], lengths [P]; x [L, P, n, d]: each layer's attention input after its norm
     (`ln1.hook_normalized`, gains folded); scale [L, P, n]: that norm's per-token scale; pattern and
-    scores [L, P, H, n, n]: A and A' over the attention scale (`hook_pattern`, `hook_attn_scores`);
+    scores [L, P, H, n, n]: A and A' over the attention scale (`hook_pattern`, `hook_attn_scores`), None
+    where the capture kept only the firing events (`firings`);
     z [P, n, L, H, r]: each head's mix of values (`hook_z`), whose output is z @ W_O; final_scale [P, n]:
     the final norm's scale (direct logit attribution); logit_diff [P]: F(X), the target-minus-distractor
     logit at each prompt's last token (section 5.4), when the prompts name both.
@@ -53,8 +55,8 @@ class Activations:
     lengths: Tensor
     x: Tensor
     scale: Tensor
-    pattern: Tensor
-    scores: Tensor
+    pattern: Tensor | None
+    scores: Tensor | None
     z: Tensor
     final_scale: Tensor
     logit_diff: Tensor | None = None
@@ -67,6 +69,24 @@ class Activations:
     mlp_out: Tensor | None = None
     resid: dict[int, Tensor] | None = None
     kv: tuple[Tensor, Tensor] | None = None
+    firings: Firings | None = None
+
+    def firings_at(self, threshold: float) -> Firings:
+        """The firing events at `threshold`: those captured, or found in the dense pattern and scores."""
+        if self.firings is not None:
+            if self.firings.threshold != threshold:
+                raise ValueError(f"these activations kept the firings at attention > {self.firings.threshold}, not {threshold}")
+            return self.firings
+        return dense_firings(self.pattern, self.scores, self.lengths, threshold)
+
+    def event_score(self, layer: int, prompt: int, head: int, dest: int, src: int) -> float:
+        """The captured score (A' over the attention scale) of one event: a firing one where only firings were kept."""
+        if self.scores is not None:
+            return float(self.scores[layer, prompt, head, dest, src])
+        row = int(self.firings.rows_of(*(torch.tensor([v]) for v in (layer, prompt, head, dest, src)))[0])
+        if row < 0:
+            raise ValueError(f"event {layer}.{head} {dest}->{src} of prompt {prompt} does not fire; only firings were kept")
+        return float(self.firings.score[row])
 
 
 _PER_LAYER = {  # field: hook under blocks.{l}, kept when the model has it
@@ -225,13 +245,11 @@ def run_to_final_norm(model: LoadedModel, tokens: Tensor, hooks: Sequence[Hook] 
     return out
 
 
-def _hf_config(model: LoadedModel):
-    return getattr(getattr(model.bridge, "original_model", None), "config", None)
-
-
 def kv_cache(model: LoadedModel) -> DynamicCache:
-    """An empty Hugging Face key/value cache laid out for the model (sliding-window layers where it has them)."""
-    return DynamicCache(config=_hf_config(model))
+    """An empty Hugging Face key/value cache that keeps every position at every layer. Laid out for the model,
+    its sliding-window layers would keep only their window, and a prompt longer than that (Gemma 3: 512
+    tokens) could not resume after a prefix; the model's masks apply the window by position all the same."""
+    return DynamicCache()
 
 
 class PrefixCache(DynamicCache):
@@ -252,7 +270,7 @@ class PrefixCache(DynamicCache):
 def prefix_cache(model: LoadedModel, kv: tuple[Tensor, Tensor], rows: Tensor, first: int, repeat: int = 1) -> PrefixCache:
     """The cache of positions 0..first-1 of the prompts `rows` of captured `kv` (`Activations.kv`), for a pass
     of those rows stacked `repeat` times: the pass runs positions first.. only."""
-    cache = PrefixCache(_hf_config(model), repeat)
+    cache = PrefixCache(None, repeat)  # every layer full, as `kv_cache`: the masks apply any window by position
     keys, values = kv
     for layer in range(keys.shape[0]):
         DynamicCache.update(cache, keys[layer, rows, :, :first].to(model.device, model.dtype),
@@ -313,6 +331,7 @@ def capture(
     length: int | None = None,
     resid_layers: Sequence[int] = (),
     kv: bool = False,
+    firing: float | None = None,
     progress: Progress | None = None,
 ) -> Activations:
     """Run the model once over `prompts` in batches of `batch_size` and keep what the trace needs.
@@ -321,7 +340,9 @@ def capture(
     resid_layers: also keep the residual entering these blocks (where partial passes start); kv: keep every
     layer's keys and values (partial passes resume after a prefix from them; left out, as None, where the
     model's cache drops positions, a sliding window shorter than the prompts, or where scores are formed
-    from queries and keys, which a resumed pass would hook for its own positions only).
+    from queries and keys, which a resumed pass would hook for its own positions only); firing: keep only the
+    firing events at this attention threshold (`Activations.firings`), found layer by layer as the pass runs,
+    instead of the [L, P, H, n, n] pattern and scores (each layer's are freed once its events are taken).
     """
     pad = model.tokenizer.pad_token_id
     tokens, lengths = batch_tokens(prompts, 0 if pad is None else pad, length)
@@ -342,6 +363,10 @@ def capture(
     per_layer = {f"blocks.{l}.{hook}": (field, l) for field, hook in fields.items() for l in range(L)}
     kept: dict[str, Tensor] = {}
     at = 0  # the first row of the batch being run
+    # Firings found as the pass runs: a layer's scores wait for its pattern (hooked next), then both go.
+    sparse = firing is not None and "scores" in fields
+    pending: dict[int, Tensor] = {}
+    found: list[Firings] = []
 
     # Each activation is copied straight into its place in one float32 tensor over all prompts (and layers):
     # no per-batch copies to concatenate and stack afterwards, which took 2.4x the activations' memory.
@@ -350,6 +375,12 @@ def capture(
 
         def keep(tensor, hook):
             t = tensor.detach()
+            if sparse and key == "scores":
+                pending[layer] = bilinear_scores(model, t.to(torch.float32, copy=True))
+                return
+            if sparse and key == "pattern":
+                found.append(layer_firings(t.float(), pending.pop(layer), lengths[at : at + t.shape[0]], firing, layer, at))
+                return
             if key in ("cos", "sin"):  # positions 0..n-1, the same in every prompt: the first row, once
                 if at == 0:
                     kept.setdefault(key, torch.empty((L, *t.shape[1:]), dtype=torch.float32))[layer].copy_(t[0])
@@ -400,6 +431,8 @@ def capture(
         kept["scores"] = torch.stack([qk_scores(model, q[l], k[l], *((kept["cos"][l], kept["sin"][l]) if "cos" in kept else ()))
                                       for l in range(L)])
         fields = {**{f: h for f, h in fields.items() if f not in ("q", "k")}, "scores": ""}
+    if sparse:
+        fields = {f: h for f, h in fields.items() if f not in ("pattern", "scores")}
     if "scores" in kept:
         for layer in range(L):  # the part of each score that Omega's slices decompose
             kept["scores"][layer] = bilinear_scores(model, kept["scores"][layer])
@@ -407,6 +440,11 @@ def capture(
         fields["scale"] = ""
         kept["scale"] = torch.ones(kept["x"].shape[:-1] + (1,))
     stacked = {field: shaped(field) for field in fields}
+    firings = join_firings(found, firing) if sparse else None
+    if firing is not None and not sparse:  # scores formed from q.k after the pass: the events from the dense tensors
+        firings = dense_firings(stacked.pop("pattern"), stacked.pop("scores"), lengths, firing)
+    if firings is not None:
+        stacked.update(pattern=None, scores=None)
 
     def residual(layer: int) -> Tensor:  # the residual entering block `layer` (x itself where nothing normalises it)
         return stacked["x"][layer] if fields["x"] == "hook_resid_pre" else kept[f"blocks.{layer}.hook_resid_pre"]
@@ -418,6 +456,7 @@ def capture(
         embed=residual(0),
         resid={l: residual(l) for l in resid_layers} or None,
         kv=None if keys_values is None else tuple(keys_values),
+        firings=firings,
         **stacked,
     )
 

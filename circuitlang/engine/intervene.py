@@ -369,7 +369,8 @@ def group_signals(acts: Activations, geometry: AttentionGeometry, plan: GroupPla
     h_random = torch.zeros(G, d, dtype=torch.float64)
     layer_np, head_np = plan.layer.numpy(), plan.head.numpy()
     for layer in sorted(set(layer_np.tolist())):
-        slices = slices_for(geometry, acts, layer)
+        at = torch.from_numpy(np.nonzero(layer_np == layer)[0])
+        slices = slices_for(geometry, acts, layer, plan.head[at], OFF[at])
         for s in ("s", "d"):
             basis, cores = (slices.Q_b, slices.V) if s == "s" else (slices.Q_a, slices.U)
             for head in sorted(set(head_np.tolist())):
@@ -377,10 +378,10 @@ def group_signals(acts: Activations, geometry: AttentionGeometry, plan: GroupPla
                 if len(idx) == 0:
                     continue
                 Q = basis[head]  # [d+1, r]
-                heads = torch.full((len(idx),), head, dtype=torch.long)
-                coords = dc.through_cores(homog[idx] @ Q, cores, heads, OFF[idx])  # [o; 1] . u_k (or v_k)
+                hk = slices.index(torch.full((len(idx),), head, dtype=torch.long), OFF[idx])
+                coords = dc.through_cores(homog[idx] @ Q, cores, *hk)  # [o; 1] . u_k (or v_k)
                 for out, chosen in ((h, plan.slices), (h_random, plan.random_slices)):
-                    lifted = dc.through_cores(coords * chosen[idx].double(), cores, heads, OFF[idx], transpose=True)
+                    lifted = dc.through_cores(coords * chosen[idx].double(), cores, *hk, transpose=True)
                     out[idx] = (lifted @ Q.T)[:, :d]  # P [o; 1], the homogeneous coordinate dropped
     if centre:
         h = h - h.mean(-1, keepdim=True)
@@ -658,7 +659,7 @@ def _stacked_pass(model, geometry, acts, groups: EdgeGroups, events, variants, b
             if p not in where:
                 continue
             k = where[p]
-            score_before[k].append(float(acts.scores[layer, local_of[p], head, i, j]) * raw_scale)
+            score_before[k].append(acts.event_score(layer, local_of[p], head, i, j) * raw_scale)
             # i >= first: each event's edges write at its dest or its src, both <= i.
             score_after[k].append(float(scores_after[layer][v * B + k, head, i - first, j]) * raw_scale)
         # Magnitudes at each intervened token of each downstream head (global: per downstream layer).

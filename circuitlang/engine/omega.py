@@ -29,6 +29,8 @@ class OmegaSlices:
     Q_a, Q_b: [..., H, d+1, r], orthonormal columns, the last row the homogeneous coordinate (appendix,
     "Handling Homogeneous Coordinates"); U, V: [..., H, M, r, r] orthogonal cores; S: [..., H, M, r],
     descending. M = 1 (offset-free) for models without rotary positions.
+    pairs [K]: set for the cores of chosen (head, offset) pairs only (`pair_key`, ascending); U, V are then
+    [1, K, r, r] and S [1, K, r], one core per pair (a long prompt's firings use few of its H x n cores).
     """
 
     Q_a: Tensor
@@ -36,6 +38,17 @@ class OmegaSlices:
     U: Tensor
     S: Tensor
     V: Tensor
+    pairs: Tensor | None = None
+
+    def index(self, heads: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor]:
+        """Where the cores of (heads, offsets) [E] sit in U, S, V's head and offset dims."""
+        if self.pairs is None:
+            return heads, offsets if self.offsets > 1 else torch.zeros_like(offsets)
+        want = pair_key(heads, offsets)
+        at = torch.searchsorted(self.pairs, want).clamp(max=len(self.pairs) - 1)
+        if not torch.equal(self.pairs[at], want):
+            raise ValueError("these slices hold no core for some of the (head, offset) pairs asked for")
+        return torch.zeros_like(at), at
 
     @property
     def rank(self) -> int:
@@ -52,6 +65,11 @@ class OmegaSlices:
     def right(self) -> Tensor:
         """The singular vectors v_k in model coordinates: [..., H, M, d+1, r]."""
         return self.Q_b.unsqueeze(-3) @ self.V
+
+
+def pair_key(heads: Tensor, offsets: Tensor) -> Tensor:
+    """One int64 per (head, offset), ordered by head then offset."""
+    return heads.long() << 32 | offsets.long()
 
 
 def augment(W: Tensor, b: Tensor) -> Tensor:
@@ -84,13 +102,29 @@ def omega_slices(W_Q: Tensor, b_Q: Tensor, W_K: Tensor, b_K: Tensor, rotations: 
     models), applied between the query and key sides. Computed in float64 so that the slice terms sum
     to the model's score to well below 1e-4.
     """
+    Q_a, R_a, Q_b, R_b = omega_bases(W_Q, b_Q, W_K, b_K)
     with _one_thread():
-        Q_a, R_a = torch.linalg.qr(augment(W_Q, b_Q).double())
-        Q_b, R_b = torch.linalg.qr(augment(W_K, b_K).double())
         R_a, R_b = R_a.unsqueeze(-3), R_b.unsqueeze(-3)  # [..., 1, r, r]: broadcast over offsets
         core = R_a @ R_b.transpose(-1, -2) if rotations is None else R_a @ rotations.double() @ R_b.transpose(-1, -2)
         U, S, Vh = torch.linalg.svd(core)
     return OmegaSlices(Q_a=Q_a, Q_b=Q_b, U=U, S=S, V=Vh.transpose(-1, -2))
+
+
+def omega_bases(W_Q: Tensor, b_Q: Tensor, W_K: Tensor, b_K: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Thin QR factors Q_a, R_a, Q_b, R_b of A = [W_Q; b_Q^T] and B = [W_K; b_K^T] (float64), heads batched."""
+    with _one_thread():
+        Q_a, R_a = torch.linalg.qr(augment(W_Q, b_Q).double())
+        Q_b, R_b = torch.linalg.qr(augment(W_K, b_K).double())
+    return Q_a, R_a, Q_b, R_b
+
+
+def pair_cores(R_a: Tensor, R_b: Tensor, rotations: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """U [K, r, r], S [K, r], V [K, r, r]: the SVDs of the cores R_a R(m)^T R_b^T of K (head, offset) pairs,
+    given each pair's head factors R_a, R_b [K, r, r] and rotation R(m)^T [K, r, r] (the same products
+    and SVDs as `omega_slices`, for the pairs alone)."""
+    with _one_thread():
+        U, S, Vh = torch.linalg.svd(R_a.double() @ rotations.double() @ R_b.double().transpose(-1, -2))
+    return U, S, Vh.transpose(-1, -2)
 
 
 def rotation_matrices(cos: Tensor, sin: Tensor, d_head: int, interleaved: bool = False) -> Tensor:
@@ -115,10 +149,16 @@ def rotation_matrices(cos: Tensor, sin: Tensor, d_head: int, interleaved: bool =
 
 def layer_slices(geometry: AttentionGeometry, layer: int, cos: Tensor | None = None, sin: Tensor | None = None) -> OmegaSlices:
     """Omega's slices for every head of `layer`; for rotary models one core per offset 0..len(cos)-1."""
+    W_Q, b_Q, W_K, b_K = layer_qk(geometry, layer)
+    rotations = rotation_matrices(cos, sin, W_Q.shape[-1], geometry.interleaved) if geometry.rotary else None
+    return omega_slices(W_Q, b_Q, W_K, b_K, rotations)
+
+
+def layer_qk(geometry: AttentionGeometry, layer: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """W_Q, b_Q, W_K, b_K of every head of `layer` with the q/k norm gains multiplied in."""
     g = geometry
     W_Q = g.W_Q[layer] * g.q_gain[layer, :, None]
     b_Q = g.b_Q[layer] * g.q_gain[layer]
     W_K = g.W_K[layer] * g.k_gain[layer, :, None]
     b_K = g.b_K[layer] * g.k_gain[layer]
-    rotations = rotation_matrices(cos, sin, W_Q.shape[-1], g.interleaved) if g.rotary else None
-    return omega_slices(W_Q, b_Q, W_K, b_K, rotations)
+    return W_Q, b_Q, W_K, b_K

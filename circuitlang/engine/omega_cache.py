@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from circuitlang.cachefiles import caches_on, cache_root, discard, storing, verify_checked, write_checked
-from circuitlang.engine.omega import OmegaSlices, layer_slices
+from circuitlang.engine.omega import OmegaSlices, layer_qk, layer_slices, omega_bases, pair_cores, pair_key, rotation_matrices
 from circuitlang.models.geometry import AttentionGeometry
 
 ENGINE_VERSION = "3"  # bump whenever an engine change alters traces or Omega: every cached entry goes stale
@@ -107,4 +107,94 @@ def _validated(saved: object, geometry: AttentionGeometry, layer: int) -> dict:
             raise ValueError(f"{key} is not a float64 tensor of shape {shape}")
     if geometry.rotary and not all(isinstance(saved.get(k), Tensor) for k in ("cos", "sin")):
         raise ValueError("the rotary tables are missing")
+    return saved
+
+
+PAIR_BATCH = 64  # (head, offset) cores per batch of SVDs and per cache shard (~67 MB of float64 for d_head 256)
+
+
+def cached_pair_slices(geometry: AttentionGeometry, layer: int, heads: Tensor, offsets: Tensor, cos: Tensor, sin: Tensor,
+                       dtype: torch.dtype = torch.float64) -> OmegaSlices:
+    """Omega's slices of rotary `layer` with cores for the (head, offset) pairs of events heads, offsets [E] only
+    (`OmegaSlices.pairs`), in `dtype`: computed in float64 in batches, through the cache inside `use_caches()`.
+
+    The cache keeps a layer's bases once (`omega/<key>/bases.pt`) and its cores per (head, offset) in shards
+    of at most PAIR_BATCH (`cores-*.pt`, each with the rotary table rows it used): any prompt reuses the cores
+    any other computed for the same offsets, whatever their lengths.
+    """
+    keys = pair_key(heads, offsets).unique()
+    h, m = keys >> 32, keys & 0xFFFFFFFF
+    where = omega_dir() / _layer_digest(geometry, layer) if caches_on() else None
+    Q_a, R_a, Q_b, R_b = _bases(geometry, layer, where)
+    K, r = len(keys), R_a.shape[-1]
+    U, V, S = torch.empty(1, K, r, r, dtype=dtype), torch.empty(1, K, r, r, dtype=dtype), torch.empty(1, K, r, dtype=dtype)
+    found = torch.zeros(K, dtype=torch.bool)
+    for shard in sorted(where.glob("cores-*.pt")) if where is not None and K else ():
+        try:
+            if not verify_checked(shard):
+                continue
+            saved = _validated_shard(torch.load(shard, mmap=True, weights_only=True), r, cos.shape[-1])
+        except Exception as err:  # noqa: BLE001 - any unreadable shard (torch raises many kinds) is recomputed
+            discard(shard, f"an Omega cache shard of layer {layer}", f"{type(err).__name__}: {err}".splitlines()[0][:160])
+            continue
+        at = torch.searchsorted(keys, saved["keys"]).clamp(max=K - 1)
+        use = (keys[at] == saved["keys"]) & ~found[at]
+        use &= (saved["cos"] == cos[m[at]]).all(-1) & (saved["sin"] == sin[m[at]]).all(-1)  # the same rotary tables
+        rows, at = use.nonzero().flatten(), at[use]
+        U[0, at], S[0, at], V[0, at] = saved["U"][rows].to(dtype), saved["S"][rows].to(dtype), saved["V"][rows].to(dtype)
+        found[at] = True
+    missing = (~found).nonzero().flatten()
+    for batch in missing.split(PAIR_BATCH) if len(missing) else ():
+        rotations = rotation_matrices(cos[m[batch]], sin[m[batch]], r, geometry.interleaved)
+        u, s, v = pair_cores(R_a[h[batch]], R_b[h[batch]], rotations)
+        U[0, batch], S[0, batch], V[0, batch] = u.to(dtype), s.to(dtype), v.to(dtype)
+        if where is not None:
+            shard = {"keys": keys[batch], "cos": cos[m[batch]], "sin": sin[m[batch]], "U": u, "S": s, "V": v}
+            name = hashlib.sha256(b"".join(t.contiguous().numpy().tobytes() for t in (keys[batch], shard["cos"], shard["sin"]))).hexdigest()[:32]
+            _save(where / f"cores-{name}.pt", shard)
+    return OmegaSlices(Q_a=Q_a.to(dtype), Q_b=Q_b.to(dtype), U=U, S=S, V=V, pairs=keys)
+
+
+def _bases(geometry: AttentionGeometry, layer: int, where: Path | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The layer's Q_a, R_a, Q_b, R_b: cached once per layer (the cached cores were computed from them, so new
+    bases drop the layer's shards)."""
+    if where is not None:
+        path = where / "bases.pt"
+        try:
+            if verify_checked(path):
+                saved = torch.load(path, mmap=True, weights_only=True)
+                H, d, r = geometry.W_Q.shape[1:]
+                shapes = {"Q_a": (H, d + 1, r), "R_a": (H, r, r), "Q_b": (H, d + 1, r), "R_b": (H, r, r)}
+                if not isinstance(saved, dict) or any(not isinstance(saved.get(k), Tensor) or saved[k].shape != s or saved[k].dtype != torch.float64
+                                                      for k, s in shapes.items()):
+                    raise ValueError("it does not hold float64 bases of this layer's shapes")
+                return saved["Q_a"], saved["R_a"], saved["Q_b"], saved["R_b"]
+        except Exception as err:  # noqa: BLE001 - as for the shards
+            discard(path, f"the Omega bases of layer {layer}", f"{type(err).__name__}: {err}".splitlines()[0][:160])
+    bases = omega_bases(*layer_qk(geometry, layer))
+    if where is not None:
+        for shard in where.glob("cores-*.pt"):
+            discard(shard, f"an Omega cache shard of layer {layer}", "its bases were recomputed")
+        _save(where / "bases.pt", dict(zip(("Q_a", "R_a", "Q_b", "R_b"), bases)))
+    return bases
+
+
+def _save(path: Path, tensors: dict[str, Tensor]) -> None:
+    buffer = io.BytesIO()
+    torch.save(tensors, buffer)
+    with contextlib.suppress(OSError):  # a cache that cannot be written costs only the reuse
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_checked(path, buffer.getvalue())
+
+
+def _validated_shard(saved: object, r: int, rotary_dim: int) -> dict:
+    """A loaded shard if it holds K keys, table rows and float64 cores of the right shapes; ValueError otherwise."""
+    if not isinstance(saved, dict) or not all(isinstance(saved.get(k), Tensor) for k in ("keys", "cos", "sin", "U", "S", "V")):
+        raise ValueError("expected a dict of tensors")
+    K = len(saved["keys"])
+    want = {"keys": ((K,), torch.long), "cos": ((K, rotary_dim), None), "sin": ((K, rotary_dim), None),
+            "U": ((K, r, r), torch.float64), "S": ((K, r), torch.float64), "V": ((K, r, r), torch.float64)}
+    for key, (shape, dtype) in want.items():
+        if tuple(saved[key].shape) != shape or (dtype is not None and saved[key].dtype != dtype):
+            raise ValueError(f"{key} is not a tensor of shape {shape}")
     return saved

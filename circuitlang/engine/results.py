@@ -36,6 +36,8 @@ class FiringStats:
     counts[l, h]: number of firing events (attention > threshold, src != 0, score > 0) over all prompts.
     slice_counts[l, h]: |S_ij| of each of those events (a 1-d array per head; Fig. 3).
     slice_usage[l, h, k]: how many firing events of head (l, h) have slice k in S_ij (Fig. 2).
+    Prompts longer than trace.STATS_TOKENS: slice_counts and slice_usage cover the events the trace reaches
+    only (len(slice_counts[l][h]) of the counts[l, h] firings), not every firing event.
     """
 
     counts: np.ndarray

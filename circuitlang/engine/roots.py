@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from circuitlang.data.prompts import PromptSet
-from circuitlang.engine import decompose as dc
 from circuitlang.engine.forward import Activations
 from circuitlang.lang.plan import Root
 
@@ -96,12 +95,12 @@ class RootEvidence:
 
 def root_evidence(acts: Activations, effects: Tensor, prompts: PromptSet, threshold: float) -> RootEvidence:
     """The evidence of these prompts: effects [P, L, H] summed, and each head's firings between named roles."""
-    fires = dc.firing_mask(acts.pattern, acts.scores, acts.lengths, threshold)  # [L, P, H, n, n]
+    fires = acts.firings_at(threshold)
     named = set(prompts.role_names)
     at_end: dict[tuple[int, int], Counter] = {}
     anywhere: dict[tuple[int, int], Counter] = {}
     last = (acts.lengths - 1).tolist()
-    for l, p, h, i, j in fires.nonzero().tolist():
+    for l, p, h, i, j in torch.stack([fires.layer, fires.prompt, fires.head, fires.dest, fires.src], 1).tolist():
         dest, src = prompts[p].labels[i], prompts[p].labels[j]
         if dest in named and src in named:
             anywhere.setdefault((l, h), Counter())[dest, src] += 1

@@ -22,7 +22,7 @@ from torch import Tensor
 from circuitlang.data.prompts import PromptSet
 from circuitlang.engine import decompose as dc
 from circuitlang.engine.forward import Activations, capture
-from circuitlang.engine.omega_cache import cached_layer_slices
+from circuitlang.engine.omega_cache import cached_layer_slices, cached_pair_slices
 from circuitlang.models.geometry import AttentionGeometry, attention_geometry
 from circuitlang.engine.graph import aggregate
 from circuitlang.models.model import LoadedModel
@@ -33,17 +33,26 @@ from circuitlang.lang.plan import Readings, Root, SliceRule
 Progress = Callable[[str, int, int], None]
 
 EVENT_CHUNK = 2048  # events per GEMM batch; bounds memory at chunk x layers x heads x d_head floats
+STATS_TOKENS = 64
+"""Prompts of at most this many positions have every firing event decomposed for the firing statistics (Omega
+cores for every head and offset: at most 64 x H a layer); longer ones decompose the events the walk reaches
+only, so that rotary models compute the cores of the offsets traced events use and no others (at 1,024 tokens
+Gemma 3 270M's firings used ~7,000 (layer, head, offset) pairs, 7.6 GB of cores and 14x the forward pass)."""
 
 
 class TraceError(ValueError):
     """A trace request that cannot run (bad root, role missing from the prompts)."""
 
 
-def slices_for(geometry: AttentionGeometry, acts: Activations, layer: int) -> OmegaSlices:
-    """Omega's slices of `layer`, with one core per offset 0..n-1 for rotary models (cached in CLI runs)."""
+def slices_for(geometry: AttentionGeometry, acts: Activations, layer: int, heads: Tensor | None = None,
+               offsets: Tensor | None = None, dtype: torch.dtype = torch.float64) -> OmegaSlices:
+    """Omega's slices of `layer` (cached in CLI runs). Rotary models: one core per offset 0..n-1 for every head,
+    or, given events' heads and offsets [E], for those (head, offset) pairs only, in `dtype`."""
     if not geometry.rotary:
         return cached_layer_slices(geometry, layer)
-    return cached_layer_slices(geometry, layer, acts.cos[layer], acts.sin[layer])
+    if heads is None:
+        return cached_layer_slices(geometry, layer, acts.cos[layer], acts.sin[layer])
+    return cached_pair_slices(geometry, layer, heads, offsets, acts.cos[layer], acts.sin[layer], dtype)
 
 
 @dataclass(frozen=True)
@@ -51,7 +60,8 @@ class LayerDecomposition:
     """Every firing event of one layer: indices, slice terms, S_ij, and the token coordinates.
 
     xu_dest, xv_src [E, r]: x~_i . u_k and v_k . x~_j; q_scale, k_scale [E]: the q/k norm scales of
-    the two tokens (ones without q/k norms); offset [E]: i - j, which picks the Omega of rotary models.
+    the two tokens (ones without q/k norms); offset [E]: i - j, which picks the Omega of rotary models
+    (`OmegaSlices.index`).
     """
 
     prompt: Tensor
@@ -70,16 +80,22 @@ class LayerDecomposition:
 
 def decompose_layer(acts: Activations, slices: OmegaSlices, fires: Tensor, layer: int, rule: SliceRule) -> LayerDecomposition:
     """Slice terms and S_ij for every firing event of `layer` (fires: [P, H, n, n]); section 4.1."""
+    return decompose_events(acts, slices, *fires.nonzero(as_tuple=True), layer, rule)
+
+
+def decompose_events(acts: Activations, slices: OmegaSlices, p: Tensor, a: Tensor, i: Tensor, j: Tensor, layer: int,
+                     rule: SliceRule) -> LayerDecomposition:
+    """`decompose_layer` for the events (prompt p, head a, dest i, src j) [E] of `layer`."""
     x = acts.x[layer]
     Q_a, Q_b, U, S, V = (t.to(x.dtype) for t in (slices.Q_a, slices.Q_b, slices.U, slices.S, slices.V))
-    p, a, i, j = fires.nonzero(as_tuple=True)
-    m = (i - j) if slices.offsets > 1 else torch.zeros_like(i)
-    xu = dc.through_cores(dc.project_tokens(x, Q_a)[p, a, i], U, a, m)
-    xv = dc.through_cores(dc.project_tokens(x, Q_b)[p, a, j], V, a, m)
+    m = i - j
+    h, k = slices.index(a, m)
+    xu = dc.through_cores(dc.project_tokens(x, Q_a)[p, a, i], U, h, k)
+    xv = dc.through_cores(dc.project_tokens(x, Q_b)[p, a, j], V, h, k)
     ones = torch.ones(len(p), dtype=x.dtype)
     sq = acts.q_scale[layer, p, a, i] if acts.q_scale is not None else ones
     sk = acts.k_scale[layer, p, a, j] if acts.k_scale is not None else ones
-    terms = dc.slice_terms(xu, S[a, m], xv, 1.0 / (sq * sk))
+    terms = dc.slice_terms(xu, S[h, k], xv, 1.0 / (sq * sk))
     mask, order = dc.sparse_set(terms, rule)
     return LayerDecomposition(p, a, i, j, m, terms, mask, order, xu, xv, sq, k_scale=sk)
 
@@ -104,9 +120,10 @@ def event_signals(acts: Activations, slices: OmegaSlices, dec: LayerDecompositio
     Q_a, Q_b, U, S, V = (t.to(acts.x.dtype) for t in (slices.Q_a, slices.Q_b, slices.U, slices.S, slices.V))
     p, a, i, j, m = dec.prompt[rows], dec.head[rows], dec.dest[rows], dec.src[rows], dec.offset[rows]
     xu, xv, sq, sk = dec.xu_dest[rows], dec.xv_src[rows], dec.q_scale[rows], dec.k_scale[rows]
-    w = dc.slice_weights(dec.mask[rows], xu, S[a, m])
-    w_d = dc.through_cores(w, U, a, m, transpose=True) / sq[:, None]
-    w_s = dc.through_cores(w, V, a, m, transpose=True) / sk[:, None]
+    h, k = slices.index(a, m)
+    w = dc.slice_weights(dec.mask[rows], xu, S[h, k])
+    w_d = dc.through_cores(w, U, h, k, transpose=True) / sq[:, None]
+    w_s = dc.through_cores(w, V, h, k, transpose=True) / sk[:, None]
     dir_d, homog_d = dc.signal_directions(w_d, a, Q_a, acts.scale[layer, p, i])
     dir_s, homog_s = dc.signal_directions(w_s, a, Q_b, acts.scale[layer, p, j])
     return EventSignals(dir_d, homog_d, (w * xu).sum(-1) / sq, dir_s, homog_s, (w * xv).sum(-1) / sk)
@@ -289,31 +306,40 @@ def trace_activations(
 ) -> tuple[FiringStats, TracedEvents, TracedEdges]:
     """The walk of Algorithm 1 over cached activations; see the module docstring. `writers` ("heads" and
     any of "mlp", "embed", "bias") are the writers an edge may come from; the walk recurses through heads."""
-    L, P, H, n, _ = acts.pattern.shape
-    r = geometry.W_Q.shape[-1]
-    fires = dc.firing_mask(acts.pattern, acts.scores, acts.lengths, threshold)  # [L, P, H, n, n]
-    wanted = torch.zeros_like(fires)
+    L, H, r = geometry.W_Q.shape[0], geometry.W_Q.shape[1], geometry.W_Q.shape[-1]
+    P = len(acts.lengths)
+    # The walk runs on the firing events alone (sparse, in (layer, prompt, head, dest, src) order): `wanted`
+    # marks the rows Algorithm 1 reaches; a firing's row is found by its key, never in an [L, P, H, n, n] mask.
+    fires = acts.firings_at(threshold)
+    wanted = torch.zeros(len(fires), dtype=torch.bool)
     prompt_ids = torch.arange(P)
     for root, dest, src in root_positions:
-        wanted[root.layer, prompt_ids, root.head, dest, src] = True
-    wanted &= fires
+        rows = fires.rows_of(torch.full((P,), root.layer), prompt_ids, torch.full((P,), root.head), dest, src)
+        wanted[rows[rows >= 0]] = True
+    dest_keys = fires.dest_keys()
 
-    counts = fires.sum(dim=(1, 3, 4)).numpy()
+    counts = np.bincount((fires.layer * H + fires.head).numpy(), minlength=L * H).reshape(L, H).astype(np.int64)
     usage = np.zeros((L, H, r), dtype=np.int64)
     slice_counts: list[tuple[np.ndarray, ...]] = []
     events: dict[str, list] = {k: [] for k in TracedEvents.__dataclass_fields__}
     edges: dict[str, list] = {k: [] for k in TracedEdges.__dataclass_fields__}
     n_events = 0
 
+    every = acts.tokens.shape[1] <= STATS_TOKENS
     for layer in reversed(range(L)):
-        slices = slices_for(geometry, acts, layer)
-        dec = decompose_layer(acts, slices, fires[layer], layer, rule)
+        at = fires.of_layer(layer)
+        if not every:  # long prompts: the walk's events alone (the firing statistics count these)
+            at = at[wanted[at]]
+        p, a, i, j = fires.prompt[at], fires.head[at], fires.dest[at], fires.src[at]
+        # Cores for the (head, offset) pairs of these events only, in the float32 the terms use.
+        slices = slices_for(geometry, acts, layer, a, i - j, torch.float32)
+        dec = decompose_events(acts, slices, p, a, i, j, layer, rule)
         sizes = dec.mask.sum(-1)
         usage[layer] = torch.zeros(H, r, dtype=torch.long).index_add_(0, dec.head, dec.mask.long()).numpy()
         slice_counts.insert(0, tuple(sizes[dec.head == h].numpy() for h in range(H)))
         if progress:
             progress("trace", L - layer, L)
-        traced = wanted[layer, dec.prompt, dec.head, dec.dest, dec.src].nonzero(as_tuple=True)[0]
+        traced = wanted[at].nonzero(as_tuple=True)[0]
         for rows in traced.split(EVENT_CHUNK):
             p, a, i, j = dec.prompt[rows], dec.head[rows], dec.dest[rows], dec.src[rows]
             sig = event_signals(acts, slices, dec, rows, layer)
@@ -324,9 +350,9 @@ def trace_activations(
                                                                    ("s", sig.dir_s, sig.homog_s, sig.signal_s, j))}
             score = dec.terms[rows].sum(-1)
             _append(events, prompt=p, layer=torch.full((E,), layer), head=a, dest=i, src=j,
-                    score=score, attention=acts.pattern[layer, p, a, i, j], n_slices=sizes[rows],
+                    score=score, attention=fires.attention[at[rows]], n_slices=sizes[rows],
                     signal_dest=sig.signal_d, signal_src=sig.signal_s, split_dest=sides["d"].split, split_src=sides["s"].split,
-                    residual=acts.scores[layer, p, a, i, j].double() * geometry.score_scale - score,
+                    residual=fires.score[at[rows]].double() * geometry.score_scale - score,
                     position=geometry.position_slope[a].double() * j if geometry.position_slope is not None else torch.zeros(E))
             events["slices"] += [o[:k].numpy() for o, k in zip(dec.order[rows], sizes[rows].tolist())]
             for side, token in (("d", i), ("s", j)):
@@ -342,7 +368,7 @@ def trace_activations(
                 # (an MLP, a bias or the embeddings is a leaf: SVT explains attention).
                 head = up_h >= 0
                 tok, pp = token[e_idx][head], p[e_idx][head]
-                wanted[up_l[head], pp, up_h[head], tok] |= fires[up_l[head], pp, up_h[head], tok]
+                wanted |= torch.isin(dest_keys, dc.dest_key(up_l[head], pp, up_h[head], tok))
 
     floats = {"score", "attention", "signal_dest", "signal_src", "split_dest", "split_src", "contribution", "residual", "position"}
     columns = lambda table: {k: _cat(v, np.float64 if k in floats else np.str_ if k == "side" else np.int64,  # noqa: E731
@@ -383,16 +409,12 @@ def writer_contributions(acts: Activations, geometry: AttentionGeometry, events:
            ["embed", "qk_bias"] + [f"{k} {l}" for l in range(L) for k in ("attn_bias", "mlp")]
            + [f"head {l}.{h}" for l in range(L) for h in range(H)]}
     for layer in np.unique(events.layer).tolist():
-        rows_np = np.nonzero(events.layer == layer)[0]
-        slices = slices_for(geometry, acts, layer)
-        fires = torch.zeros_like(acts.pattern[layer], dtype=torch.bool)
-        p, a = torch.from_numpy(events.prompt[rows_np]), torch.from_numpy(events.head[rows_np])
-        i, j = torch.from_numpy(events.dest[rows_np]), torch.from_numpy(events.src[rows_np])
-        fires[p, a, i, j] = True
-        dec = decompose_layer(acts, slices, fires, layer, SliceRule("all"))
-        # Re-impose each event's recorded S_ij (decompose_layer orders events by (prompt, head, dest, src)).
-        key = {(int(pp), int(aa), int(ii), int(jj)): e for e, pp, aa, ii, jj in zip(rows_np, p, a, i, j)}
-        order = [key[int(pp), int(aa), int(ii), int(jj)] for pp, aa, ii, jj in zip(dec.prompt, dec.head, dec.dest, dec.src)]
+        order = np.nonzero(events.layer == layer)[0]
+        p, a = torch.from_numpy(events.prompt[order]), torch.from_numpy(events.head[order])
+        i, j = torch.from_numpy(events.dest[order]), torch.from_numpy(events.src[order])
+        slices = slices_for(geometry, acts, layer, a, i - j)
+        dec = decompose_events(acts, slices, p, a, i, j, layer, SliceRule("all"))
+        # Re-impose each event's recorded S_ij.
         mask = torch.zeros_like(dec.mask)
         for row, e in enumerate(order):
             mask[row, torch.from_numpy(events.slices[e])] = True

@@ -30,12 +30,13 @@ FORWARD_BATCH = 64  # prompts per forward pass inside a chunk
 
 def activation_bytes(model: LoadedModel, n: int, resid_layers: int = 0, writers: bool = False, kv: bool = False) -> int:
     """Bytes one prompt of n positions takes in Activations (with each MLP's write: `writers`; every layer's
-    keys and values: `kv`), with the trace's per-layer working copies."""
+    keys and values: `kv`), with the trace's per-layer working copies. The attention pattern and scores are
+    not kept (the capture keeps the firing events, a few per head and token): only one layer's at a time."""
     L, H, d, r = model.n_layers, model.n_heads, model.d_model, model.d_head
     H_kv = getattr(model.bridge.cfg, "n_key_value_heads", None) or H
     residual_copies = 1 + (resid_layers + 1) / max(L, 1) + writers  # x, the residuals kept, the embeddings, MLP writes
-    floats = L * n * d * residual_copies + n * L * H * r + 2 * L * H * n * n + 6 * L * H * n + 2 * L * n + kv * 2 * L * H_kv * n * r
-    per_layer_work = 2 * H * n * r + 2 * H * n * n  # token projections onto both bases, firing masks
+    floats = L * n * d * residual_copies + n * L * H * r + 6 * L * H * n + 2 * L * n + kv * 2 * L * H_kv * n * r
+    per_layer_work = 2 * H * n * r + 2 * H * n * n  # token projections onto both bases; one layer's scores and firing mask
     # Measured on Gemma 3 270M: a capture's peak is ~1.5x what its Activations hold (the batches beside the
     # field being stacked); the trace's and the interventions' working tensors come on top.
     return int(2 * 4 * (floats + per_layer_work))

@@ -143,7 +143,7 @@ class ChunkWork:
 
     def forward(self, start: int, stop: int, resid_layers: tuple[int, ...] = (), kv: bool = False) -> Activations:
         return capture(self.model, self.prompts[start:stop], batch_size=FORWARD_BATCH, length=self.length, resid_layers=resid_layers,
-                       kv=kv, writers="mlp" in self.plan.writers)
+                       kv=kv, writers="mlp" in self.plan.writers, firing=self.plan.threshold)
 
     def evidence(self, acts: Activations, start: int, stop: int) -> RootEvidence:
         return evidence_of(self.model, acts, self.prompts[start:stop], self.plan.threshold, self.geometry)
@@ -159,7 +159,8 @@ class ChunkWork:
         if acts is None:
             subset = PromptSet(tuple(self.prompts[int(p)] for p in ids), self.prompts.role_names, self.prompts.description,
                                self.prompts.metric)
-            acts = capture(self.model, subset, batch_size=FORWARD_BATCH, length=self.length, resid_layers=job.starts, kv=True)
+            acts = capture(self.model, subset, batch_size=FORWARD_BATCH, length=self.length, resid_layers=job.starts, kv=True,
+                           firing=self.plan.threshold)
         return iv.intervene_chunk(self.model, self.geometry, acts, ids, job.plans, job.f_base, job.answers,
                                   centre=iv._norm_centres(self.model), tick=tick, metric=job.metric)
 
