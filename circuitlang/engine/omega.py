@@ -130,9 +130,9 @@ def pair_cores(R_a: Tensor, R_b: Tensor, rotations: Tensor) -> tuple[Tensor, Ten
 def rotation_matrices(cos: Tensor, sin: Tensor, d_head: int, interleaved: bool = False) -> Tensor:
     """[M, r, r]: R(m)^T for m = 0..M-1 from the model's own rotary tables cos, sin [M, rotary_dim].
 
-    R(m) v = v * cos_m + rot(v) * sin_m on the first rotary_dim dims (the rest pass through, as in
-    GPT-NeoX's partial rotary), with rot = rotate_half (dims t and t + rotary_dim/2 form a pair) or, for
-    interleaved tables (GPT-J), rotate-every-two (dims 2t and 2t+1). Since R(i)^T R(j) = R(i - j)^T, the
+    R(m) v = v * cos_m + rot(v) * sin_m on the first rotary_dim dims (the rest pass through, partial
+    rotary), with rot = rotate_half (dims t and t + rotary_dim/2 form a pair) or, for
+    interleaved tables, rotate-every-two (dims 2t and 2t+1). Since R(i)^T R(j) = R(i - j)^T, the
     score depends on m = i - j only.
     """
     M, rd = cos.shape
