@@ -4,7 +4,8 @@ In one process, on the embedded model (Gemma 3 270M, already converted): the spe
 (untimed; the run's clean F comes with it, as in `circ run`), then, interleaved and repeated:
   forward   the model's plain forward pass over the N prompts (`bridge(tokens)`, full logits, batches of
             64): the unit, as in bench/run_speed.py.
-  default   the `evaluate` statement of specs/ioi.circ (the default spec) on those prompts.
+  default   the statement proposed for the default spec (DEFAULT below: the influence ranking's top 5, 10
+            and 20 heads against the ABC run, no random draws) on those prompts.
   full      the `evaluate` statement of specs/ioi-faithfulness.circ (every ranking, MIB's grid plus every
             size up to 20 heads, 5 random rankings; `--skip full` leaves it out, it takes minutes).
 Each evaluation is the whole of it: the counterfactual capture (and the clean one where a ranking needs
@@ -23,6 +24,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# What specs/ioi.circ would say if its evaluation fits the run-speed promises (issue 21); it has none yet.
+DEFAULT = "evaluate faithfulness against abc sizes 5, 10, 20 rank influence random 0"
 
 
 def main(argv=None) -> None:
@@ -39,11 +42,12 @@ def main(argv=None) -> None:
     from circuitlang.engine.evaluate import evaluate_plan
     from circuitlang.engine.forward import batch_tokens
     from circuitlang.lang import parse_spec
+    from circuitlang.lang.compiler import parse_text
     from circuitlang.lang.plan import IOIPrompts
     from circuitlang.runner.execute import build_prompts, resolve_model, run_plan
 
     torch.set_num_threads(args.threads)
-    default = parse_spec(REPO / "specs" / "ioi.circ")
+    default = parse_text(f'extends "{REPO / "specs" / "ioi.circ"}"\n{DEFAULT}\n', "<bench>")
     full = parse_spec(REPO / "specs" / "ioi-faithfulness.circ")
     plan = dataclasses.replace(default, prompts=IOIPrompts(args.prompts, "mixed", 0), interventions=(), evaluate=None)
     with use_caches():
