@@ -6,7 +6,7 @@ process; peak RSS is read twice, for the model's load and for the run after it (
             64): the unit every ratio is in.
   edited    `circ run specs/ioi.circ` with a prompt seed no cache has seen: Omega and processed-weights
             caches warm, run cache cold (the researcher who edited the spec); phases load, forward, roots,
-            trace, graph, interventions.
+            trace, graph, interventions, faithfulness (its `evaluate` statement).
   no-cache  the same with --no-cache (Omega slices and the model's weight processing recomputed too).
   again     the unchanged spec a second time: trace and interventions from the run cache.
   validate  `specs/ioi-validate.circ` (4 sets, 26 variants) with the same new seed, run cache cold.
@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PHASES = ("load", "forward", "roots", "trace", "graph", "interventions")
+PHASES = ("load", "forward", "roots", "trace", "graph", "interventions", "faithfulness")
 
 
 def worker(args) -> None:

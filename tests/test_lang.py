@@ -513,7 +513,8 @@ def test_shipped_specs():
     assert ioi.output == Output("runs/ioi", ("json", "graphml", "svg", "png", "html"))
     assert ioi.interventions == (InterventionSet(
         "into the strongest root", (EdgeSelector("into", root=1, role="end"),), line=12),)
-    assert ioi.evaluate is None  # the default spec evaluates nothing until its cost is measured (docs/language.md)
+    # the default spec evaluates its own circuit: the influence ranking at 5, 10 and 20 heads, no random draws
+    assert ioi.evaluate == Evaluation("abc", sizes=(5, 10, 20), random=0, rankings=("influence",))
 
     gpt2 = parse_spec(REPO / "specs" / "paper" / "gpt2-ioi.circ")
     assert (gpt2.model, gpt2.roots, gpt2.compare, gpt2.threshold) == (ModelSpec("gpt2"), PAPER_ROOTS, "ioi", 0.5)

@@ -30,7 +30,7 @@ def big(tmp_path: Path, tiny: Path) -> Path:
     """specs/ioi.circ (its intervene block, every format) on 16 prompts."""
     path = tmp_path / "big.circ"
     path.write_text(f'extends "{REPO / "specs" / "ioi.circ"}"\nmodel "{tiny}"\nprompts ioi 16 mixed seed 0\n'
-                    "show edges in >= 2 prompts\n")
+                    "show edges in >= 2 prompts\nevaluate faithfulness against abc sizes 1, 2 rank influence random 0\n")  # 4 heads
     return path
 
 
