@@ -218,7 +218,7 @@ BAD = [
     ("firing attention > -0.5", 't.circ:1:20: expected a number, found "-0.5"'),
     ("keep mass", "t.circ:1:10: expected a number, found end of line"),
     ("trace from 9.9, 9.6", 't.circ:1:15: expected a token role like end or IO, found ","'),
-    ("trace from 9 end->IO", 't.circ:1:12: expected "auto" or a head like 9.9, found "9"'),
+    ("trace from 9 end->IO", 't.circ:1:12: expected "auto", "every", a head like 9.9 or every head of a layer like 9.*, found "9"'),
     ("model gpt2 prompts ioi", 't.circ:1:12: expected "device", "dtype" or end of line, found "prompts"'),
     ('output "runs/ioi json', 't.circ:1:8: unterminated string "runs/ioi; close it with " on the same line'),
     ('intervene "x" {\n  edgs into 9.9\n}', 't.circ:2:3: expected "ablate", "against", "boost", "edge", "edges", "global", '
