@@ -48,8 +48,8 @@ from circuitlang.engine.forward import FINAL, answer_ids, batch_tokens, keepers,
 from circuitlang.models.model import LoadedModel
 from circuitlang.engine.results import EMBED, MLP
 from circuitlang.engine.roots import direct_effects, last_token_writes
-from circuitlang.engine.trace import parse_root, root_events, root_heads
-from circuitlang.lang.plan import RANKINGS
+from circuitlang.engine.trace import root_events
+from circuitlang.lang.plan import RANKINGS, parse_root, root_heads
 
 SIGNED = ("attribution_clean", "attribution_cf", "dla")  # scores with a sign: CPR's circuits differ from CMD's
 MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # MIB's circuit sizes

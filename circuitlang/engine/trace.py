@@ -10,7 +10,6 @@ copied per event.
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -28,7 +27,7 @@ from circuitlang.engine.graph import aggregate
 from circuitlang.models.model import LoadedModel
 from circuitlang.engine.omega import OmegaSlices
 from circuitlang.engine.results import BIAS, EMBED, MLP, WRITER_CLASSES, FiringStats, Trace, TraceConfig, TracedEdges, TracedEvents
-from circuitlang.lang.plan import Readings, Root, RootSet, SliceRule
+from circuitlang.lang.plan import Readings, Root, RootSet, SliceRule, parse_root
 
 Progress = Callable[[str, int, int], None]
 
@@ -190,42 +189,6 @@ def side_writers(acts: Activations, geometry: AttentionGeometry, direction: Tens
     return SideWriters(torch.cat(columns, 1), torch.cat(up_layer), torch.cat(up_head), split)
 
 
-_ROOT = re.compile(r"^\s*(\d+)\.(\d+|\*)\s+([\w+-]+)\s*->\s*([\w+-]+)\s*$")
-_ROOT_SET = re.compile(r"^\s*every firing of (?:layer (\d+)|layers (\d+)\s*-\s*(\d+))(?: from ([\w+-]+))?(?: to ([\w+-]+))?"
-                       r"(?: except source (\d+))?\s*$")
-
-
-def parse_root(text: str) -> Root | RootSet:
-    """`"9.6 end->IO"` -> Root(9, 6, "end", "IO"); `"9.* end->IO"` and `"every firing of layers 9-11 ..."` -> a RootSet
-    (the text `str` gives a root, as trace.json keeps it), for the Python API; specs go through the language."""
-    if match := _ROOT.match(text):
-        layer, head, dest, src = match.groups()
-        return RootSet(int(layer), int(layer), dest, src) if head == "*" else Root(int(layer), int(head), dest, src)
-    if match := _ROOT_SET.match(text):
-        one, first, last, dest, src, skip = match.groups()
-        return RootSet(int(one or first), int(one or last), dest, src, None if skip is None else int(skip))
-    raise TraceError(f"root {text!r} is not of the form 'layer.head dest->src' (e.g. '9.6 end->IO', '9.* end->IO') "
-                     "or 'every firing of layers A-B [from ROLE] [to ROLE] [except source N]'")
-
-
-def root_heads(root: Root | RootSet, n_heads: int) -> list[tuple[int, int]]:
-    """The heads (layer, head) whose firings a root starts from."""
-    return root.heads(n_heads) if isinstance(root, RootSet) else [(root.layer, root.head)]
-
-
-def set_firings(layer, prompt, dest, src, root: RootSet, dest_at, src_at):
-    """Which of the firings (layer, prompt, dest, src) [N] a root set starts from; dest_at, src_at [P]: each
-    prompt's position of the set's roles (None without one). Tensors or arrays alike."""
-    chosen = (layer >= root.first) & (layer <= root.last)
-    if dest_at is not None:
-        chosen &= dest == dest_at[prompt]
-    if src_at is not None:
-        chosen &= src == src_at[prompt]
-    if root.except_source is not None:
-        chosen &= src != root.except_source
-    return chosen
-
-
 def root_events(events: TracedEvents, prompts: PromptSet, roots: Sequence[Root | RootSet]) -> list[list[int]]:
     """Per prompt, the event rows where each root fired, in the roots' order, a root set's by (layer, head,
     dest, src) (where the authors' graph code starts its walks, `readings ... count events`)."""
@@ -235,7 +198,7 @@ def root_events(events: TracedEvents, prompts: PromptSet, roots: Sequence[Root |
     for root in roots:
         if isinstance(root, RootSet):
             dest, src = (np.array([p.role(role) for p in prompts]) if role else None for role in (root.dest, root.src))
-            rows = np.flatnonzero(set_firings(events.layer, events.prompt, events.dest, events.src, root, dest, src))
+            rows = np.flatnonzero(root.chooses(events.layer, events.prompt, events.dest, events.src, dest, src))
             for e in rows[np.lexsort([getattr(events, f)[rows] for f in ("src", "dest", "head", "layer", "prompt")])].tolist():
                 found[events.prompt[e]].append(e)
             continue
@@ -349,7 +312,7 @@ def trace_activations(
     prompt_ids = torch.arange(P)
     for root, dest, src in root_positions:
         if isinstance(root, RootSet):  # a filter on the firings, not a lookup per prompt
-            wanted |= set_firings(fires.layer, fires.prompt, fires.dest, fires.src, root, dest, src)
+            wanted |= root.chooses(fires.layer, fires.prompt, fires.dest, fires.src, dest, src)
             continue
         rows = fires.rows_of(torch.full((P,), root.layer), prompt_ids, torch.full((P,), root.head), dest, src)
         wanted[rows[rows >= 0]] = True

@@ -6,6 +6,7 @@ paper's set-up (section 5.3) is `Plan(model=ModelSpec("gpt2"), roots=PAPER_ROOTS
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
@@ -153,8 +154,43 @@ class RootSet:
         return (f"every firing of {layers}" + (f" from {self.dest}" if self.dest else "") + (f" to {self.src}" if self.src else "")
                 + (f" except source {self.except_source}" if self.except_source is not None else ""))
 
-    def heads(self, n_heads: int) -> list[tuple[int, int]]:
-        return [(layer, head) for layer in range(self.first, self.last + 1) for head in range(n_heads)]
+    def chooses(self, layer, prompt, dest, src, dest_at, src_at):
+        """Which of the firings (layer, prompt, dest, src) [N] the set starts from; dest_at, src_at [P]: each
+        prompt's position of the set's roles (None without one). Tensors or arrays alike."""
+        chosen = (layer >= self.first) & (layer <= self.last)
+        if dest_at is not None:
+            chosen &= dest == dest_at[prompt]
+        if src_at is not None:
+            chosen &= src == src_at[prompt]
+        if self.except_source is not None:
+            chosen &= src != self.except_source
+        return chosen
+
+
+def root_heads(root: Root | RootSet, n_heads: int) -> list[tuple[int, int]]:
+    """The heads (layer, head) whose firings a root starts from."""
+    if isinstance(root, Root):
+        return [(root.layer, root.head)]
+    return [(layer, head) for layer in range(root.first, root.last + 1) for head in range(n_heads)]
+
+
+_ROOT = re.compile(r"^\s*(\d+)\.(\d+|\*)\s+([\w+-]+)\s*->\s*([\w+-]+)\s*$")
+_ROOT_SET = re.compile(r"^\s*every firing of (?:layer (\d+)|layers (\d+)-(\d+))(?: from ([\w+-]+))?(?: to ([\w+-]+))?"
+                       r"(?: except source (\d+))?\s*$")
+
+
+def parse_root(text: str) -> Root | RootSet:
+    """A root from the text `str` gives it (as trace.json keeps it): `"9.6 end->IO"` -> Root(9, 6, "end", "IO");
+    `"9.* end->IO"`, `"every firing of layers 9-11 ..."` -> a RootSet. For the Python API; specs go through the
+    language."""
+    if match := _ROOT.match(text):
+        layer, head, dest, src = match.groups()
+        return RootSet(int(layer), int(layer), dest, src) if head == "*" else Root(int(layer), int(head), dest, src)
+    if match := _ROOT_SET.match(text):
+        one, first, last, dest, src, skip = match.groups()
+        return RootSet(int(one or first), int(one or last), dest, src, None if skip is None else int(skip))
+    raise ValueError(f"root {text!r} is not of the form 'layer.head dest->src' (e.g. '9.6 end->IO', '9.* end->IO') "
+                     "or 'every firing of layers A-B [from ROLE] [to ROLE] [except source N]'")
 
 
 # The paper's roots (section 5.3): the three name mover heads of GPT-2 small, firing end -> IO.

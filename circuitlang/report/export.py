@@ -19,8 +19,7 @@ import numpy as np
 from circuitlang.data.ioi import known_heads
 from circuitlang.engine.results import (WRITER_CLASSES, WRITER_CODES, FiringStats, Trace, TraceConfig, TracedEdges, TracedEvents,
                                         exactness, writer_label)
-from circuitlang.engine.trace import parse_root, set_firings
-from circuitlang.lang.plan import Readings, Root, RootSet
+from circuitlang.lang.plan import Readings, Root, RootSet, parse_root
 from circuitlang.atomic import atomic_write
 
 FORMAT = "circuitlang.trace/1"
@@ -50,7 +49,7 @@ def root_firings(trace: Trace, root: Root | RootSet, rows: np.ndarray | None = N
         return (layer == root.layer) & (head == root.head) & (dest == root.dest) & (src == root.src)
     # each event is its own "prompt" here, whose role is named where the set's is
     role = lambda name: name and np.full(len(rows), name, dtype=object)  # noqa: E731
-    return set_firings(layer, np.arange(len(rows)), dest, src, root, role(root.dest), role(root.src))
+    return root.chooses(layer, np.arange(len(rows)), dest, src, role(root.dest), role(root.src))
 
 
 def roots_summary(trace: Trace) -> str:

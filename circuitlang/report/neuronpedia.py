@@ -24,7 +24,7 @@ import numpy as np
 
 from circuitlang.atomic import atomic_write
 from circuitlang.engine.results import BIAS, EMBED, MLP, Trace
-from circuitlang.engine.trace import parse_root
+from circuitlang.lang.plan import parse_root
 from circuitlang.report.export import dumps, plain, root_firings, roots_summary
 
 DEFAULT_PROMPTS = 8  # `output ... neuronpedia` and `circ export neuronpedia` without --prompt: the first few traced

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from circuitlang.engine.results import WRITER_CLASSES, Trace, exactness, writer_label
-from circuitlang.engine.trace import parse_root, root_heads
+from circuitlang.lang.plan import parse_root, root_heads
 from circuitlang.report.draw import shade
 from circuitlang.report.export import ROOTS_LISTED, Head, counted, edge_filter, graph_heads, precision_recall, roots_summary, writer_shares
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 import numpy as np
 
 from circuitlang.engine.results import WRITER_CLASSES, Trace
-from circuitlang.engine.trace import parse_root, root_heads
+from circuitlang.lang.plan import parse_root, root_heads
 from circuitlang.atomic import atomic_write
 from circuitlang.report.draw import ATTENTION_COLOUR, DARK, KNOWN_BORDER, LIGHT, PENWIDTH, SIDE_COLOURS
 from circuitlang.report.export import graph_heads, node_id, parse_node_id, plain, writer_shares
