@@ -119,6 +119,38 @@ def test_labels(mixed, gpt2_tokenizer):
     assert unroled and all(re.fullmatch(r"'\S+'", p.labels[i]) for i in unroled)
 
 
+# The keys of the authors' IOIDataset.word_idx (ioi_dataset.get_idx_dict), in their order; their idx_to_gram maps
+# each key's position to the key in turn, so the last key at a position names it.
+WORD_IDX_KEYS = ["IO", "IO-1", "IO+1", "S1", "S1-1", "S1+1", "S2", "S2-1", "S2+1", "end", "end-1", "starts", "punct", "verb"]
+
+
+def test_authors_labels_are_their_idx_to_gram(gpt2_tokenizer):
+    """Under `readings authors` (labels authors) the IOI prompts label each role position as the authors' idx_to_gram
+    does; the rest of the prompt is as before. The plan's reading reaches the prompts the run builds."""
+    from types import SimpleNamespace
+
+    from circuitlang.lang import parse_text
+    from circuitlang.runner.execute import build_prompts
+
+    ours = ioi_prompts(gpt2_tokenizer, n=8)
+    theirs = ioi_prompts(gpt2_tokenizer, n=8, labels="authors")
+    model = SimpleNamespace(tokenizer=gpt2_tokenizer, prepend_bos=False)
+    assert build_prompts(parse_text("model gpt2\nprompts ioi 8\nreadings authors\n"), model).prompts == theirs.prompts
+    assert build_prompts(parse_text("model gpt2\nprompts ioi 8\nreadings authors labels circuitlang\n"), model).prompts == ours.prompts
+    changed = 0
+    for mine, authors in zip(ours, theirs):
+        idx_to_gram = {}
+        for key in WORD_IDX_KEYS:
+            idx_to_gram[mine.role(key)] = key
+        assert all(authors.labels[i] == label for i, label in idx_to_gram.items())
+        assert all(authors.labels[i] == mine.labels[i] for i in range(len(mine.labels)) if i not in idx_to_gram)
+        assert dict(authors.roles) == dict(mine.roles) and authors.token_ids == mine.token_ids
+        changed += sum(authors.labels[i] != mine.labels[i] for i in idx_to_gram)
+    assert changed == 9  # of the 89 role positions of these prompts (issue 22: IO+1 where theirs is S1-1, ...)
+    with pytest.raises(DataError, match="unknown labels 'theirs'"):
+        ioi_prompts(gpt2_tokenizer, n=8, labels="theirs")
+
+
 def test_prepend_bos_shifts_every_role_by_one(gpt2_tokenizer, mixed):
     bos = ioi_prompts(gpt2_tokenizer, prepend_bos=True)
     assert bos.description == "ioi 256 mixed seed 0, BOS"

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from circuitlang.data.ioi import ioi_prompts
+from circuitlang.data.prompts import PromptSet
 from circuitlang.engine import decompose as dc
 from circuitlang.engine.forward import capture
 from circuitlang.models.model import ModelLoadError, load_model
 from circuitlang.engine.omega import OmegaSlices, omega_matrix
 from circuitlang.engine.omega import layer_slices
 from circuitlang.models.geometry import attention_geometry
-from circuitlang.engine.trace import TraceError, trace, writer_contributions
-from circuitlang.lang.plan import Root, SliceRule
+from circuitlang.engine.trace import TraceError, root_events, trace, writer_contributions
+from circuitlang.lang.plan import Readings, Root, RootSet, SliceRule, parse_root
 from checks import assert_writers_complete, busiest_roots
 from tiny_models import build_gpt2
 
@@ -227,3 +230,84 @@ def test_bad_roots_are_clear_errors(tiny, prompts):
 def test_missing_model_is_one_clear_sentence(tmp_path):
     with pytest.raises(ModelLoadError, match=r"^model directory '.*nowhere' does not exist$"):
         load_model(str(tmp_path / "nowhere"))
+
+
+# --- root sets (`trace from every firing of layers A-B ...`, `L.* DEST->SRC`) ---------------------------
+
+
+def _same_trace(a, b) -> None:
+    """The same events and edges row for row, and the same graph."""
+    for table in ("events", "edges"):
+        for f in type(getattr(a, table)).__dataclass_fields__:
+            x, y = getattr(getattr(a, table), f), getattr(getattr(b, table), f)
+            if f == "slices":
+                assert len(x) == len(y) and all(np.array_equal(u, v) for u, v in zip(x, y))
+            else:
+                assert np.array_equal(x, y), f"{table}.{f}"
+    assert sorted(a.graph.edges(data=True)) == sorted(b.graph.edges(data=True))
+
+
+@pytest.mark.parametrize("count", ["prompts", "events"])
+def test_a_head_wildcard_is_its_explicit_list(tiny, acts, prompts, count):
+    """`L.* end->S2` traces what `L.0 end->S2, L.1 end->S2, ...` does, `count events` included (root order)."""
+    readings = Readings(count=count)
+    for root in busiest_roots(acts, prompts, tiny.n_layers - 1)[:2]:
+        explicit = [Root(root.layer, h, root.dest, root.src) for h in range(tiny.n_heads)]
+        wild = trace(tiny, prompts, [f"{root.layer}.* {root.dest}->{root.src}"], activations=acts, readings=readings)
+        listed = trace(tiny, prompts, explicit, activations=acts, readings=readings)
+        assert len(wild.events) > 0 and wild.config.roots == (f"{root.layer}.* {root.dest}->{root.src}",)
+        _same_trace(wild, listed)
+
+
+def _with_positions(prompts):
+    """The prompts of the commonest length, each position also a role p0, p1, ... (the explicit form of every firing)."""
+    lengths = [len(p.token_ids) for p in prompts]
+    n = max(set(lengths), key=lengths.count)
+    kept = tuple(dataclasses.replace(p, roles=p.roles + tuple((f"p{i}", i) for i in range(n)))
+                 for p in prompts if len(p.token_ids) == n)
+    return PromptSet(kept, prompts.role_names + tuple(f"p{i}" for i in range(n)), prompts.description), n
+
+
+@pytest.mark.parametrize("count", ["prompts", "events"])
+def test_every_firing_of_layers_is_its_explicit_list(tiny, gpt2_tokenizer, count):
+    """`every firing of layers A-B except source 1` gives the roots of the explicit list of every (head, dest,
+    src) of those layers, in the documented order (layer, head, dest, src): the same events, edges and graph."""
+    same, n = _with_positions(ioi_prompts(gpt2_tokenizer, n=40, seed=3))
+    assert len(same) >= 3
+    acts = capture(tiny, same)
+    first, last = max(tiny.n_layers - 2, 0), tiny.n_layers - 1
+    explicit = [Root(l, h, f"p{i}", f"p{j}") for l in range(first, last + 1) for h in range(tiny.n_heads)
+                for i in range(n) for j in range(i + 1) if j != 1]
+    readings = Readings(count=count)
+    text = f"every firing of layers {first}-{last} except source 1"
+    whole = trace(tiny, same, [text], activations=acts, readings=readings)
+    listed = trace(tiny, same, explicit, activations=acts, readings=readings)
+    _same_trace(whole, listed)
+    fires = dc.firing_mask(acts.pattern, acts.scores, acts.lengths, 0.5)
+    roots = root_events(whole.events, same, [parse_root(text)])
+    # every firing of those layers whose source is not 1 is a root, per prompt by (layer, head, dest, src)
+    for p, rows in enumerate(roots):
+        keys = [(int(whole.events.layer[e]), int(whole.events.head[e]), int(whole.events.dest[e]), int(whole.events.src[e]))
+                for e in rows]
+        wanted = [(l, h, i, j) for l, h, i, j in fires[:, p].nonzero().tolist() if first <= l <= last and j != 1]
+        assert keys == sorted(wanted)
+    assert sum(map(len, roots)) > 0
+    assert root_events(whole.events, same, [parse_root(text)]) == root_events(listed.events, same, explicit)
+
+
+def test_root_set_filters_and_errors(tiny, acts, prompts):
+    """`from ROLE` / `to ROLE` keep the firings on those tokens; a set outside the model or naming an unknown
+    role is a clear error."""
+    last = tiny.n_layers - 1
+    whole = trace(tiny, prompts, [f"every firing of layer {last}"], activations=acts)
+    to_end = trace(tiny, prompts, [f"every firing of layer {last} from end"], activations=acts)
+    rows = root_events(to_end.events, prompts, [RootSet(last, last, "end")])
+    assert all(to_end.events.dest[e] == prompts[p].role("end") for p, found in enumerate(rows) for e in found)
+    assert sum(map(len, rows)) == sum(1 for p, found in enumerate(root_events(whole.events, prompts, [RootSet(last, last)]))
+                                      for e in found if whole.events.dest[e] == prompts[p].role("end"))
+    with pytest.raises(TraceError, match=r"outside the model"):
+        trace(tiny, prompts, [RootSet(tiny.n_layers - 1, tiny.n_layers)], activations=acts)
+    with pytest.raises(TraceError, match=r"role 'IO2' is not defined by the prompts"):
+        trace(tiny, prompts, [RootSet(0, 0, "end", "IO2")], activations=acts)
+    with pytest.raises(ValueError, match=r"is not of the form"):
+        parse_root("every firing of layers 9")

@@ -21,8 +21,11 @@ from circuitlang.lang.plan import (
     ModelSpec,
     Output,
     Plan,
+    READING_SETS,
     Root,
+    RootSet,
     SliceRule,
+    parse_root,
 )
 
 TESTS = Path(__file__).parent
@@ -218,7 +221,7 @@ BAD = [
     ("firing attention > -0.5", 't.circ:1:20: expected a number, found "-0.5"'),
     ("keep mass", "t.circ:1:10: expected a number, found end of line"),
     ("trace from 9.9, 9.6", 't.circ:1:15: expected a token role like end or IO, found ","'),
-    ("trace from 9 end->IO", 't.circ:1:12: expected "auto" or a head like 9.9, found "9"'),
+    ("trace from 9 end->IO", 't.circ:1:12: expected "auto", "every", a head like 9.9 or every head of a layer like 9.*, found "9"'),
     ("model gpt2 prompts ioi", 't.circ:1:12: expected "device", "dtype" or end of line, found "prompts"'),
     ('output "runs/ioi json', 't.circ:1:8: unterminated string "runs/ioi; close it with " on the same line'),
     ('intervene "x" {\n  edgs into 9.9\n}', 't.circ:2:3: expected "ablate", "against", "boost", "edge", "edges", "global", '
@@ -503,6 +506,49 @@ def test_the_unmutated_seed_spec_compiles():
     assert [s.name for s in plan.interventions] == ["one edge", "kept", "a"]
 
 
+# root sets
+
+@pytest.mark.parametrize("text, roots", [
+    ("every firing of layers 9-11", (RootSet(9, 11),)),
+    ("every firing of layer 9 from end", (RootSet(9, 9, "end"),)),
+    ("every firing of layers 9-11 to S2 except source 0", (RootSet(9, 11, None, "S2", 0),)),
+    ("every firing of layer 9 from end to S2", (RootSet(9, 9, "end", "S2"),)),  # is `9.* end->S2`
+    ("9.* end->S2, 10.0 end->IO", (RootSet(9, 9, "end", "S2"), Root(10, 0, "end", "IO"))),
+])
+def test_root_sets_compile_print_and_read_back(text, roots):
+    plan = parse_text(f"model gpt2\ntrace from {text}\n", "t.circ")
+    assert plan.roots == roots
+    assert parse_text(format_plan(plan)) == plan
+    assert tuple(parse_root(str(r)) for r in roots) == roots  # trace.json keeps str(root)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("trace from every firing of layers 9-12", "t.circ:2:35: every firing of layers 9-12: layer 12 is out of range for gpt2 "
+     "(12 layers x 12 heads: 0.0 to 11.11)"),
+    ("trace from 12.* end->IO", "t.circ:2:12: 12.* end->IO: layer 12 is out of range for gpt2 (12 layers x 12 heads: 0.0 to 11.11)"),
+    ("trace from every firing of layers 11-9", "t.circ:2:35: layers 11-9: the first layer is above the last; write layers 9-11"),
+    ("trace from every firing of layers 9-11 from End", 't.circ:2:45: unknown role "End"; roles of the ioi prompts are IO, S1, '
+     'S2, end, verb, punct, IO-1, IO+1, S1-1, S1+1, S2-1, S2+1, end-1, starts; did you mean "end"?'),
+    ("trace from every firing of layers 9", 't.circ:2:35: expected layers like 9-11, found "9"'),
+    ("trace from every firing of layers 9-11 except 0", 't.circ:2:47: expected "source", found "0"'),
+    ("trace from 9.* end->IO, 9.* end->IO", "t.circ:2:25: root 9.* end->IO is given twice"),
+    ('trace from 9.* end->IO\nintervene "x" {\n  edges into root 1\n  ablate\n}', "t.circ:4:19: root 1 is a set of firings "
+     "(9.* end->IO) of several heads; name one: edges into 9.0"),
+])
+def test_bad_root_sets(text, message):
+    with pytest.raises(SpecError) as e:
+        parse_text(f"model gpt2\n{text}\n", "t.circ")
+    assert str(e.value) == message
+
+
+def test_labels_is_a_reading():
+    assert parse_text("readings authors\n").readings.labels == "authors"
+    assert parse_text("readings authors labels circuitlang\n").readings.labels == "circuitlang"
+    assert str(parse_text("readings paper labels authors\n").readings) == "paper labels authors"
+    with pytest.raises(SpecError, match='reading labels is authors or circuitlang, got "author"'):
+        parse_text("readings paper labels author\n", "t.circ")
+
+
 # the shipped specs
 
 def test_shipped_specs():
@@ -521,6 +567,12 @@ def test_shipped_specs():
     assert gpt2.show_min_count == 65
     assert gpt2.output.directory == "runs/gpt2-ioi"
     assert gpt2.interventions[0].edges == (EdgeSelector("into", down=(9, 9), root=1, role="end"),)
+
+    late = parse_spec(REPO / "specs" / "paper" / "gpt2-late-layers.circ")  # the authors' late-layer set-up
+    assert (late.model, late.prompts, late.threshold, late.mass) == (ModelSpec("gpt2"), IOIPrompts(256, "mixed", 0), 0.5, 0.7)
+    assert late.roots == (RootSet(9, 11, except_source=0),) and late.readings == READING_SETS["authors"]
+    assert late.readings.labels == "authors" and late.readings.count == "events"
+    assert parse_text(format_plan(late)) == late
 
     mine = parse_spec(REPO / "specs" / "examples" / "file-prompts.circ")  # the prompt-file example of docs/language.md
     assert mine.prompts == FilePrompts(str(REPO / "specs" / "examples" / "my-task.jsonl"))

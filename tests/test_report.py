@@ -20,6 +20,7 @@ from circuitlang.engine.forward import capture
 from circuitlang.models.model import load_model
 from circuitlang.engine.results import FiringStats, Trace, TraceConfig, TracedEdges, TracedEvents
 from circuitlang.engine.trace import trace
+from circuitlang.lang.plan import Readings
 from circuitlang.report import (
     atomic_path,
     atomic_write,
@@ -167,7 +168,7 @@ def test_dot_encodes_sides_widths_known_heads_and_layers():
     assert set(re.findall(r'label="([^"]+)"', _block(source, "layer1_tokens"))) == {"1.2 IO", "1.2 end"}
     assert re.search(r'h1_2 \[label="?1\.2"?[ \]]', _block(source, "layer1_heads"))  # the paper's notation, as token boxes
     assert source.index("layer0_heads") < source.index("layer1_tokens") < source.index("layer1_heads")
-    assert "hand" in source and "1.2 end-&gt;IO" in source and "≥ 3 of 10 prompts" in source
+    assert "hand" in source and "1.2 end-&gt;IO" in source and "count ≥ 3 (of 10 prompts)" in source
     assert source == build_dot(hand_trace(hand_graph()), min_count=3, known={(0, 0)}).source
 
 
@@ -244,6 +245,54 @@ def test_report_renders_sections_and_the_top_edge(traced):
     console = Console(record=True, width=100, file=io.StringIO())
     render_report(traced, console, min_count=1)
     assert "Traced heads vs known" not in console.export_text()
+
+
+def _summary_and_titles(t) -> str:
+    console = Console(record=True, width=100, file=io.StringIO())
+    render_report(t, console, min_count=1)
+    return console.export_text()
+
+
+def test_a_root_set_and_many_roots_are_summarised_per_head(setup):
+    """A root set, or more than 6 roots, is one line of totals and one line per layer with each head's count (its
+    root firings / its roots), not a line per root; the count headers say what they count."""
+    model, prompts, roots = setup
+    last = model.n_layers - 1
+    whole = trace(model, prompts, [f"every firing of layer {last} except source 1"])
+    text = _summary_and_titles(whole)
+    events = whole.events
+    firings = (events.layer == last) & (events.src != 1)
+    per_head = {h: int(((events.head == h) & firings).sum()) for h in range(model.n_heads)}
+    assert f"every firing of layer {last} except source 1: {int(firings.sum())} root firings on " \
+           f"{sum(n > 0 for n in per_head.values())} heads" in text
+    line = next(line for line in text.splitlines() if f"layer {last}: " in line)
+    assert re.findall(rf"{last}\.(\d+) (\d+)", line)[:3] == [(str(h), str(n)) for h, n in per_head.items() if n][:3]
+    assert "Top edges by count (of 16 prompts)" in text
+
+    dest, src = roots[0].dest, roots[0].src
+    many = trace(model, prompts, [f"{last}.{h} {dest}->{src}" for h in range(model.n_heads)], readings=Readings(count="events"))
+    text = _summary_and_titles(many)
+    assert f"{model.n_heads} explicit roots on {model.n_heads} heads" in text and f"{last}.1 {dest}->{src}" not in text
+    assert re.search(rf"layer {last}: {last}\.0 1, {last}\.1 1,", text)
+    assert "Top edges by count (events, over 16 prompts)" in text and "of 16 prompts" not in text
+    few = _summary_and_titles(trace(model, prompts, roots))
+    assert ", ".join(map(str, roots)) in few
+
+
+def test_neuronpedia_marks_the_firings_of_a_root_set(setup):
+    from circuitlang.report.neuronpedia import prompt_graph
+
+    model, prompts, _ = setup
+    last = model.n_layers - 1
+    t = trace(model, prompts, [f"every firing of layers {last - 1}-{last} to S2"])
+    marked = 0
+    for p in range(len(prompts)):
+        for node in prompt_graph(t, p, "s")["nodes"]:
+            for f in node.get("svt_firings", ()):
+                layer = int(node["node_id"].split("_")[0])
+                assert f["root"] == (layer >= last - 1 and f["src"] == prompts[p].role("S2"))
+                marked += f["root"]
+    assert marked > 0
 
 
 def test_report_layer_never_imports_torch():

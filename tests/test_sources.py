@@ -157,8 +157,9 @@ def test_the_value_bias_reading_moves_contributions_from_b_O_to_the_heads(biased
 
 def test_sources_and_readings_in_a_spec():
     plan = parse_text("sources heads mlp embed bias\nreadings authors count prompts\n")
-    assert plan.writers == ALL and plan.readings == Readings("one", "folded", "top", "prompts")
-    assert str(plan.readings) == "circuitlang homogeneous one" and str(READING_SETS["paper"]) == "paper"
+    assert plan.writers == ALL and plan.readings == Readings("one", "folded", "top", "prompts", "authors")
+    assert str(plan.readings) == "authors count prompts" and str(READING_SETS["paper"]) == "paper"
+    assert str(parse_text("readings authors count prompts labels circuitlang\n").readings) == "circuitlang homogeneous one"
     assert parse_text(f"readings {plan.readings}\n").readings == plan.readings
     for text, message in [("sources mlp", "sources must include heads"), ("sources heads mpl", 'did you mean "mlp"'),
                           ("readings author", 'did you mean "authors"'), ("readings paper count", "needs a value"),

@@ -21,6 +21,12 @@ IOI_ROLES = (
     "IO-1", "IO+1", "S1-1", "S1+1", "S2-1", "S2+1", "end-1", "starts",
 )
 """Role names of every IOI prompt, in label priority order (a position's label is its first role)."""
+AUTHORS_ROLES = (
+    "IO", "IO-1", "IO+1", "S1", "S1-1", "S1+1", "S2", "S2-1", "S2+1", "end", "end-1", "starts", "punct", "verb",
+)
+"""The keys of the authors' `word_idx` (their ioi_dataset.get_idx_dict) in order: their `idx_to_gram` writes each
+key's position in turn, so where two roles share a token the later key names it (`readings ... labels authors`)."""
+LABELS = ("circuitlang", "authors")
 
 _KINDS = ("ABBA", "BABA", "mixed")
 COUNTERFACTUALS = ("abc", "flipped")
@@ -57,6 +63,7 @@ def ioi_prompts(
     prepend_bos: bool = False,
     all_templates: bool = False,
     drop_multitoken_names: bool = False,
+    labels: str = "circuitlang",
 ) -> PromptSet:
     """``n`` IOI prompts of ``kind`` "ABBA", "BABA" or "mixed", deterministic for ``seed``.
 
@@ -76,10 +83,14 @@ def ioi_prompts(
     so every position a trace sees lies inside the prompt the paper traces (dest <= end). IO and S1 are the first occurrences of the names, S2 the last of S. Every name (with a
     leading space) must be a single token: DataError lists those that are not, unless
     ``drop_multitoken_names`` drops them (the count is reported in ``description``). Positions count the
-    BOS token when ``prepend_bos``. ``target`` is the IO token id, ``distractor`` the S token id.
+    BOS token when ``prepend_bos``. ``target`` is the IO token id, ``distractor`` the S token id. Where two roles
+    share a token, its label is the first role of ``IOI_ROLES``, or with ``labels="authors"`` the last of
+    ``AUTHORS_ROLES`` (the authors' priority; ``Prompt.roles`` are then in that priority order).
     """
     if kind not in _KINDS:
         raise DataError(f"unknown IOI kind {kind!r}; use one of: {', '.join(_KINDS)}")
+    if labels not in LABELS:
+        raise DataError(f"unknown labels {labels!r}; use one of: {', '.join(LABELS)}")
     if not isinstance(n, int) or n < 1:
         raise DataError(f"n must be a positive integer, got {n!r}")
     task = _task()
@@ -97,13 +108,16 @@ def ioi_prompts(
         place, obj = rng.choice(task["places"]), rng.choice(task["objects"])
         template = baba[index] if form == "BABA" else _abba(baba[index])
         text = template.replace("[A]", io).replace("[B]", s).replace("[PLACE]", place).replace("[OBJECT]", obj)
-        prompts.append(_ioi_prompt(text, io, s, tokenizer, prepend_bos, (("kind", form), ("template", str(index)))))
+        prompts.append(_ioi_prompt(text, io, s, tokenizer, prepend_bos, (("kind", form), ("template", str(index))),
+                                   IOI_ROLES if labels == "circuitlang" else AUTHORS_ROLES[::-1]))
 
     description = f"ioi {n} {kind} seed {seed}"
     if kind == "mixed" and all_templates:
         description += ", all templates"
     if prepend_bos:
         description += ", BOS"
+    if labels != "circuitlang":
+        description += f", {labels}' labels"
     if dropped:
         description += f", dropped {dropped} multi-token names"
     return PromptSet(tuple(prompts), IOI_ROLES, description)
@@ -122,9 +136,9 @@ def _single_token_names(tokenizer: Any, names: list[str], drop: bool) -> tuple[l
 
 
 def _ioi_prompt(
-    text: str, io: str, s: str, tokenizer: Any, prepend_bos: bool, meta: tuple[tuple[str, str], ...]
+    text: str, io: str, s: str, tokenizer: Any, prepend_bos: bool, meta: tuple[tuple[str, str], ...], priority: tuple[str, ...]
 ) -> Prompt:
-    """A Prompt with IOI roles found by matching the name tokens' ids in the tokenized text."""
+    """A Prompt with IOI roles found by matching the name tokens' ids in the tokenized text, in `priority` order."""
     ids = encode(tokenizer, text)
     io_id, s_id = encode(tokenizer, " " + io)[0], encode(tokenizer, " " + s)[0]
     io_at = [i for i, t in enumerate(ids) if t == io_id]
@@ -145,7 +159,7 @@ def _ioi_prompt(
         "S2-1": s2 - 1, "S2+1": s2 + 1, "end-1": end - 1, "starts": 0,
     }
     offset = 1 if prepend_bos else 0
-    roles = tuple((name, positions[name] + offset) for name in IOI_ROLES)
+    roles = tuple((name, positions[name] + offset) for name in priority)
     # The answer is not fed: positions after `end` would only add firings the paper does not trace.
     token_ids = tuple(([bos_id(tokenizer)] if prepend_bos else []) + ids[:-1])
     return Prompt(

@@ -48,8 +48,8 @@ from circuitlang.engine.forward import FINAL, answer_ids, batch_tokens, keepers,
 from circuitlang.models.model import LoadedModel
 from circuitlang.engine.results import EMBED, MLP
 from circuitlang.engine.roots import direct_effects, last_token_writes
-from circuitlang.engine.trace import parse_root, root_events
-from circuitlang.lang.plan import RANKINGS
+from circuitlang.engine.trace import root_events
+from circuitlang.lang.plan import RANKINGS, parse_root, root_heads
 
 SIGNED = ("attribution_clean", "attribution_cf", "dla")  # scores with a sign: CPR's circuits differ from CMD's
 MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # MIB's circuit sizes
@@ -217,7 +217,7 @@ def influence_scores(trace: Any, prompts: PromptSet, n_layers: int, n_heads: int
     inflow goes to its traced events (the firings with that token as destination, where Algorithm 1 recurses)
     in proportion to their attention. With A these weights, a head's influence in a prompt is the sum over its
     nodes of the roots' rows of (I - A)^-1 (every path to a root, the product of its weights), here summed
-    layer by layer from the top (edges only go down), divided by the number of roots; the roots' own events
+    layer by layer from the top (edges only go down), divided by the number of roots (a root set: one per head); the roots' own events
     start with 1. Writers other than heads are leaves. circuit-tracer prunes attribution graphs this way."""
     ev, ed = trace.events, trace.edges
     H, E = n_heads, len(ev)
@@ -243,8 +243,9 @@ def influence_scores(trace: Any, prompts: PromptSet, n_layers: int, n_heads: int
     whole = np.maximum(signal, traced)
     event = ed.event[heads].astype(int)
     weight = positive[heads] / np.where(whole[side_of[heads]] > 0, 2 * whole[side_of[heads]], np.inf)
+    roots = [parse_root(t) for t in trace.config.roots]
     seed = np.zeros(E)  # the roots' events start with 1
-    np.add.at(seed, [e for rows in root_events(ev, prompts, [parse_root(t) for t in trace.config.roots]) for e in rows], 1.0)
+    np.add.at(seed, [e for rows in root_events(ev, prompts, roots) for e in rows], 1.0)
     flow = seed.copy()  # each event's flow from the roots
     node_flow = np.zeros(len(nodes))  # each node's inflow through edges
     for layer in sorted(set(ev.layer.tolist()), reverse=True):
@@ -256,7 +257,8 @@ def influence_scores(trace: Any, prompts: PromptSet, n_layers: int, n_heads: int
     head = (nodes // n) % (n_layers * H)
     out = np.zeros(n_layers * H)
     np.add.at(out, head, total)
-    return (out / max(len(prompts), 1) / max(len(trace.config.roots), 1)).reshape(n_layers, H)
+    n_roots = sum(len(root_heads(r, H)) for r in roots)  # a root set counts the roots of its explicit list's heads
+    return (out / max(len(prompts), 1) / max(n_roots, 1)).reshape(n_layers, H)
 
 
 def influence_ranking(influence: np.ndarray, roots: set[int], count_order: Tensor) -> tuple[Tensor, Tensor]:
@@ -595,7 +597,7 @@ def evaluate_faithfulness(
         if name == "count":
             fixed[name] = (count_order, None, count_evidence)
         elif name == "influence":
-            roots = {r.layer * H + r.head for r in map(parse_root, trace.config.roots)}
+            roots = {l * H + h for r in map(parse_root, trace.config.roots) for l, h in root_heads(r, H)}
             order, scores = influence_ranking(influence_scores(trace, prompts, L, H), roots, count_order)
             fixed[name] = (order, None, scores)
         else:

@@ -48,7 +48,7 @@ import numpy as np
 
 from circuitlang.data.prompts import PromptSet
 from circuitlang.engine.results import Trace
-from circuitlang.lang.plan import EdgeSelector, InterventionSet, Root
+from circuitlang.lang.plan import EdgeSelector, InterventionSet, Root, RootSet
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -242,6 +242,9 @@ def select_edges(trace: Trace, prompts: PromptSet, selector: EdgeSelector, roots
                 raise InterventionError(f"edges into root {selector.root}: the trace has {len(roots)} "
                                         f"root{'s' * (len(roots) != 1)}, numbered from 1")
             root = roots[selector.root - 1]
+            if isinstance(root, RootSet):
+                raise InterventionError(f"edges into root {selector.root}: that root is a set of firings ({root}) of "
+                                        "several heads; name one head: edges into L.H")
             head = (root.layer, root.head)
         mask = down(head)
     elif selector.kind == "from":

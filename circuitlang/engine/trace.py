@@ -10,7 +10,6 @@ copied per event.
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -28,7 +27,7 @@ from circuitlang.engine.graph import aggregate
 from circuitlang.models.model import LoadedModel
 from circuitlang.engine.omega import OmegaSlices
 from circuitlang.engine.results import BIAS, EMBED, MLP, WRITER_CLASSES, FiringStats, Trace, TraceConfig, TracedEdges, TracedEvents
-from circuitlang.lang.plan import Readings, Root, SliceRule
+from circuitlang.lang.plan import Readings, Root, RootSet, SliceRule, parse_root
 
 Progress = Callable[[str, int, int], None]
 
@@ -190,41 +189,39 @@ def side_writers(acts: Activations, geometry: AttentionGeometry, direction: Tens
     return SideWriters(torch.cat(columns, 1), torch.cat(up_layer), torch.cat(up_head), split)
 
 
-_ROOT = re.compile(r"^\s*(\d+)\.(\d+)\s+([\w+-]+)\s*->\s*([\w+-]+)\s*$")
-
-
-def parse_root(text: str) -> Root:
-    """`"9.6 end->IO"` -> Root(9, 6, "end", "IO"), for the Python API; specs go through the language."""
-    match = _ROOT.match(text)
-    if not match:
-        raise TraceError(f"root {text!r} is not of the form 'layer.head dest->src', e.g. '9.6 end->IO'")
-    return Root(int(match[1]), int(match[2]), match[3], match[4])
-
-
-def root_events(events: TracedEvents, prompts: PromptSet, roots: Sequence[Root]) -> list[list[int]]:
-    """Per prompt, the event rows where each root fired, in the roots' order (where the authors' graph
-    code starts its walks, `readings ... count events`)."""
+def root_events(events: TracedEvents, prompts: PromptSet, roots: Sequence[Root | RootSet]) -> list[list[int]]:
+    """Per prompt, the event rows where each root fired, in the roots' order, a root set's by (layer, head,
+    dest, src) (where the authors' graph code starts its walks, `readings ... count events`)."""
     row = {key: e for e, key in enumerate(zip(events.prompt.tolist(), events.layer.tolist(), events.head.tolist(),
                                               events.dest.tolist(), events.src.tolist()))}
     found = [[] for _ in prompts]
-    for k, prompt in enumerate(prompts):
-        for root in roots:
+    for root in roots:
+        if isinstance(root, RootSet):
+            dest, src = (np.array([p.role(role) for p in prompts]) if role else None for role in (root.dest, root.src))
+            rows = np.flatnonzero(root.chooses(events.layer, events.prompt, events.dest, events.src, dest, src))
+            for e in rows[np.lexsort([getattr(events, f)[rows] for f in ("src", "dest", "head", "layer", "prompt")])].tolist():
+                found[events.prompt[e]].append(e)
+            continue
+        for k, prompt in enumerate(prompts):
             e = row.get((k, root.layer, root.head, prompt.role(root.dest), prompt.role(root.src)))
             if e is not None:
                 found[k].append(e)
     return found
 
 
-def root_positions(prompts: PromptSet, roots: Sequence[Root], n_layers: int, n_heads: int) -> list[tuple[Root, Tensor, Tensor]]:
+def root_positions(prompts: PromptSet, roots: Sequence[Root | RootSet], n_layers: int,
+                   n_heads: int) -> list[tuple[Root | RootSet, Tensor | None, Tensor | None]]:
+    """Each root with its roles' position in every prompt (None for a root set without that role)."""
     out = []
     for root in roots:
-        if not (0 <= root.layer < n_layers and 0 <= root.head < n_heads):
+        if isinstance(root, RootSet) and root.last >= n_layers:
+            raise TraceError(f"root {root} is outside the model ({n_layers} layers x {n_heads} heads)")
+        if isinstance(root, Root) and not (0 <= root.layer < n_layers and 0 <= root.head < n_heads):
             raise TraceError(f"root {root} is outside the model ({n_layers} layers x {n_heads} heads)")
         for role in (root.dest, root.src):
-            if role not in prompts.role_names:
+            if role is not None and role not in prompts.role_names:
                 raise TraceError(f"root {root}: role {role!r} is not defined by the prompts; roles: {', '.join(prompts.role_names)}")
-        dest = torch.tensor([p.role(root.dest) for p in prompts])
-        src = torch.tensor([p.role(root.src) for p in prompts])
+        dest, src = (torch.tensor([p.role(role) for p in prompts]) if role is not None else None for role in (root.dest, root.src))
         out.append((root, dest, src))
     return out
 
@@ -232,7 +229,7 @@ def root_positions(prompts: PromptSet, roots: Sequence[Root], n_layers: int, n_h
 def trace(
     model: LoadedModel,
     prompts: PromptSet,
-    roots: Sequence[Root | str],
+    roots: Sequence[Root | RootSet | str],
     threshold: float = 0.5,
     mass: float = 0.7,
     slices: SliceRule | str = "paper",
@@ -243,7 +240,7 @@ def trace(
     geometry: AttentionGeometry | None = None,
     progress: Progress | None = None,
 ) -> Trace:
-    """Trace `prompts` from `roots` (head, dest role -> src role) and aggregate the graph (Fig. 5)."""
+    """Trace `prompts` from `roots` (head, dest role -> src role, or root sets) and aggregate the graph (Fig. 5)."""
     rule = slices if isinstance(slices, SliceRule) else SliceRule(kind=slices)
     roots = [parse_root(r) if isinstance(r, str) else r for r in roots]
     root_pos = root_positions(prompts, roots, model.n_layers, model.n_heads)
@@ -265,7 +262,7 @@ def trace(
     return build_trace(model, prompts, roots, threshold, mass, rule, firing, events, edges, timings, readings=readings, writers=writers)
 
 
-def build_trace(model: LoadedModel, prompts: PromptSet, roots: Sequence[Root], threshold: float, mass: float, rule: SliceRule,
+def build_trace(model: LoadedModel, prompts: PromptSet, roots: Sequence[Root | RootSet], threshold: float, mass: float, rule: SliceRule,
                 firing: FiringStats, events: TracedEvents, edges: TracedEdges, timings: dict[str, float], *,
                 readings: Readings = Readings(), writers: Sequence[str] = ("heads",)) -> Trace:
     """The Trace of these statistics, events and edges: the graph aggregated over prompts (Fig. 5)."""
@@ -295,7 +292,7 @@ def build_trace(model: LoadedModel, prompts: PromptSet, roots: Sequence[Root], t
 def trace_activations(
     acts: Activations,
     geometry: AttentionGeometry,
-    root_positions: Sequence[tuple[Root, Tensor, Tensor]],
+    root_positions: Sequence[tuple[Root | RootSet, Tensor | None, Tensor | None]],
     threshold: float,
     mass: float,
     rule: SliceRule,
@@ -314,6 +311,9 @@ def trace_activations(
     wanted = torch.zeros(len(fires), dtype=torch.bool)
     prompt_ids = torch.arange(P)
     for root, dest, src in root_positions:
+        if isinstance(root, RootSet):  # a filter on the firings, not a lookup per prompt
+            wanted |= root.chooses(fires.layer, fires.prompt, fires.dest, fires.src, dest, src)
+            continue
         rows = fires.rows_of(torch.full((P,), root.layer), prompt_ids, torch.full((P,), root.head), dest, src)
         wanted[rows[rows >= 0]] = True
     dest_keys = fires.dest_keys()

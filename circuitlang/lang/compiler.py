@@ -37,6 +37,7 @@ from circuitlang.lang.plan import (
     READING_SETS,
     Readings,
     Root,
+    RootSet,
     SliceRule,
     Slot,
     Swap,
@@ -93,7 +94,10 @@ def check_against_model(plan: Plan, n_layers: int, n_heads: int) -> None:
     fallback = Where(plan.sources[0] if plan.sources else "<plan>")
     shape = f"{plan.model.name} ({n_layers} layers x {n_heads} heads: 0.0 to {n_layers - 1}.{n_heads - 1})"
     roots = () if isinstance(plan.roots, AutoRoots) else plan.roots
-    named = [(r.layer, r.head) for r in roots]
+    for r in roots:
+        if isinstance(r, RootSet) and r.last >= n_layers:
+            raise SpecError.at(where.get(str(r), fallback), f"{r}: layer {r.last} is out of range for {shape}")
+    named = [(r.layer, r.head) for r in roots if isinstance(r, Root)]
     named += [h for s in plan.interventions for e in s.edges for h in (e.up, e.down) if h]
     if isinstance(plan.compare, tuple):
         named += [_head(h) for h in plan.compare]
@@ -293,13 +297,36 @@ class _Compiler:
 
     def _trace_roots(self, *trees):
         roots = []
-        for head, dest, src in (t.children for t in trees):
-            root = Root(*self.head(head), self.role(dest), self.role(src))
+        for tree in trees:
+            root = getattr(self, f"_{tree.data}")(*tree.children)
             if root in roots:
-                raise self.error(head, f"root {root} is given twice")
+                raise SpecError(self.file, tree.meta.line, tree.meta.column, f"root {root} is given twice")
             roots.append(root)
         self.roots = tuple(roots)
         return {"roots": self.roots}
+
+    def _root(self, head, dest, src):
+        return Root(*self.head(head), self.role(dest), self.role(src))
+
+    def _root_heads(self, heads, dest, src):
+        """`9.* end->S2`: the head's firing on those roles, for every head of the layer."""
+        layer = heads.update("INT", heads.split(".")[0])
+        return self.root_set(heads, (heads, layer, layer), dest, src, None)
+
+    def _root_set(self, layers, dest, src, except_source):
+        token = layers.children[0]
+        ends = [token.update("INT", n) for n in token.split("-")] if token.type == "LAYER_RANGE" else [token, token]
+        return self.root_set(token, (token, *ends), dest, src, except_source)
+
+    def root_set(self, at, layers, dest, src, except_source) -> RootSet:
+        token, first, last = layers
+        first, last = (self.count(n, "a layer", MAX_INDEX, least=0) for n in (first, last))
+        if first > last:
+            raise self.error(token, f"layers {first}-{last}: the first layer is above the last; write layers {last}-{first}")
+        skip = except_source and self.count(except_source.children[0], "the source position", MAX_INDEX, least=0)
+        root = RootSet(first, last, dest and self.role(dest), src and self.role(src), skip)
+        self.where.setdefault(str(root), Where(self.file, at.line, at.column))
+        return root
 
     def _trace_auto(self, k):
         self.roots = AutoRoots(self.count(k, "the number of roots", MAX_AUTO_ROOTS)) if k else AutoRoots()
@@ -471,6 +498,9 @@ class _Compiler:
             raise self.error(k, f"there is no root {k}; "
                              f"the trace has {n} root{'s' * (n != 1)}, numbered from 1")
         root = None if isinstance(self.roots, AutoRoots) else self.roots[int(k) - 1]
+        if isinstance(root, RootSet):
+            raise self.error(k, f"root {k} is a set of firings ({root}) of several heads; name one: edges into "
+                             f"{root.first}.0")
         down = root and (root.layer, root.head)
         return EdgeSelector("into", down=down, root=int(k), **self.via(via))
 

@@ -31,14 +31,14 @@ _LITERALS = {t.name: t.pattern.value for t in _PARSER.terminals if isinstance(t.
 KEYWORDS = frozenset(v for v in _LITERALS.values() if v.isidentifier())
 BARE_WORD = re.compile(next(t.pattern.value for t in _PARSER.terminals if t.name == "WORD"))
 _ENDS = {"_NL": "end of line", "$END": "end of file"}
-_NAMED = {"DECIMAL": "a head like 9.9", "INT": "a whole number", "WORD": "a name",
+_NAMED = {"DECIMAL": "a head like 9.9", "HEADS": "every head of a layer like 9.*", "LAYER_RANGE": "layers like 9-11", "INT": "a whole number", "WORD": "a name",
           "STRING": "a quoted string", **_ENDS}
 # What the words of `sources` and `readings` are (the grammar takes any word there, for "did you mean"): an
 # error in them lists these, not the keywords of other statements that the lexer lets through.
 _SETTINGS = {"sources": (f"a source ({listing(WRITERS)})",) * 2,
              "readings": (f"a set of readings ({listing(READING_SETS)})", f"a reading ({listing(READING_KEYS)}) with its value")}
-# a WORD after one of these is a token role (`9.9 end->IO`, `at end`)
-_BEFORE_ROLE = {"DECIMAL"} | {name for name, value in _LITERALS.items() if value in ("->", "at")}
+# a WORD after one of these is a token role (`9.9 end->IO`, `at end`, `every firing of layer 9 from end to S2`)
+_BEFORE_ROLE = {"DECIMAL", "HEADS"} | {name for name, value in _LITERALS.items() if value in ("->", "at", "from", "to")}
 
 
 def parse_statements(text: str, filename: str) -> list[Tree]:

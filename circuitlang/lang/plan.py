@@ -6,6 +6,7 @@ paper's set-up (section 5.3) is `Plan(model=ModelSpec("gpt2"), roots=PAPER_ROOTS
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
@@ -130,6 +131,68 @@ class Root:
         return f"{self.layer}.{self.head} {self.dest}->{self.src}"
 
 
+@dataclass(frozen=True)
+class RootSet:
+    """`trace from every firing of layers FIRST-LAST [from DEST] [to SRC] [except source N]`, and `L.* DEST->SRC`
+    (one layer, both roles): every firing of every head of those layers is a root, optionally only those from
+    token role `dest`, to token role `src`, and none whose source is position `except_source`.
+
+    A set gives the roots its explicit list would (for `9.* end->S2`: `9.0 end->S2, 9.1 end->S2, ...`); in each
+    prompt its root events go by layer, head, destination, then source (the order `readings ... count events`
+    walks them in)."""
+
+    first: int
+    last: int
+    dest: str | None = None
+    src: str | None = None
+    except_source: int | None = None
+
+    def __str__(self) -> str:
+        if self.first == self.last and self.dest and self.src and self.except_source is None:
+            return f"{self.first}.* {self.dest}->{self.src}"
+        layers = f"layer {self.first}" if self.first == self.last else f"layers {self.first}-{self.last}"
+        return (f"every firing of {layers}" + (f" from {self.dest}" if self.dest else "") + (f" to {self.src}" if self.src else "")
+                + (f" except source {self.except_source}" if self.except_source is not None else ""))
+
+    def chooses(self, layer, prompt, dest, src, dest_at, src_at):
+        """Which of the firings (layer, prompt, dest, src) [N] the set starts from; dest_at, src_at [P]: each
+        prompt's position of the set's roles (None without one). Tensors or arrays alike."""
+        chosen = (layer >= self.first) & (layer <= self.last)
+        if dest_at is not None:
+            chosen &= dest == dest_at[prompt]
+        if src_at is not None:
+            chosen &= src == src_at[prompt]
+        if self.except_source is not None:
+            chosen &= src != self.except_source
+        return chosen
+
+
+def root_heads(root: Root | RootSet, n_heads: int) -> list[tuple[int, int]]:
+    """The heads (layer, head) whose firings a root starts from."""
+    if isinstance(root, Root):
+        return [(root.layer, root.head)]
+    return [(layer, head) for layer in range(root.first, root.last + 1) for head in range(n_heads)]
+
+
+_ROOT = re.compile(r"^\s*(\d+)\.(\d+|\*)\s+([\w+-]+)\s*->\s*([\w+-]+)\s*$")
+_ROOT_SET = re.compile(r"^\s*every firing of (?:layer (\d+)|layers (\d+)-(\d+))(?: from ([\w+-]+))?(?: to ([\w+-]+))?"
+                       r"(?: except source (\d+))?\s*$")
+
+
+def parse_root(text: str) -> Root | RootSet:
+    """A root from the text `str` gives it (as trace.json keeps it): `"9.6 end->IO"` -> Root(9, 6, "end", "IO");
+    `"9.* end->IO"`, `"every firing of layers 9-11 ..."` -> a RootSet. For the Python API; specs go through the
+    language."""
+    if match := _ROOT.match(text):
+        layer, head, dest, src = match.groups()
+        return RootSet(int(layer), int(layer), dest, src) if head == "*" else Root(int(layer), int(head), dest, src)
+    if match := _ROOT_SET.match(text):
+        one, first, last, dest, src, skip = match.groups()
+        return RootSet(int(one or first), int(one or last), dest, src, None if skip is None else int(skip))
+    raise ValueError(f"root {text!r} is not of the form 'layer.head dest->src' (e.g. '9.6 end->IO', '9.* end->IO') "
+                     "or 'every firing of layers A-B [from ROLE] [to ROLE] [except source N]'")
+
+
 # The paper's roots (section 5.3): the three name mover heads of GPT-2 small, firing end -> IO.
 PAPER_ROOTS = (Root(9, 9, "end", "IO"), Root(9, 6, "end", "IO"), Root(10, 0, "end", "IO"))
 
@@ -208,13 +271,22 @@ class Readings:
     part of each `head`'s output (eq. 4); negative: (c) a side whose writers sum to <= 0 keeps its `top`
     writer (the code) or `none` (the text's smallest set reaching the mass of the sum); count: (d) an
     edge counts the `prompts` it is seen in (the text) or, as the authors' graph code does, every event
-    that reaches it after its first prompt (`events`).
+    that reaches it after its first prompt (`events`); labels: (e) where two roles of an IOI prompt fall on one
+    token, which names it: the first in circuitlang.data.ioi.IOI_ROLES (`circuitlang`) or, as the authors'
+    `idx_to_gram` does, the last in their `word_idx` (`authors`, circuitlang.data.ioi.AUTHORS_ROLES).
     """
 
     homogeneous: Literal["zero", "one"] = "zero"
     value: Literal["folded", "head"] = "folded"
     negative: Literal["top", "none"] = "top"
     count: Literal["prompts", "events"] = "prompts"
+    labels: Literal["circuitlang", "authors"] = "circuitlang"
+
+    @classmethod
+    def parse(cls, text: str) -> Readings:
+        """The readings `str` wrote: a named set, then `READING VALUE` overrides (text the compiler checked)."""
+        name, *overrides = text.split()
+        return cls(**{**vars(READING_SETS[name]), **dict(zip(overrides[::2], overrides[1::2]))})
 
     def __str__(self) -> str:
         """The named set with the fewest overrides, then the overrides: `authors`, `paper count events`."""
@@ -225,11 +297,11 @@ class Readings:
         return " ".join([name, *overrides(READING_SETS[name])])
 
 
-READING_KEYS = ("homogeneous", "value", "negative", "count")
+READING_KEYS = ("homogeneous", "value", "negative", "count", "labels")
 READING_SETS = {  # the order breaks ties in Readings.__str__
     "circuitlang": Readings(),
-    "paper": Readings("zero", "head", "none", "prompts"),
-    "authors": Readings("one", "folded", "top", "events"),
+    "paper": Readings("zero", "head", "none", "prompts", "circuitlang"),
+    "authors": Readings("one", "folded", "top", "events", "authors"),
 }
 
 
@@ -271,7 +343,7 @@ class Evaluation:
 class Plan:
     model: ModelSpec = ModelSpec("gemma-3-270m")
     prompts: IOIPrompts | FilePrompts | TaskPrompts = IOIPrompts()
-    roots: tuple[Root, ...] | AutoRoots = AutoRoots()
+    roots: tuple[Root | RootSet, ...] | AutoRoots = AutoRoots()
     threshold: float = 0.5
     slices: SliceRule = SliceRule()
     mass: float = 0.7

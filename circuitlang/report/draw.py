@@ -14,7 +14,7 @@ import graphviz
 
 from circuitlang.engine.results import BIAS, EMBED, MLP, Trace, writer_label
 from circuitlang.atomic import atomic_write
-from circuitlang.report.export import Head, edge_filter
+from circuitlang.report.export import Head, counted, edge_filter, roots_summary
 
 DRAWING_FORMATS = ("dot", "svg", "png")
 SIDE_COLOURS = {"s": "#1f5fbf", "d": "#c8102e"}  # Fig. 5: blue into a source token, red into a destination
@@ -45,8 +45,8 @@ def _title(trace: Trace, min_count: int, known: bool = False) -> str:
     s, d = SIDE_COLOURS["s"], SIDE_COLOURS["d"]
     rows = [
         f"<b>{e(trace.model)}</b>  ·  {e(trace.prompts)}",
-        f"roots: {e(', '.join(c.roots))}",
-        f"edges seen in ≥ {min_count} of {len(trace.labels)} prompts  ·  threshold {c.threshold}  ·  mass {c.mass}  ·  slices {e(c.slices)}",
+        f"roots: {e(roots_summary(trace).splitlines()[0])}",
+        f"edges of count ≥ {min_count} ({e(counted(trace))})  ·  threshold {c.threshold}  ·  mass {c.mass}  ·  slices {e(c.slices)}",
         f'<font color="{s}">━ into a source token (s)</font>   <font color="{d}">━ into a destination token (d)</font>'
         f'   <font color="{ATTENTION_COLOUR}">━ attention</font>',
         'width: accumulated contribution  ·  darker: more events traced'

@@ -19,6 +19,7 @@ import numpy as np
 from circuitlang.data.ioi import known_heads
 from circuitlang.engine.results import (WRITER_CLASSES, WRITER_CODES, FiringStats, Trace, TraceConfig, TracedEdges, TracedEvents,
                                         exactness, writer_label)
+from circuitlang.lang.plan import Readings, Root, RootSet, parse_root
 from circuitlang.atomic import atomic_write
 
 FORMAT = "circuitlang.trace/1"
@@ -26,6 +27,57 @@ FLOAT_DIGITS = 7
 _FLOAT_COLUMNS = {"score", "attention", "signal_dest", "signal_src", "split_dest", "split_src", "contribution", "residual", "position"}
 
 Head = tuple[int, int]
+ROOTS_LISTED = 6  # more roots than this, or a root set, are summarised per head
+
+
+def counted(trace: Trace) -> str:
+    """What an edge's count counts: prompts, or under `readings ... count events` every event reaching it."""
+    n = len(trace.labels)
+    if Readings.parse(trace.config.readings).count == "events":
+        return f"events, over {n} prompt{'s' * (n != 1)}"
+    return f"of {n} prompt{'s' * (n != 1)}"
+
+
+def root_firings(trace: Trace, root: Root | RootSet, rows: np.ndarray | None = None) -> np.ndarray:
+    """Bool [len(rows)]: which traced events (`rows`, default all) `root` starts from, its roles matched by the
+    token labels the trace keeps (a role's label, unless a role of higher label priority shares its token)."""
+    rows = np.arange(len(trace.events)) if rows is None else rows
+    layer, head, prompt = (getattr(trace.events, f)[rows] for f in ("layer", "head", "prompt"))
+    dest, src = (np.array([trace.labels[p][t] for p, t in zip(prompt.tolist(), getattr(trace.events, side)[rows].tolist())],
+                          dtype=object) for side in ("dest", "src"))
+    if isinstance(root, Root):
+        return (layer == root.layer) & (head == root.head) & (dest == root.dest) & (src == root.src)
+    # each event is its own "prompt" here, whose role is named where the set's is
+    role = lambda name: name and np.full(len(rows), name, dtype=object)  # noqa: E731
+    return root.chooses(layer, np.arange(len(rows)), dest, src, role(root.dest), role(root.src))
+
+
+def roots_summary(trace: Trace) -> str:
+    """The roots, one by one when few; else per layer, how many roots each head has (explicit roots) or how many
+    of its traced firings a root set starts from (`root_firings`)."""
+    roots = [parse_root(r) for r in trace.config.roots]
+    sets = [r for r in roots if isinstance(r, RootSet)]
+    if len(roots) <= ROOTS_LISTED and not sets:
+        return ", ".join(trace.config.roots)
+    per_head: dict[tuple[int, int], int] = {}
+    for r in roots:
+        if not isinstance(r, RootSet):
+            per_head[r.layer, r.head] = per_head.get((r.layer, r.head), 0) + 1
+    ev = trace.events
+    rows, head = np.zeros(len(ev), dtype=bool), []
+    for r in sets:
+        mine = root_firings(trace, r)
+        head.append(f"{r}: {int(mine.sum())} root firings")
+        rows |= mine
+    for l, h in zip(ev.layer[rows].tolist(), ev.head[rows].tolist()):
+        per_head[l, h] = per_head.get((l, h), 0) + 1
+    n_explicit = len(roots) - len(sets)
+    head += [f"{n_explicit} explicit roots"] if n_explicit else []
+    lines = ["; ".join(head) + f" on {len(per_head)} heads"]
+    for layer in sorted({l for l, _ in per_head}):
+        heads = sorted((h, n) for (l, h), n in per_head.items() if l == layer)
+        lines.append(f"layer {layer}: " + ", ".join(f"{layer}.{h} {n}" for h, n in heads))
+    return "\n".join(lines)
 
 
 def _round(x: float) -> float | None:

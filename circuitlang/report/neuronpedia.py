@@ -24,7 +24,8 @@ import numpy as np
 
 from circuitlang.atomic import atomic_write
 from circuitlang.engine.results import BIAS, EMBED, MLP, Trace
-from circuitlang.report.export import dumps, plain
+from circuitlang.lang.plan import parse_root
+from circuitlang.report.export import dumps, plain, root_firings, roots_summary
 
 DEFAULT_PROMPTS = 8  # `output ... neuronpedia` and `circ export neuronpedia` without --prompt: the first few traced
 DIRECTORY = "neuronpedia"
@@ -40,17 +41,6 @@ Node = tuple  # ("head", layer, head, pos) | ("mlp", layer, pos) | ("bias", laye
 def cantor(layer: int, index: int) -> int:
     """The feature number of schema version 1: both viewers decode layer and index from it."""
     return (layer + index) * (layer + index + 1) // 2 + index
-
-
-def _root_keys(roots: Sequence[str]) -> set[tuple[int, int, str, str]]:
-    """"11.3 end->S2" -> (11, 3, "end", "S2")."""
-    keys = set()
-    for root in roots:
-        head, _, pair = root.partition(" ")
-        layer, number = head.split(".")
-        dest, _, src = pair.partition("->")
-        keys.add((int(layer), int(number), dest, src))
-    return keys
 
 
 def _upstream(up_layer: int, up_head: int, token: int) -> Node:
@@ -111,15 +101,18 @@ def prompt_graph(trace: Trace, prompt: int, slug: str, scan: str | None = None) 
     roles = trace.labels[prompt]
     last = len(roles) - 1
     ev, ed = trace.events, trace.edges
-    roots = _root_keys(trace.config.roots)
+    here = np.flatnonzero(ev.prompt == prompt)
+    is_root = np.zeros(len(here), dtype=bool)  # explicit roots and root sets alike
+    for root in map(parse_root, trace.config.roots):
+        is_root |= root_firings(trace, root, here)
 
     firings: dict[Node, list[dict]] = defaultdict(list)
-    for e in np.flatnonzero(ev.prompt == prompt):
+    for k, e in enumerate(here):
         layer, head, dest, src = int(ev.layer[e]), int(ev.head[e]), int(ev.dest[e]), int(ev.src[e])
         firings[("head", layer, head, dest)].append({
             "src": src, "src_role": roles[src], "score": ev.score[e], "attention": ev.attention[e],
             "n_slices": ev.n_slices[e], "slices": ev.slices[e], "signal_dest": ev.signal_dest[e],
-            "signal_src": ev.signal_src[e], "root": (layer, head, roles[dest], roles[src]) in roots,
+            "signal_src": ev.signal_src[e], "root": bool(is_root[k]),
         })
 
     # Per target node and source node, the summed contribution through each side (d: query, s: key).
@@ -162,7 +155,7 @@ def prompt_graph(trace: Trace, prompt: int, slug: str, scan: str | None = None) 
             "prompt": "".join(t for t, role in zip(tokens, roles) if role != "BOS"),
             "node_threshold": NODE_THRESHOLD, "schema_version": 1,
             "info": {"description": f"Singular Vector Tracing of prompt {prompt} ({trace.prompts}) from "
-                                    f"{', '.join(c.roots)}", "generator": GENERATOR},
+                                    f"{roots_summary(trace).splitlines()[0]}", "generator": GENERATOR},
             "generation_settings": {"firing_threshold": c.threshold, "keep_mass": c.mass, "slices": c.slices,
                                     "roots": list(c.roots), "sources": c.sources, "readings": c.readings},
             "pruning_settings": {"node_threshold": NODE_THRESHOLD},

@@ -14,8 +14,9 @@ from rich.console import Console
 from rich.table import Table
 
 from circuitlang.engine.results import WRITER_CLASSES, Trace, exactness, writer_label
+from circuitlang.lang.plan import parse_root, root_heads
 from circuitlang.report.draw import shade
-from circuitlang.report.export import Head, edge_filter, graph_heads, precision_recall, writer_shares
+from circuitlang.report.export import ROOTS_LISTED, Head, counted, edge_filter, graph_heads, precision_recall, roots_summary, writer_shares
 
 HEATMAP_HEADS = 12  # heads per heatmap table; wider models get one table per 12 heads
 
@@ -47,14 +48,14 @@ def _summary(trace: Trace, shown, min_count: int) -> Table:
     rows = [
         ("model", f"{trace.model}  ({trace.n_layers} layers x {trace.n_heads} heads)"),
         ("prompts", f"{len(trace.labels)}  ({trace.prompts})"),
-        ("roots", ", ".join(c.roots)),
+        ("roots", roots_summary(trace)),
         ("firing", f"attention > {c.threshold}; {int(trace.firing.counts.sum())} firing events in all"),
         ("slices / mass", f"S_ij rule {c.slices}; upstream writers holding {c.mass:.0%} of the contribution"),
         ("sources", f"{c.sources}; readings {c.readings}"),
         ("traced", f"{len(trace.events)} events, {len(trace.edges)} edge rows"),
         ("exactness", exactness_line(trace)),
         ("graph", f"{len(graph_heads(g))} heads, {comm} communication edges"),
-        (f"count >= {min_count}", f"{len(graph_heads(shown))} heads, {shown_comm} communication edges"),
+        (f"count >= {min_count}", f"{len(graph_heads(shown))} heads, {shown_comm} communication edges (count: {counted(trace)})"),
     ]
     if trace.timings:
         rows.append(("timings", "  ".join(f"{k} {v:.2f}s" for k, v in trace.timings.items())))
@@ -121,9 +122,9 @@ def _slices(trace: Trace, shown, top: int) -> Table:
 def _writers(trace: Trace, shown, top: int) -> Table | None:
     """Each root's and the most traced heads' signal by writer class, dest and src side (the head-only
     trace explains the `heads` share; the rest is what `sources mlp embed bias` can add)."""
-    roots = [tuple(int(x) for x in r.split()[0].split(".")) for r in trace.config.roots]
+    roots = [head for r in trace.config.roots for head in root_heads(parse_root(r), trace.n_heads)]
     ranked = sorted(graph_heads(shown) - set(roots), key=lambda n: (-shown.nodes[n]["traced"], n))
-    heads = list(dict.fromkeys(roots + ranked[: max(top - len(roots), 0)]))
+    heads = list(dict.fromkeys(roots + ranked[: max(top - len(roots), 0)]))[:max(top, ROOTS_LISTED)]
     shares = writer_shares(trace, heads)
     if not shares:
         return None
@@ -164,7 +165,7 @@ def render_report(trace: Trace, console: Console, *, min_count: int = 1, known: 
     console.print(_summary(trace, shown, min_count))
     for table in _firing(trace, shown_heads):
         console.print(table)
-    console.print(_edges(shown, "count", top, f"Top edges by count (of {len(trace.labels)} prompts)"))
+    console.print(_edges(shown, "count", top, f"Top edges by count ({counted(trace)})"))
     console.print(_edges(shown, "total", top, "Top edges by total contribution"))
     console.print(_slices(trace, shown, top))
     writers = _writers(trace, shown, top)

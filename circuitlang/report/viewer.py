@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 import numpy as np
 
 from circuitlang.engine.results import WRITER_CLASSES, Trace
+from circuitlang.lang.plan import parse_root, root_heads
 from circuitlang.atomic import atomic_write
 from circuitlang.report.draw import ATTENTION_COLOUR, DARK, KNOWN_BORDER, LIGHT, PENWIDTH, SIDE_COLOURS
 from circuitlang.report.export import graph_heads, node_id, parse_node_id, plain, writer_shares
@@ -192,7 +193,7 @@ def trace_view_data(trace: Trace, *, min_count: int = 1, compare: str | Iterable
         "config": {"threshold": c.threshold, "mass": c.mass, "slices": c.slices, "roots": list(c.roots),
                    "sources": c.sources, "readings": c.readings},
         "writer_classes": list(WRITER_CLASSES),
-        "roots": sorted({_root_head(r) for r in c.roots}),
+        "roots": sorted({f"{l}.{h}" for r in c.roots for l, h in root_heads(parse_root(r), trace.n_heads)}),
         "min_count": min_count,
         "known": _known_classes(compare),
         "compare": compare if isinstance(compare, str) or compare is None else "listed heads",

@@ -91,7 +91,7 @@ def build_prompts(plan: Plan, model: LoadedModel) -> PromptSet:
     p = plan.prompts
     if isinstance(p, TaskPrompts):
         return task_prompts(p.task, model.tokenizer, p.n, p.seed, prepend_bos=model.prepend_bos)
-    return ioi_prompts(model.tokenizer, p.n, p.kind, p.seed, prepend_bos=model.prepend_bos)
+    return ioi_prompts(model.tokenizer, p.n, p.kind, p.seed, prepend_bos=model.prepend_bos, labels=plan.readings.labels)
 
 
 def evidence_of(model: LoadedModel, acts: Activations, prompts: PromptSet, threshold: float, geometry: AttentionGeometry) -> RootEvidence:
