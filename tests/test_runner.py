@@ -148,14 +148,14 @@ def test_two_answer_logits_apply_the_soft_cap_as_the_full_vocabulary_would():
 
 def test_auto_roots_name_the_heads_they_skip():
     effects = np.array([[0.1, 5.0], [2.0, 1.0]])  # 0.1 has the largest effect but never fires between roles
-    evidence = RootEvidence(effects * 4, 4, {(1, 0): Counter({("end", "IO"): 3}), (1, 1): Counter({("end", "S2"): 2})}, {})
+    evidence = RootEvidence(np.repeat(effects[None], 4, 0), {(1, 0): Counter({("end", "IO"): 3}), (1, 1): Counter({("end", "S2"): 2})}, {})
     chosen, skipped = auto_roots(evidence, 2)
     assert [str(c.root) for c in chosen] == ["1.0 end->IO", "1.1 end->S2"] and all(c.from_end for c in chosen)
-    elsewhere = RootEvidence(effects, 1, {}, {(1, 0): Counter({("S2", "S2"): 5})})
+    elsewhere = RootEvidence(effects[None], {}, {(1, 0): Counter({("S2", "S2"): 5})})
     assert auto_roots(elsewhere, 1)[0][0].from_end is False
     assert [(s.layer, s.head, s.direct_effect) for s in skipped] == [(0, 1, 5.0)]
     assert "never fires" in skipped[0].reason
-    evidence_b = RootEvidence(effects * 2, 2, {(0, 1): Counter({("end", "IO"): 1})}, {})
+    evidence_b = RootEvidence(np.repeat(effects[None], 2, 0), {(0, 1): Counter({("end", "IO"): 1})}, {})
     merged = evidence.merge(evidence_b)
     assert merged.n_prompts == 6 and merged.at_end[(0, 1)] == Counter({("end", "IO"): 1})
     assert [str(c.root) for c in auto_roots(merged, 1)[0]] == ["0.1 end->IO"]
