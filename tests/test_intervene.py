@@ -387,7 +387,8 @@ def test_json_is_deterministic_and_round_trips(results, tmp_path):
     a, b = write_interventions_json(results, tmp_path / "a.json"), write_interventions_json(results, tmp_path / "b.json")
     assert a.read_bytes() == b.read_bytes()
     data = read_interventions_json(a)
-    assert data == json.loads(json.dumps(interventions_to_dict(results)))
+    # Everything but the count of passes, which follows the chunks (the cache keeps it; the file is the same bytes).
+    assert data == {k: v for k, v in json.loads(json.dumps(interventions_to_dict(results))).items() if k != "passes"}
     assert data["rows"]["delta_f"] == pytest.approx(results.rows.delta_f.tolist(), rel=1e-6)
     assert [s["name"] for s in data["sets"]] == ["edge 0.0 -> 1.0", "into 1.0", "nothing"]
     assert {v["verdict"] for v in data["verdicts"]} <= {"yes", "ablate only", "boost only", "reversed", "no", "n/a"}
