@@ -275,9 +275,9 @@ def test_variants_of_a_set_stack_into_one_pass_per_start_layer(reader, prompts, 
     assert calls[0] == (4, None) and res.passes == len(calls) - 1 == 3 + 3 + len(b_passes)
     assert calls[1:4] == [(4, None)] * 3 and calls[4:7] == [(4, 1)] * 3 and sorted(calls[7:]) == [(k, 1) for k in b_passes]
     assert len(res.rows) == 3 * (8 + 1)
-    # At most `step` prompts a batch, those of one first token together, each batch by length.
-    batches = pass_batches(np.array([3, 1, 3, 3, 1, 3]), np.array([9, 8, 7, 8, 6, 5]), step=2)
-    assert [b.tolist() for b in batches] == [[4, 1], [5, 2], [3, 0]]
+    # At most `step` prompts a batch, those of one first token together, in prompt order.
+    batches = pass_batches(np.array([3, 1, 3, 3, 1, 3]), step=2)
+    assert [b.tolist() for b in batches] == [[1, 4], [0, 2], [3, 5]]
 
 
 def test_partial_passes_equal_whole_model_passes(reader, tiny, tiny_run, prompts, monkeypatch):
@@ -387,7 +387,8 @@ def test_json_is_deterministic_and_round_trips(results, tmp_path):
     a, b = write_interventions_json(results, tmp_path / "a.json"), write_interventions_json(results, tmp_path / "b.json")
     assert a.read_bytes() == b.read_bytes()
     data = read_interventions_json(a)
-    assert data == json.loads(json.dumps(interventions_to_dict(results)))
+    # Everything but the count of passes, which follows the chunks (the cache keeps it; the file is the same bytes).
+    assert data == {k: v for k, v in json.loads(json.dumps(interventions_to_dict(results))).items() if k != "passes"}
     assert data["rows"]["delta_f"] == pytest.approx(results.rows.delta_f.tolist(), rel=1e-6)
     assert [s["name"] for s in data["sets"]] == ["edge 0.0 -> 1.0", "into 1.0", "nothing"]
     assert {v["verdict"] for v in data["verdicts"]} <= {"yes", "ablate only", "boost only", "reversed", "no", "n/a"}

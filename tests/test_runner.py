@@ -63,18 +63,13 @@ def assert_same_trace(a, b):
             u, v = getattr(x, f.name), getattr(y, f.name)
             if f.name == "slices":
                 assert all(np.array_equal(p, q) for p, q in zip(u, v))
-            elif f.name.startswith("split"):  # the MLPs' share is a difference: to 1e-6 of the whole signal
-                signal = np.abs(getattr(x, "signal_" + f.name.removeprefix("split_")))[:, None]
-                assert np.all(np.abs(u - v) <= 1e-6 * signal + 1e-9), f"{table}.{f.name}"
-            elif u.dtype == np.float64:
-                np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-9)
-            else:
+            else:  # every column bit for bit, floats included (issue 22)
                 assert np.array_equal(u, v), f"{table}.{f.name}"
     assert np.array_equal(a.firing.counts, b.firing.counts) and np.array_equal(a.firing.slice_usage, b.firing.slice_usage)
     assert all(np.array_equal(p, q) for lp, lq in zip(a.firing.slice_counts, b.firing.slice_counts) for p, q in zip(lp, lq))
     assert sorted(a.graph.edges) == sorted(b.graph.edges)
     for u, v, d in a.graph.edges(data=True):
-        assert d["count"] == b.graph.edges[u, v]["count"]
+        assert d == b.graph.edges[u, v]
 
 
 @pytest.mark.parametrize("roots", ["auto 2", "explicit"])
@@ -90,13 +85,13 @@ def test_chunks_merge_into_the_unchunked_trace(tiny, preloaded, roots):
         assert ticks[-1] == (chunked.interventions.passes,) * 2  # every pass run, counted, and no more than counted
         assert chunked.roots == whole.roots
         assert [(c.root, c.fired) for c in chunked.auto_roots] == [(c.root, c.fired) for c in whole.auto_roots]
-        np.testing.assert_allclose([c.direct_effect for c in chunked.auto_roots], [c.direct_effect for c in whole.auto_roots], rtol=1e-5)
+        assert [c.direct_effect for c in chunked.auto_roots] == [c.direct_effect for c in whole.auto_roots]
         assert_same_trace(chunked.trace, whole.trace)
-        np.testing.assert_allclose(chunked.logit_diff, whole.logit_diff, rtol=1e-6)
+        assert chunked.logit_diff == whole.logit_diff
         a, b = chunked.interventions.rows, whole.interventions.rows
         assert len(a) == len(b) > 0 and a.prompt.tolist() == b.prompt.tolist()
         for f in ("f_after", "score_after", "cosine", "norm_ratio", "delta_f"):
-            np.testing.assert_allclose(getattr(a, f), getattr(b, f), rtol=1e-4, atol=1e-6)
+            assert np.array_equal(getattr(a, f), getattr(b, f), equal_nan=True), f
 
 
 def test_each_layers_omega_is_computed_once_however_many_chunks(tiny, preloaded, monkeypatch, tmp_path):
@@ -148,14 +143,14 @@ def test_two_answer_logits_apply_the_soft_cap_as_the_full_vocabulary_would():
 
 def test_auto_roots_name_the_heads_they_skip():
     effects = np.array([[0.1, 5.0], [2.0, 1.0]])  # 0.1 has the largest effect but never fires between roles
-    evidence = RootEvidence(effects * 4, 4, {(1, 0): Counter({("end", "IO"): 3}), (1, 1): Counter({("end", "S2"): 2})}, {})
+    evidence = RootEvidence(np.repeat(effects[None], 4, 0), {(1, 0): Counter({("end", "IO"): 3}), (1, 1): Counter({("end", "S2"): 2})}, {})
     chosen, skipped = auto_roots(evidence, 2)
     assert [str(c.root) for c in chosen] == ["1.0 end->IO", "1.1 end->S2"] and all(c.from_end for c in chosen)
-    elsewhere = RootEvidence(effects, 1, {}, {(1, 0): Counter({("S2", "S2"): 5})})
+    elsewhere = RootEvidence(effects[None], {}, {(1, 0): Counter({("S2", "S2"): 5})})
     assert auto_roots(elsewhere, 1)[0][0].from_end is False
     assert [(s.layer, s.head, s.direct_effect) for s in skipped] == [(0, 1, 5.0)]
     assert "never fires" in skipped[0].reason
-    evidence_b = RootEvidence(effects * 2, 2, {(0, 1): Counter({("end", "IO"): 1})}, {})
+    evidence_b = RootEvidence(np.repeat(effects[None], 2, 0), {(0, 1): Counter({("end", "IO"): 1})}, {})
     merged = evidence.merge(evidence_b)
     assert merged.n_prompts == 6 and merged.at_end[(0, 1)] == Counter({("end", "IO"): 1})
     assert [str(c.root) for c in auto_roots(merged, 1)[0]] == ["0.1 end->IO"]
@@ -292,8 +287,7 @@ def test_sources_and_readings_chunk_like_the_unchunked_run(tiny, preloaded, sett
     assert_same_trace(chunked.trace, whole.trace)
     for u, v, d in whole.trace.graph.edges(data=True):
         if d["kind"] == "communication":
-            assert (d["count"], d["type"]) == (chunked.trace.graph.edges[u, v]["count"], chunked.trace.graph.edges[u, v]["type"])
-            assert d["total"] == pytest.approx(chunked.trace.graph.edges[u, v]["total"], rel=1e-6)
+            assert d == chunked.trace.graph.edges[u, v]
 
 
 def test_without_ray_one_line_says_how_to_install_it_before_the_model_loads(tiny, tmp_path, monkeypatch, capsys):

@@ -103,12 +103,33 @@ def dense_firings(pattern: Tensor, scores: Tensor, lengths: Tensor, threshold: f
     return join_firings([layer_firings(pattern[l], scores[l], lengths, threshold, l) for l in range(pattern.shape[0])], threshold)
 
 
+ROW_BLOCK = 16
+
+
+def row_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """a [..., M, k] @ b [..., k, m] with every row's bits independent of the other rows of the call.
+
+    BLAS (MKL here) computes a call of a few rows, or the last rows of a thread's share, with other kernels
+    that sum over k in another order: a prompt's events would round differently in a chunk of 1 prompt than
+    in one of 256, on a worker of 1 thread than in a process of 2. Rows padded with zeros to a multiple of
+    ROW_BLOCK stay on the main kernel (measured with 1, 2 and 4 threads, float32 and float64).
+    """
+    M = a.shape[-2]
+    padded = max(ROW_BLOCK, -(-M // ROW_BLOCK) * ROW_BLOCK)
+    if padded != M:
+        a = torch.cat([a, a.new_zeros(*a.shape[:-2], padded - M, a.shape[-1])], dim=-2)
+    return (a @ b)[..., :M, :]
+
+
 def project_tokens(x: Tensor, basis: Tensor) -> Tensor:
     """[P, n, d] inputs and [H, d+1, r] bases -> [P, H, n, r]: x~ @ Q for every head (x~ = [x; 1], eq. 2).
 
     The same GEMM that computes the queries; the per-offset cores then finish the projection.
     """
-    return torch.einsum("pnd,hdr->phnr", x, basis[:, :-1, :]) + basis[:, -1, :][None, :, None, :]
+    P, n, d = x.shape
+    H, _, r = basis.shape
+    flat = row_matmul(x.reshape(P * n, d), basis[:, :-1, :].permute(1, 0, 2).reshape(d, H * r))
+    return flat.view(P, n, H, r).permute(0, 2, 1, 3) + basis[:, -1, :][None, :, None, :]
 
 
 def through_cores(y: Tensor, cores: Tensor, heads: Tensor, offsets: Tensor, *, transpose: bool = False) -> Tensor:
@@ -124,7 +145,7 @@ def through_cores(y: Tensor, cores: Tensor, heads: Tensor, offsets: Tensor, *, t
     keys, counts = key[order].unique_consecutive(return_counts=True)
     for k, rows in zip(keys.tolist(), order.split(counts.tolist())):
         core = cores[k // M, k % M]
-        out[rows] = y[rows] @ (core.T if transpose else core)
+        out[rows] = row_matmul(y[rows], core.T if transpose else core)
     return out
 
 
@@ -183,7 +204,7 @@ def signal_directions(weights: Tensor, heads: Tensor, basis: Tensor, scale: Tens
     H = basis.shape[0]
     spread = weights.new_zeros(E, H, r)
     spread[torch.arange(E), heads] = weights
-    directions = spread.reshape(E, H * r) @ basis[:, :-1, :].permute(0, 2, 1).reshape(H * r, -1)
+    directions = row_matmul(spread.reshape(E, H * r), basis[:, :-1, :].permute(0, 2, 1).reshape(H * r, -1))
     homog = (weights * basis[heads, -1, :]).sum(-1)
     return directions / scale[:, None], homog
 
@@ -198,7 +219,7 @@ def head_contributions(directions: Tensor, W_O: Tensor, z: Tensor, post_scale: T
     """
     E = directions.shape[0]
     l, H, r, d = W_O.shape
-    read = (directions @ W_O.reshape(l * H * r, d).T).view(E, l, H, r)
+    read = row_matmul(directions, W_O.reshape(l * H * r, d).T).view(E, l, H, r)
     contributions = (read * z).sum(-1)
     return contributions if post_scale is None else contributions / post_scale[:, :, None]
 
@@ -207,7 +228,7 @@ def bias_contributions(directions: Tensor, bias: Tensor, post_scale: Tensor | No
     """[E, l, ...]: eq. (8) for constant writes bias [l, ..., d] (each layer's b_O [l, d], or each head's
     value bias through W_O [l, H, d]), read by directions [E, d] over any post-attention norm scale [E, l]."""
     d = bias.shape[-1]
-    read = (directions @ bias.reshape(-1, d).T).view(directions.shape[0], *bias.shape[:-1])
+    read = row_matmul(directions, bias.reshape(-1, d).T).view(directions.shape[0], *bias.shape[:-1])
     return read if post_scale is None else read / post_scale.view(*post_scale.shape, *(1,) * (bias.dim() - 2))
 
 

@@ -363,7 +363,7 @@ def group_signals(acts: Activations, geometry: AttentionGeometry, plan: GroupPla
     o = torch.zeros(G, d, dtype=torch.float64)
     for lb in sorted(set(zip(plan.up_layer.tolist(), plan.up_head.tolist()))):
         idx = ((plan.up_layer == lb[0]) & (plan.up_head == lb[1])).nonzero().flatten()
-        write = acts.z[R[idx], M[idx], lb[0], lb[1]].double() @ geometry.W_O[lb[0], lb[1]].double()
+        write = dc.row_matmul(acts.z[R[idx], M[idx], lb[0], lb[1]].double(), geometry.W_O[lb[0], lb[1]].double())
         if acts.post_scale is not None:
             write = write / acts.post_scale[lb[0], R[idx], M[idx]].double()[:, None]
         o[idx] = write
@@ -382,10 +382,10 @@ def group_signals(acts: Activations, geometry: AttentionGeometry, plan: GroupPla
                     continue
                 Q = basis[head]  # [d+1, r]
                 hk = slices.index(torch.full((len(idx),), head, dtype=torch.long), OFF[idx])
-                coords = dc.through_cores(homog[idx] @ Q, cores, *hk)  # [o; 1] . u_k (or v_k)
+                coords = dc.through_cores(dc.row_matmul(homog[idx], Q), cores, *hk)  # [o; 1] . u_k (or v_k)
                 for out, chosen in ((h, plan.slices), (h_random, plan.random_slices)):
                     lifted = dc.through_cores(coords * chosen[idx].double(), cores, *hk, transpose=True)
-                    out[idx] = (lifted @ Q.T)[:, :d]  # P [o; 1], the homogeneous coordinate dropped
+                    out[idx] = dc.row_matmul(lifted, Q.T)[:, :d]  # P [o; 1], the homogeneous coordinate dropped
     if centre:
         h = h - h.mean(-1, keepdim=True)
         h_random = h_random - h_random.mean(-1, keepdim=True)
@@ -410,6 +410,8 @@ def intervention_deltas(model: LoadedModel, geometry: AttentionGeometry, groups:
     layer and q/k/v, (-/+h / scale) W in each intervened head's slice (the key/value head of its group).
     """
     import torch
+
+    from circuitlang.engine import decompose as dc
 
     sign = -1.0 if kind == "ablate" else 1.0
     where = {p: row for row, p in enumerate(batch)}
@@ -443,9 +445,9 @@ def intervention_deltas(model: LoadedModel, geometry: AttentionGeometry, groups:
             sel = ((groups.layer[idx] == layer) & (groups.head[idx] == head)).nonzero().flatten()
             dx = torch.zeros(len(batch), n, d)
             dx.index_put_((rows[sel], tok[sel]), h[sel], accumulate=True)
-            dq[:, :, head] += dx @ geometry.W_Q[layer, head]
-            dk[:, :, head // group] += dx @ W_K[head // group]
-            dv[:, :, head // group] += dx @ W_V[head // group]
+            dq[:, :, head] += dc.row_matmul(dx, geometry.W_Q[layer, head])
+            dk[:, :, head // group] += dc.row_matmul(dx, W_K[head // group])
+            dv[:, :, head // group] += dc.row_matmul(dx, W_V[head // group])
         deltas.update({f"blocks.{layer}.attn.hook_{name}": delta for name, delta in (("q", dq), ("k", dk), ("v", dv))})
     return deltas
 
@@ -521,7 +523,7 @@ def passes_needed(plans: Sequence[SetPlan], prompt_ids: np.ndarray | None = None
             continue
         firsts = first_changes(sp.groups, used)
         for variants in _by_start(sp).values():
-            total += len(pass_batches(firsts, np.zeros(len(used), dtype=np.int64), max(1, batch_rows // len(variants))))
+            total += len(pass_batches(firsts, max(1, batch_rows // len(variants))))
     return total
 
 
@@ -559,10 +561,9 @@ def intervene_chunk(model: LoadedModel, geometry: AttentionGeometry, acts: Activ
         results: dict[tuple[str, str, str], dict] = {}
         order_of: dict[tuple[str, str, str], np.ndarray] = {}  # each variant's rows in the order its passes ran them
         firsts = first_changes(plan, used)
-        lengths = acts.lengths[[local_of[int(p)] for p in used]].numpy()
         resume = partial and acts.kv is not None
         for start, variants in _by_start(sp).items():
-            batches = pass_batches(firsts, lengths, max(1, batch_rows // len(variants)))
+            batches = pass_batches(firsts, max(1, batch_rows // len(variants)))
             order_of.update(dict.fromkeys(variants, np.concatenate(batches)))
             for rows in batches:
                 out = _stacked_pass(model, geometry, acts, groups, sp.events, variants, used[rows], local_of,
@@ -599,13 +600,12 @@ def first_changes(plan: GroupPlan, prompts: np.ndarray) -> np.ndarray:
     return firsts
 
 
-def pass_batches(firsts: np.ndarray, lengths: np.ndarray, step: int) -> list[np.ndarray]:
-    """The prompts of a set (indices) in batches of at most `step` that share their first changed position,
-    each by length: a pass runs from that position to its batch's longest prompt (see _stacked_pass)."""
-    order = np.lexsort((lengths, firsts))
+def pass_batches(firsts: np.ndarray, step: int) -> list[np.ndarray]:
+    """The prompts of a set (indices) in batches of at most `step` that share their first changed position, in
+    prompt order: a pass runs from that position (see _stacked_pass)."""
     out = []
     for first in np.unique(firsts):
-        same = order[firsts[order] == first]
+        same = np.nonzero(firsts == first)[0]
         out += [same[b : b + step] for b in range(0, len(same), step)]
     return out
 
@@ -620,10 +620,11 @@ def _stacked_pass(model, geometry, acts, groups: EdgeGroups, events, variants, b
 
     B, V = len(batch), len(variants)
     local = torch.tensor([local_of[int(p)] for p in batch.tolist()], dtype=torch.long)
-    # Causal attention: the padding after the batch's longest prompt changes nothing before it, and nothing
-    # before the batch's first changed position changes at any layer, so the pass runs positions first..n-1
-    # and attends to the clean keys and values of the positions before it.
-    n = int(acts.lengths[local].max())
+    # Causal attention: the padding after a prompt changes nothing before it, and nothing before the batch's
+    # first changed position changes at any layer, so the pass runs positions first..n-1 and attends to the
+    # clean keys and values of the positions before it. n: the capture's length, not the batch's longest
+    # prompt: a prompt's pass then has the same shape (and bits) whichever prompts share its batch.
+    n = acts.tokens.shape[1]
     per_variant = [intervention_deltas(model, geometry, groups, kind, place, control, batch.tolist(), n, first)
                    for kind, place, control in variants]
     names = sorted({name for deltas in per_variant for name in deltas})

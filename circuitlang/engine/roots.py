@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from circuitlang.data.prompts import PromptSet
+from circuitlang.engine.decompose import row_matmul
 from circuitlang.engine.forward import Activations
 from circuitlang.lang.plan import Root
 
@@ -51,7 +52,8 @@ def direct_effects(head_writes: Tensor, W_U: Tensor, answers: Tensor, final_scal
     columns = W_U[:, answers.clamp(min=0)] * valid  # [d, P, 2, K]
     means = columns.sum(-1) / valid.sum(-1)  # [d, P, 2]
     direction = (means[..., 0] - means[..., 1]).T  # [P, d]
-    return torch.einsum("plhd,pd->plh", head_writes, direction) / final_scale[:, None, None]
+    # A product and a sum per prompt, not a batched GEMM: each prompt's bits whatever prompts share the call.
+    return (head_writes * direction[:, None, None, :]).sum(-1) / final_scale[:, None, None]
 
 
 def last_token_writes(z_last: Tensor, W_O: Tensor, post_scale: Tensor | None = None) -> Tensor:
@@ -59,7 +61,8 @@ def last_token_writes(z_last: Tensor, W_O: Tensor, post_scale: Tensor | None = N
 
     W_O carries any post-attention norm gain (geometry.py); that norm's scale post_scale [P, L] divides the write.
     """
-    writes = torch.einsum("plhr,lhrd->plhd", z_last, W_O)
+    P, L, H, r = z_last.shape
+    writes = row_matmul(z_last.reshape(P, L * H, r).transpose(0, 1), W_O.reshape(L * H, r, -1)).transpose(0, 1).reshape(P, L, H, -1)
     return writes if post_scale is None else writes / post_scale[:, :, None, None]
 
 
@@ -77,24 +80,29 @@ class RootSkip:
 class RootEvidence:
     """What `trace from auto` reads from a set of prompts; evidence of disjoint prompt sets adds up (`merge`).
 
-    effect_sum [L, H]: direct effects summed over the prompts; n_prompts; at_end / anywhere: per head
+    effects [P, L, H]: each prompt's direct effects, kept per prompt (`merge` follows the prompts' order) so that
+    their mean sums them in prompt order however the prompts were chunked; at_end / anywhere: per head
     (layer, head), how often it fires between each pair of named roles (dest, src), with dest the last
     token / anywhere.
     """
 
-    effect_sum: np.ndarray
-    n_prompts: int
+    effects: np.ndarray
     at_end: dict[tuple[int, int], Counter]
     anywhere: dict[tuple[int, int], Counter]
 
+    @property
+    def n_prompts(self) -> int:
+        return len(self.effects)
+
     def merge(self, other: RootEvidence) -> RootEvidence:
+        """The evidence of these prompts followed by `other`'s."""
         add = lambda a, b: {k: a.get(k, Counter()) + b.get(k, Counter()) for k in sorted(set(a) | set(b))}  # noqa: E731
-        return RootEvidence(self.effect_sum + other.effect_sum, self.n_prompts + other.n_prompts,
-                            add(self.at_end, other.at_end), add(self.anywhere, other.anywhere))
+        return RootEvidence(np.concatenate([self.effects, other.effects]), add(self.at_end, other.at_end),
+                            add(self.anywhere, other.anywhere))
 
 
 def root_evidence(acts: Activations, effects: Tensor, prompts: PromptSet, threshold: float) -> RootEvidence:
-    """The evidence of these prompts: effects [P, L, H] summed, and each head's firings between named roles."""
+    """The evidence of these prompts: effects [P, L, H], and each head's firings between named roles."""
     fires = acts.firings_at(threshold)
     named = set(prompts.role_names)
     at_end: dict[tuple[int, int], Counter] = {}
@@ -106,7 +114,7 @@ def root_evidence(acts: Activations, effects: Tensor, prompts: PromptSet, thresh
             anywhere.setdefault((l, h), Counter())[dest, src] += 1
             if i == last[p]:
                 at_end.setdefault((l, h), Counter())[dest, src] += 1
-    return RootEvidence(effects.double().sum(0).numpy(), len(prompts), at_end, anywhere)
+    return RootEvidence(effects.double().numpy(), at_end, anywhere)
 
 
 def auto_roots(evidence: RootEvidence, k: int) -> tuple[tuple[RootChoice, ...], tuple[RootSkip, ...]]:
@@ -116,7 +124,7 @@ def auto_roots(evidence: RootEvidence, k: int) -> tuple[tuple[RootChoice, ...], 
     The pair is counted over firings whose destination is the last token (where the effect is read),
     falling back to all of the head's firings between named roles.
     """
-    mean = evidence.effect_sum / max(evidence.n_prompts, 1)  # [L, H]
+    mean = evidence.effects.sum(0) / max(evidence.n_prompts, 1)  # [L, H]: one array, one order of the sum
     L, H = mean.shape
     chosen: list[RootChoice] = []
     skipped: list[RootSkip] = []

@@ -176,7 +176,7 @@ def side_writers(acts: Activations, geometry: AttentionGeometry, direction: Tens
     up_layer = [torch.arange(layer).repeat_interleave(H)]
     up_head = [torch.arange(H).repeat(layer)]
     others = {  # writer kind -> (contributions [E, m], their layers [m], their code), computed when asked for
-        "mlp": lambda: (torch.einsum("led,ed->el", acts.mlp_out[:layer, prompt, token], direction), torch.arange(layer), MLP),
+        "mlp": lambda: ((acts.mlp_out[:layer, prompt, token] * direction).sum(-1).T, torch.arange(layer), MLP),
         "bias": lambda: (bias, torch.arange(layer), BIAS),
         "embed": lambda: (embed[:, None], torch.tensor([-1]), EMBED),
     }

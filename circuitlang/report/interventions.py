@@ -47,8 +47,10 @@ def interventions_to_dict(results: InterventionResults) -> dict:
 
 
 def write_interventions_json(results: InterventionResults, path: str | os.PathLike) -> Path:
-    """interventions.json, deterministic (sorted keys, rounded floats, no timings), written atomically."""
-    text = json.dumps(interventions_to_dict(results), sort_keys=True, indent=1, ensure_ascii=False, allow_nan=False) + "\n"
+    """interventions.json, deterministic (sorted keys, rounded floats, no timings nor the count of passes, which
+    follows the chunks: the same bytes however the run was chunked), written atomically."""
+    data = {k: v for k, v in interventions_to_dict(results).items() if k != "passes"}
+    text = json.dumps(data, sort_keys=True, indent=1, ensure_ascii=False, allow_nan=False) + "\n"
     return atomic_write(path, text)
 
 
