@@ -16,6 +16,7 @@ tensor of the right shape and dtype for every weight of the bridge; anything els
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -57,15 +58,23 @@ def process_weights(bridge: Any, path: Path | None, saved: dict[str, torch.Tenso
     """`bridge.enable_compatibility_mode()` on a freshly booted bridge, with the processed weights `saved`
     (`read(path, bridge)`) when there are some, else computing them and storing them at `path` (if not None)."""
     if saved is None:
-        bridge.enable_compatibility_mode()
+        if not process_by_part(bridge):
+            bridge.enable_compatibility_mode()
         if path is not None:
             with storing():
                 write_checked_file(path, lambda tmp: torch.save(bridge.state_dict(), tmp))
-        return
+            # Run on the file's pages, as a later load does, rather than on the weights just computed:
+            # the embedding rows a run never reads then never stay resident.
+            saved = read(path, bridge)
+            if saved is None:
+                return
+        else:
+            return
     from transformer_lens.weight_processing import ProcessWeights
 
     # What enable_compatibility_mode() does, with the weights its processing would compute.
-    bridge.enable_compatibility_mode(no_processing=True)
+    if not getattr(bridge, "compatibility_mode", False):
+        bridge.enable_compatibility_mode(no_processing=True)
     ProcessWeights.distribute_weights_to_components(state_dict=saved, component_mapping=bridge.real_components)
     bridge._weights_processed = True
     installed = bridge.state_dict()
@@ -93,3 +102,79 @@ def read(path: Path | None, bridge: Any) -> dict[str, torch.Tensor] | None:
     except Exception as err:  # noqa: BLE001 - any unreadable entry (torch raises many kinds) is processed afresh
         discard(path, "the processed weights", f"{type(err).__name__}: {err}".splitlines()[0][:160])
         return None
+
+
+COLUMNS = 64
+"""Width of the slices of the unembedding that `process_by_part` processes at a time (64 x 262,144 float32
+rows is 64 MB for Gemma 3)."""
+
+
+def process_by_part(bridge: Any) -> bool:
+    """`bridge.enable_compatibility_mode()`, computing the same weights bit for bit, one part at a time:
+    TransformerLens's own `ProcessWeights.process_weights` applied to each block alone (as a one-layer model),
+    then to the final norm and the unembedding in slices of `COLUMNS` model dimensions (centring the
+    unembedding, in place, last), each part installed before the next is read. Whole-model processing holds
+    several copies of the whole model at once (6.6 GB for Gemma 3 270M); this, the processed unembedding and
+    one block or slice.
+
+    Returns False, having done nothing, where the parts are not independent and the whole model must be
+    processed at once: LayerNorm models (centring the writing weights reaches the embedding and every
+    block), adapters that preprocess the whole state dict, batched-expert MoE layers, and weights other than
+    float32 (processing computes in float32 and rounds once at the end).
+    """
+    from transformer_lens.model_bridge.architecture_adapter import ArchitectureAdapter
+    from transformer_lens.utilities.activation_functions import softcap_enabled
+    from transformer_lens.weight_processing import ProcessWeights
+
+    cfg, adapter = bridge.cfg, bridge.adapter
+    if (
+        getattr(cfg, "normalization_type", "LN") not in ("RMS", "RMSPre")
+        or getattr(cfg, "num_experts", None)
+        or not getattr(adapter, "supports_fold_ln", True)
+        or type(adapter).preprocess_weights is not ArchitectureAdapter.preprocess_weights
+        or getattr(bridge, "_weights_processed", False)
+        or any(t.dtype != torch.float32 for t in bridge.state_dict().values())  # processing upcasts the rest
+    ):
+        return False
+    bridge.enable_compatibility_mode(no_processing=True)
+    bridge._weights_processed = True
+    # As TransformerBridge.process_weights: softcapped logits are not translation invariant
+    center_unembed = not softcap_enabled(getattr(cfg, "output_logits_soft_cap", None))
+
+    def process(part: dict[str, torch.Tensor], n_layers: int, center: bool) -> dict[str, torch.Tensor]:
+        one = copy.copy(cfg)
+        one.n_layers = n_layers
+        return ProcessWeights.process_weights(part, one, center_unembed=center, adapter=adapter)
+
+    def install(part: dict[str, torch.Tensor]) -> None:
+        ProcessWeights.distribute_weights_to_components(state_dict=part, component_mapping=bridge.real_components)
+
+    state = bridge.state_dict()
+    for layer in range(cfg.n_layers):
+        prefix = f"blocks.{layer}."
+        block = {"blocks.0." + k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        done = process(block, 1, False)
+        install({prefix + k[len("blocks.0."):]: v for k, v in done.items()})
+        del block, done
+    # The final norm folds into the unembedding one model dimension (column) at a time: slices of columns.
+    norm, weight, bias = state["ln_final.weight"], state["unembed.weight"], state.get("unembed.bias")
+    del state
+    head = {"unembed.weight": torch.empty_like(weight), "ln_final.weight": torch.empty_like(norm)}
+    for start in range(0, weight.shape[1], COLUMNS):
+        cols = slice(start, start + COLUMNS)
+        done = process({"ln_final.weight": norm[cols], "unembed.weight": weight[:, cols]}, 0, False)
+        head["unembed.weight"][:, cols] = done["unembed.weight"]
+        head["ln_final.weight"][cols] = done["ln_final.weight"]
+        del done
+    del weight, norm
+    if center_unembed:
+        # ProcessWeights.center_unembed, in place: each model dimension's mean over the vocabulary is taken
+        # over the whole unembedding in one reduction, as it takes it (how a sum is split changes its rounding).
+        W_U = head["unembed.weight"].T
+        W_U.sub_(W_U.mean(-1, keepdim=True))
+        if bias is not None:
+            head["unembed.bias"] = bias - bias.mean()
+    install(head)
+    if adapter is not None:
+        adapter.postprocess_weights(bridge)
+    return True
