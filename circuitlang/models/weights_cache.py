@@ -1,10 +1,12 @@
 """The processed-weights cache, `models/processed-<key>.pt` under the cache root: a local model's weights after
 TransformerLens's compatibility-mode processing (fold the norms, centre the writing weights and the unembedding).
 
-Processing Gemma 3 270M makes several float32 copies of its 262,144-row embedding at once (a 6.2 GB peak
-for a 1.1 GB model). With the entry, a load boots the bridge unprocessed and installs the processed weights
-memory-mapped from the file: no processing, and the pages of the embedding and the unembedding that a run
-never reads (rows of tokens it never sees) are never in memory.
+TransformerLens processes a whole model at once with several float32 copies of its 262,144-row embedding
+(a 6.5 GB peak for Gemma 3 270M, a 1.1 GB model); `process_by_part` computes the same weights a block or a
+slice at a time. With the entry, a load boots the bridge unprocessed and installs the processed
+weights memory-mapped from the file: no processing, and the pages of the embedding and the unembedding
+that a run never reads (rows of tokens it never sees) are never in memory. The first load, once it has
+stored the entry, installs it the same way.
 
 The key hashes the model directory (`directory_digest`), the dtype and the versions of TransformerLens,
 transformers and torch, so it changes whenever the processing could. An entry is read only inside
