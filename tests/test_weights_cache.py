@@ -12,7 +12,8 @@ import torch
 from circuitlang.models.model import load_model
 from circuitlang.cachefiles import CacheWarning, use_caches
 from circuitlang.runner.cache import cache_usage
-from circuitlang.models import weights_cache
+from circuitlang.models import conformance, weights_cache
+from transformer_lens.model_bridge.architecture_adapter import ArchitectureAdapter
 from circuitlang.models.model import _quiet
 from tiny_models import build_gpt2, build_rotary
 
@@ -113,6 +114,7 @@ def test_a_bad_entry_is_discarded_and_processed_afresh(tiny, tmp_path, processin
 
 FAMILIES = ("gemma3", "llama", "neox", "gpt2")
 PER_PART = {"gemma3", "llama"}  # RMSNorm models; the LayerNorm ones are processed whole
+FAMILIES_ALL = conformance.FAMILIES
 
 
 @pytest.fixture(scope="module")
@@ -190,3 +192,21 @@ def test_the_first_load_stores_and_runs_on_what_whole_model_processing_computes(
     assert_same_bridge(first.bridge, whole(family_models[family]))
     again = cached_load(family_models[family])
     assert_same_bridge(again.bridge, first.bridge)
+
+
+@pytest.mark.parametrize("family", FAMILIES_ALL)
+def test_every_family_is_processed_as_transformer_lens_processes_it_whole(tmp_path, gpt2_tokenizer, family, monkeypatch):
+    from circuitlang.models.conformance import build_family
+
+    monkeypatch.setattr(weights_cache, "COLUMNS", 40)  # 40 and 24 columns of 64
+    directory = build_family(tmp_path / family, gpt2_tokenizer, family, seed=2)
+    bridge = boot(directory)
+    with _quiet():
+        used = weights_cache.process_by_part(bridge)
+        if not used:
+            bridge.enable_compatibility_mode()
+    assert used == (bridge.cfg.normalization_type in ("RMS", "RMSPre") and not getattr(bridge.cfg, "num_experts", None)
+                    and getattr(bridge.adapter, "supports_fold_ln", True)
+                    and type(bridge.adapter).preprocess_weights is ArchitectureAdapter.preprocess_weights)
+    assert used or family not in {"llama", "llama2", "mistral", "qwen2", "gemma3"}  # RMSNorm: by part
+    assert_same_bridge(bridge, whole(directory))

@@ -6,7 +6,7 @@ TransformerLens processes a whole model at once with several float32 copies of i
 slice at a time. With the entry, a load boots the bridge unprocessed and installs the processed
 weights memory-mapped from the file: no processing, and the pages of the embedding and the unembedding
 that a run never reads (rows of tokens it never sees) are never in memory. The first load, once it has
-stored the entry, installs it the same way.
+stored the entry, boots afresh and installs it the same way.
 
 The key hashes the model directory (`directory_digest`), the dtype and the versions of TransformerLens,
 transformers and torch, so it changes whenever the processing could. An entry is read only inside
@@ -56,27 +56,26 @@ def processed_path(name: str, dtype: torch.dtype, device: str) -> Path | None:
     return cache_root() / "models" / f"processed-{hashlib.sha256(chr(0).join(parts).encode()).hexdigest()[:32]}.pt"
 
 
-def process_weights(bridge: Any, path: Path | None, saved: dict[str, torch.Tensor] | None) -> None:
+def process_weights(bridge: Any, path: Path | None) -> bool:
+    """`bridge.enable_compatibility_mode()` on a freshly booted bridge (processed by part where that applies),
+    the result stored at `path` (if not None). Returns whether the entry was stored: then a fresh bridge with
+    the entry installed (`install(fresh, path, read(path, fresh))`) is the same model and holds none of the
+    memory this processing touched (Gemma 3 270M: a 0.96 GB load instead of 3 GB resident after this)."""
+    if not process_by_part(bridge):
+        bridge.enable_compatibility_mode()
+    if path is None:
+        return False
+    with storing():
+        write_checked_file(path, lambda tmp: torch.save(bridge.state_dict(), tmp))
+    return path.is_file()
+
+
+def install(bridge: Any, path: Path | None, saved: dict[str, torch.Tensor]) -> None:
     """`bridge.enable_compatibility_mode()` on a freshly booted bridge, with the processed weights `saved`
-    (`read(path, bridge)`) when there are some, else computing them and storing them at `path` (if not None)."""
-    if saved is None:
-        if not process_by_part(bridge):
-            bridge.enable_compatibility_mode()
-        if path is not None:
-            with storing():
-                write_checked_file(path, lambda tmp: torch.save(bridge.state_dict(), tmp))
-            # Run on the file's pages, as a later load does, rather than on the weights just computed:
-            # the embedding rows a run never reads then never stay resident.
-            saved = read(path, bridge)
-            if saved is None:
-                return
-        else:
-            return
+    (`read(path, bridge)`) that its processing would compute."""
     from transformer_lens.weight_processing import ProcessWeights
 
-    # What enable_compatibility_mode() does, with the weights its processing would compute.
-    if not getattr(bridge, "compatibility_mode", False):
-        bridge.enable_compatibility_mode(no_processing=True)
+    bridge.enable_compatibility_mode(no_processing=True)
     ProcessWeights.distribute_weights_to_components(state_dict=saved, component_mapping=bridge.real_components)
     bridge._weights_processed = True
     installed = bridge.state_dict()
@@ -106,9 +105,9 @@ def read(path: Path | None, bridge: Any) -> dict[str, torch.Tensor] | None:
         return None
 
 
-COLUMNS = 64
-"""Width of the slices of the unembedding that `process_by_part` processes at a time (64 x 262,144 float32
-rows is 64 MB for Gemma 3)."""
+COLUMNS = 16
+"""Width of the slices of the unembedding that `process_by_part` processes at a time (16 x 262,144 float32
+is 17 MB for Gemma 3)."""
 
 
 def process_by_part(bridge: Any) -> bool:
@@ -121,8 +120,8 @@ def process_by_part(bridge: Any) -> bool:
 
     Returns False, having done nothing, where the parts are not independent and the whole model must be
     processed at once: LayerNorm models (centring the writing weights reaches the embedding and every
-    block), adapters that preprocess the whole state dict, batched-expert MoE layers, and weights other than
-    float32 (processing computes in float32 and rounds once at the end).
+    block), adapters that preprocess the whole state dict, batched-expert MoE layers, models without a final
+    norm, and weights other than float32 (processing computes in float32 and rounds once at the end).
     """
     from transformer_lens.model_bridge.architecture_adapter import ArchitectureAdapter
     from transformer_lens.utilities.activation_functions import softcap_enabled
@@ -135,6 +134,7 @@ def process_by_part(bridge: Any) -> bool:
         or not getattr(adapter, "supports_fold_ln", True)
         or type(adapter).preprocess_weights is not ArchitectureAdapter.preprocess_weights
         or getattr(bridge, "_weights_processed", False)
+        or not {"ln_final.weight", "unembed.weight"} <= bridge.state_dict().keys()
         or any(t.dtype != torch.float32 for t in bridge.state_dict().values())  # processing upcasts the rest
     ):
         return False
@@ -151,16 +151,10 @@ def process_by_part(bridge: Any) -> bool:
     def install(part: dict[str, torch.Tensor]) -> None:
         ProcessWeights.distribute_weights_to_components(state_dict=part, component_mapping=bridge.real_components)
 
+    # The head first, while little else is in memory. The final norm folds into the unembedding one model
+    # dimension (column) at a time: slices of columns.
     state = bridge.state_dict()
-    for layer in range(cfg.n_layers):
-        prefix = f"blocks.{layer}."
-        block = {"blocks.0." + k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        done = process(block, 1, False)
-        install({prefix + k[len("blocks.0."):]: v for k, v in done.items()})
-        del block, done
-    # The final norm folds into the unembedding one model dimension (column) at a time: slices of columns.
-    norm, weight, bias = state["ln_final.weight"], state["unembed.weight"], state.get("unembed.bias")
-    del state
+    norm, weight, bias = state.pop("ln_final.weight"), state.pop("unembed.weight"), state.pop("unembed.bias", None)
     head = {"unembed.weight": torch.empty_like(weight), "ln_final.weight": torch.empty_like(norm)}
     for start in range(0, weight.shape[1], COLUMNS):
         cols = slice(start, start + COLUMNS)
@@ -177,6 +171,14 @@ def process_by_part(bridge: Any) -> bool:
         if bias is not None:
             head["unembed.bias"] = bias - bias.mean()
     install(head)
+    for layer in range(cfg.n_layers):
+        prefix = f"blocks.{layer}."
+        # popped: each original is freed once its block is installed
+        block = {"blocks.0." + k[len(prefix):]: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
+        done = process(block, 1, False)
+        install({prefix + k[len("blocks.0."):]: v for k, v in done.items()})
+        del block, done
+    del state
     if adapter is not None:
         adapter.postprocess_weights(bridge)
     return True
