@@ -9,7 +9,7 @@ Every step runs in a fresh process on one cache root that starts empty (a tempor
   later     `load_model` again: the entry installed, memory-mapped
   whole     (with --whole) TransformerLens's whole-model processing (`enable_compatibility_mode()`), what
             the first load did before, for comparison
-"peak GB" is the process's peak RSS (ru_maxrss, imports included), the figure `/usr/bin/time -v` gives.
+"peak GB" is the process's peak RSS in 10^9 bytes (ru_maxrss, imports included; `/usr/bin/time -v` gives it in kB).
 
     python bench/first_load.py --whole
 """

@@ -2,7 +2,7 @@
 TransformerLens's compatibility-mode processing (fold the norms, centre the writing weights and the unembedding).
 
 TransformerLens processes a whole model at once with several float32 copies of its 262,144-row embedding
-(a 6.5 GB peak for Gemma 3 270M, a 1.1 GB model); `process_by_part` computes the same weights a block or a
+(a 6.7 GB peak for Gemma 3 270M, a 1.1 GB model); `process_by_part` computes the same weights a block or a
 slice at a time. With the entry, a load boots the bridge unprocessed and installs the processed
 weights memory-mapped from the file: no processing, and the pages of the embedding and the unembedding
 that a run never reads (rows of tokens it never sees) are never in memory. The first load, once it has
