@@ -206,3 +206,20 @@ def test_every_file_of_the_copy_has_the_caches_mode(fake, monkeypatch):
         os.umask(mask)
     assert {p.name: p.stat().st_mode & 0o777 for p in fake.target.iterdir()} == {
         name: 0o644 for name in ("config.json", "model.safetensors", "tokenizer.json", MARKER)}
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q5_0", "F32"])
+def test_a_tensor_dequantized_in_slices_of_rows_equals_it_dequantized_whole(monkeypatch, qtype):
+    import numpy as np
+    from gguf import GGMLQuantizationType, dequantize, quants
+
+    kind = GGMLQuantizationType[qtype]
+    rows = np.random.default_rng(0).standard_normal((23, 64)).astype(np.float32)
+    data = rows if kind == GGMLQuantizationType.F32 else quants.quantize(rows, kind)
+    tensor = types.SimpleNamespace(data=data, tensor_type=kind)
+    whole = dequantize(data, kind)
+    monkeypatch.setattr(embedded, "ROWS", 5)  # 5, 5, 5, 5, 3 rows
+    sliced = embedded._dequantized(tensor)
+    assert sliced.shape == whole.shape == (23, 64) and sliced.dtype == np.float32
+    assert np.array_equal(sliced, whole)
+    assert not np.array_equal(whole, rows) or kind == GGMLQuantizationType.F32  # the quantization did something

@@ -1,6 +1,6 @@
 """The embedded real model, Gemma 3 270M, end to end on 16 IOI prompts (issue: a real model offline).
 
-Builds the float32 copy on first use (about a minute and 3 GB of memory on 2 cores) under
+Builds the float32 copy on first use (about a minute and 1.8 GB of memory on 2 cores) under
 $CIRCUITLANG_CACHE, or a temporary directory when that is not set.
 """
 
@@ -120,3 +120,27 @@ def test_writers_beyond_heads_on_gemma(gemma, prompts, acts):
     np.testing.assert_allclose(t.events.split_dest.sum(1), signal, rtol=1e-4, atol=1e-4 * np.abs(signal).max())
     mlp = sum(v for k, v in writer_contributions(acts, attention_geometry(gemma), t.events, "d").items() if k.startswith("mlp"))
     np.testing.assert_allclose(t.events.split_dest[:, WRITER_CLASSES.index("mlp")], mlp, atol=1e-3 * np.abs(signal).max())
+
+
+def test_every_quantization_of_the_embedded_file_dequantizes_in_slices_as_whole(tmp_path, monkeypatch):
+    """The conversion dequantizes each tensor a slice of rows at a time (models/embedded.py): exact for each
+    kind the packaged file holds (Q4_K and Q6_K blocks are 256 values; quantizing them needs llama.cpp)."""
+    import importlib
+
+    import numpy as np
+    from gguf import GGUFReader, dequantize
+
+    from circuitlang.models import embedded
+
+    package = importlib.import_module(embedded.EMBEDDED["gemma-3-270m"].module)
+    reader = GGUFReader(package.assemble(tmp_path / package.MODEL_NAME))
+    smallest = {}
+    for tensor in reader.tensors:
+        best = smallest.get(tensor.tensor_type)
+        if tensor.data.ndim == 2 and (best is None or tensor.data.nbytes < best.data.nbytes):
+            smallest[tensor.tensor_type] = tensor
+    assert {kind.name for kind in smallest} >= {"Q4_K", "Q6_K", "Q8_0", "Q5_0"}
+    monkeypatch.setattr(embedded, "ROWS", 7)
+    for kind, tensor in smallest.items():
+        sliced = embedded._dequantized(tensor)
+        assert sliced.shape[0] > 7 and np.array_equal(sliced, dequantize(tensor.data, kind)), kind.name

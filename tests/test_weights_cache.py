@@ -12,7 +12,10 @@ import torch
 from circuitlang.models.model import load_model
 from circuitlang.cachefiles import CacheWarning, use_caches
 from circuitlang.runner.cache import cache_usage
-from tiny_models import build_gpt2
+from circuitlang.models import conformance, weights_cache
+from transformer_lens.model_bridge.architecture_adapter import ArchitectureAdapter
+from circuitlang.models.model import _quiet
+from tiny_models import build_gpt2, build_rotary
 
 
 @pytest.fixture(autouse=True)
@@ -107,3 +110,103 @@ def test_a_bad_entry_is_discarded_and_processed_afresh(tiny, tmp_path, processin
     assert_same_model(again, reference)
     cached_load(tiny)  # stored afresh, and used
     assert len(processings) == 3
+
+
+FAMILIES = ("gemma3", "llama", "neox", "gpt2")
+PER_PART = {"gemma3", "llama"}  # RMSNorm models; the LayerNorm ones are processed whole
+FAMILIES_ALL = conformance.FAMILIES
+
+
+@pytest.fixture(scope="module")
+def family_models(tmp_path_factory, gpt2_tokenizer):
+    root = tmp_path_factory.mktemp("families")
+    models = {f: build_rotary(root / f, gpt2_tokenizer, f, seed=5) for f in FAMILIES if f != "gpt2"}
+    models["gpt2"] = build_gpt2(root / "gpt2", gpt2_tokenizer, n_layer=2, n_head=4, n_embd=64, seed=5, value_bias=0.3)
+    return models
+
+
+def boot(directory):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    with _quiet():
+        return TransformerBridge.boot_transformers(str(directory), device="cpu", dtype=torch.float32)
+
+
+def whole(directory):
+    bridge = boot(directory)
+    with _quiet():
+        bridge.enable_compatibility_mode()
+    return bridge
+
+
+def in_file_mapping(tensor, path):
+    """Whether `tensor`'s memory lies in a mapping of the file `path` (Linux's /proc/self/maps)."""
+    ptr = tensor.data_ptr()
+    for line in open("/proc/self/maps"):
+        fields = line.split()
+        if len(fields) >= 6 and fields[5] == str(path):
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if lo <= ptr < hi:
+                return True
+    return False
+
+
+def assert_same_bridge(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    assert [k for k in sa if not torch.equal(sa[k], sb[k])] == []
+    tokens = torch.tensor([[464, 3290, 3332, 319, 262, 2603, 13, 1375]])
+    with torch.inference_mode():
+        assert torch.equal(a(tokens), b(tokens))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("columns", [24, 64])  # 24: slices of 24, 24 and 16 model dimensions
+def test_processing_by_part_equals_whole_model_processing_bit_for_bit(family_models, family, columns, monkeypatch):
+    monkeypatch.setattr(weights_cache, "COLUMNS", columns)
+    bridge = boot(family_models[family])
+    before = {k: v.clone() for k, v in bridge.state_dict().items()}
+    with _quiet():
+        used = weights_cache.process_by_part(bridge)
+    assert used == (family in PER_PART)
+    if not used:  # refused before touching anything
+        after = bridge.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before) and not bridge.compatibility_mode
+        with _quiet():
+            bridge.enable_compatibility_mode()
+    reference = whole(family_models[family])
+    assert_same_bridge(bridge, reference)
+    changed = [k for k in before if not torch.equal(before[k], bridge.state_dict()[k])]
+    assert any(k.startswith("unembed.") for k in changed) and any(k.startswith("blocks.") for k in changed)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "gpt2"])
+def test_the_first_load_stores_and_runs_on_what_whole_model_processing_computes(family_models, family, tmp_path, processings):
+    first = cached_load(family_models[family])
+    assert len(processings) == (0 if family in PER_PART else 1)
+    stored = torch.load(entry(tmp_path), weights_only=True)
+    reference = whole(family_models[family]).state_dict()
+    assert stored.keys() == reference.keys() and all(torch.equal(stored[k], reference[k]) for k in stored)
+    # the first load already runs on the entry's mapped pages, as a later one does
+    assert all(in_file_mapping(t, entry(tmp_path)) for t in first.bridge.state_dict().values())
+    assert_same_bridge(first.bridge, whole(family_models[family]))
+    again = cached_load(family_models[family])
+    assert_same_bridge(again.bridge, first.bridge)
+
+
+@pytest.mark.parametrize("family", FAMILIES_ALL)
+def test_every_family_is_processed_as_transformer_lens_processes_it_whole(tmp_path, gpt2_tokenizer, family, monkeypatch):
+    from circuitlang.models.conformance import build_family
+
+    monkeypatch.setattr(weights_cache, "COLUMNS", 40)  # 40 and 24 columns of 64
+    directory = build_family(tmp_path / family, gpt2_tokenizer, family, seed=2)
+    bridge = boot(directory)
+    with _quiet():
+        used = weights_cache.process_by_part(bridge)
+        if not used:
+            bridge.enable_compatibility_mode()
+    assert used == (bridge.cfg.normalization_type in ("RMS", "RMSPre") and not getattr(bridge.cfg, "num_experts", None)
+                    and getattr(bridge.adapter, "supports_fold_ln", True)
+                    and type(bridge.adapter).preprocess_weights is ArchitectureAdapter.preprocess_weights)
+    assert used or family not in {"llama", "llama2", "mistral", "qwen2", "gemma3"}  # RMSNorm: by part
+    assert_same_bridge(bridge, whole(directory))

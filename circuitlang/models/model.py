@@ -8,6 +8,7 @@ what is left of each LayerNorm is the per-token scale, which the contributions d
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import logging
 import os
@@ -243,15 +244,29 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32", *, hf_mod
     from circuitlang.models import weights_cache  # here: it reads the cache root from embedded, which imports this module
 
     processed = weights_cache.processed_path(name, DTYPES[dtype], device) if hf_model is None else None
-    try:
+
+    def boot() -> tuple[Any, torch.Tensor | None]:
         with _quiet(), _hub_offline(offline):
-            bridge = TransformerBridge.boot_transformers(
-                name, device=device, dtype=DTYPES[dtype], hf_model=hf_model
-            )
-            value_bias = _value_bias(bridge)
+            bridge = TransformerBridge.boot_transformers(name, device=device, dtype=DTYPES[dtype], hf_model=hf_model)
+            return bridge, _value_bias(bridge)
+
+    try:
+        bridge, value_bias = boot()
         saved = weights_cache.read(processed, bridge)  # outside _quiet, which would hide a discarded entry's warning
-        with _quiet():
-            weights_cache.process_weights(bridge, processed, saved)
+        if saved is None:
+            with _quiet():
+                stored = weights_cache.process_weights(bridge, processed)
+            if stored:  # load the entry as every later load will, giving back what processing held
+                del bridge
+                gc.collect()  # the bridge's modules refer to each other: free it before the next boot
+                bridge, value_bias = boot()
+                saved = weights_cache.read(processed, bridge)
+                if saved is None:
+                    with _quiet():
+                        weights_cache.process_weights(bridge, None)
+        if saved is not None:
+            with _quiet():
+                weights_cache.install(bridge, processed, saved)
     except (OSError, ValueError) as err:
         if _is_local(name):
             raise ModelLoadError(f"could not load the model in {name!r}: {err}") from err
