@@ -36,7 +36,7 @@ cost one forward with gradients and one backward per batch of prompts (Transform
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -129,6 +129,7 @@ class FaithfulnessResults:
     attribution: dict[str, Any] = field(default_factory=dict)  # source, agreement, refusal reason
     edge_level: dict[str, Any] = field(default_factory=dict)  # TL faithfulness on the trace's edges, or why not
     timings: dict[str, float] = field(default_factory=dict)
+    edge_circuits: Any = None  # `edges K, ...`: edge_circuits.EdgeCircuits, the trace's edges scored by its interventions
 
     def method(self, name: str) -> MethodCurve:
         return next(m for m in self.methods if m.method == name)
@@ -136,6 +137,7 @@ class FaithfulnessResults:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["methods"] = [{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in asdict(m).items()} for m in self.methods]
+        out["edge_circuits"] = None if self.edge_circuits is None else self.edge_circuits.to_dict()
         return out
 
     @classmethod
@@ -144,8 +146,12 @@ class FaithfulnessResults:
         methods = tuple(MethodCurve(**{k: (np.asarray(v, dtype=float) if k in arrays and v is not None else
                                            tuple(v) if k in ("ranking", "signed") and v is not None else v)
                                        for k, v in m.items()}) for m in data["methods"])
+        from circuitlang.engine.edge_circuits import EdgeCircuits
+
+        edges = data.get("edge_circuits")
         return cls(**{**data, "sizes": tuple(data["sizes"]), "methods": methods,
-                      "overlap": tuple(Overlap(**o) for o in data.get("overlap", ()))})
+                      "overlap": tuple(Overlap(**o) for o in data.get("overlap", ())),
+                      "edge_circuits": None if edges is None else EdgeCircuits.from_dict(edges)})
 
 
 # ---------------------------------------------------------------------------------------------- the math
@@ -207,7 +213,15 @@ def count_ranking(trace: Any, n_layers: int, n_heads: int) -> tuple[Tensor, Tens
 
 
 def influence_scores(trace: Any, prompts: PromptSet, n_layers: int, n_heads: int) -> np.ndarray:
-    """[L, H]: each head's influence on the roots through the traced edges, averaged over prompts and roots.
+    """[L, H]: each head's influence on the roots through the traced edges, averaged over prompts and roots
+    (`influence_flows`)."""
+    return influence_flows(trace, prompts, n_layers, n_heads)[0]
+
+
+def influence_flows(trace: Any, prompts: PromptSet, n_layers: int, n_heads: int) -> tuple[np.ndarray, np.ndarray]:
+    """([L, H] influence, [edge rows] flow): each head's influence on the roots through the traced edges, averaged
+    over prompts and roots, and each edge row's flow (the part of the roots' influence that passes through it:
+    its downstream event's flow times its weight, divided like the influence; 0 for writers other than heads).
 
     A node is a head's output at one token of one prompt. The weight of an edge (l', b) -> event (l, h, i, j)
     through side d (token i) or s (token j) is that side's share of the event's signal, c / (2 S_side): its
@@ -258,7 +272,10 @@ def influence_scores(trace: Any, prompts: PromptSet, n_layers: int, n_heads: int
     out = np.zeros(n_layers * H)
     np.add.at(out, head, total)
     n_roots = sum(len(root_heads(r, H)) for r in roots)  # a root set counts the roots of its explicit list's heads
-    return (out / max(len(prompts), 1) / max(n_roots, 1)).reshape(n_layers, H)
+    norm = max(len(prompts), 1) * max(n_roots, 1)
+    edge_flow = np.zeros(len(ed))
+    edge_flow[np.nonzero(heads)[0]] = flow[event] * weight / norm
+    return (out / norm).reshape(n_layers, H), edge_flow
 
 
 def influence_ranking(influence: np.ndarray, roots: set[int], count_order: Tensor) -> tuple[Tensor, Tensor]:
@@ -735,6 +752,11 @@ def evaluate_plan(plan: Any, model: LoadedModel, prompts: PromptSet, trace: Any,
         known = plan.compare if isinstance(plan.compare, tuple) else tuple(h for hs in known_heads(plan.compare).values() for h in hs)
         references["known"] = set(known)
     cf = counterfactual_prompts(prompts, model.tokenizer, ev.against, plan.seed)
-    return evaluate_faithfulness(model, cf, trace, against=ev.against, mean=ev.mean, sizes=ev.sizes, rankings=ev.rankings,
-                                 random_draws=ev.random, seed=plan.seed, references=references, check_tl=ev.check_tl,
-                                 f_clean=logit_diff or None, progress=progress)
+    found = evaluate_faithfulness(model, cf, trace, against=ev.against, mean=ev.mean, sizes=ev.sizes, rankings=ev.rankings,
+                                  random_draws=ev.random, seed=plan.seed, references=references, check_tl=ev.check_tl,
+                                  f_clean=logit_diff or None, progress=progress)
+    if ev.edges is None:
+        return found
+    from circuitlang.engine.edge_circuits import edge_circuits
+
+    return replace(found, edge_circuits=edge_circuits(model, prompts, trace, ev.edges, f_clean=logit_diff or None, progress=progress))

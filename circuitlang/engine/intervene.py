@@ -353,23 +353,46 @@ def group_signals(acts: Activations, geometry: AttentionGeometry, plan: GroupPla
     """
     import torch
 
+    R = plan.prompt if rows is None else rows
+    h, h_random = project_writes(acts, geometry, plan, upstream_writes(acts, geometry, plan, R), (plan.slices, plan.random_slices),
+                                 centre, homogeneous)
+    scale = acts.scale[plan.layer, R, plan.token] if len(plan) else torch.zeros(0)
+    return EdgeGroups(**{f.name: getattr(plan, f.name) for f in fields(plan)}, h=h.float(), h_random=h_random.float(),
+                      scale=scale.float())
+
+
+def upstream_writes(acts: Activations, geometry: AttentionGeometry, plan: GroupPlan, rows: Tensor) -> Tensor:
+    """[G, d] float64: o, each group's upstream head's residual write at its token m, from `acts` row rows[g]
+    (W_O carries any post-attention norm gain; the clean post-norm scale divides)."""
+    import torch
+
+    from circuitlang.engine import decompose as dc
+
+    o = torch.zeros(len(plan), geometry.W_O.shape[-1], dtype=torch.float64)
+    M = plan.token
+    for lb in sorted(set(zip(plan.up_layer.tolist(), plan.up_head.tolist()))):
+        idx = ((plan.up_layer == lb[0]) & (plan.up_head == lb[1])).nonzero().flatten()
+        write = dc.row_matmul(acts.z[rows[idx], M[idx], lb[0], lb[1]].double(), geometry.W_O[lb[0], lb[1]].double())
+        if acts.post_scale is not None:
+            write = write / acts.post_scale[lb[0], rows[idx], M[idx]].double()[:, None]
+        o[idx] = write
+    return o
+
+
+def project_writes(acts: Activations, geometry: AttentionGeometry, plan: GroupPlan, writes: Tensor, chosen: Sequence[Tensor],
+                   centre: bool, homogeneous: bool = False) -> list[Tensor]:
+    """Per mask of `chosen` ([G, r] bool over the downstream head's slices): (P [w; 0])[:d] [G, d] float64 for each
+    group's write w (`writes` [G, d]), P the projector on the chosen slices of the group's downstream head and
+    offset (u_k for side d, v_k for side s), then centred where the model's norm centres."""
+    import torch
+
     from circuitlang.engine import decompose as dc
     from circuitlang.engine.trace import slices_for
 
-    G, d = len(plan), geometry.W_O.shape[-1]
-    R = plan.prompt if rows is None else rows
-    M, OFF = plan.token, plan.offset
-    # o: the upstream head's residual write at m (W_O carries any post-attention norm gain).
-    o = torch.zeros(G, d, dtype=torch.float64)
-    for lb in sorted(set(zip(plan.up_layer.tolist(), plan.up_head.tolist()))):
-        idx = ((plan.up_layer == lb[0]) & (plan.up_head == lb[1])).nonzero().flatten()
-        write = dc.row_matmul(acts.z[R[idx], M[idx], lb[0], lb[1]].double(), geometry.W_O[lb[0], lb[1]].double())
-        if acts.post_scale is not None:
-            write = write / acts.post_scale[lb[0], R[idx], M[idx]].double()[:, None]
-        o[idx] = write
-    homog = torch.cat([o, torch.full((G, 1), float(homogeneous), dtype=torch.float64)], dim=1)
-    h = torch.zeros(G, d, dtype=torch.float64)
-    h_random = torch.zeros(G, d, dtype=torch.float64)
+    G, d = writes.shape
+    OFF = plan.offset
+    homog = torch.cat([writes.double(), torch.full((G, 1), float(homogeneous), dtype=torch.float64)], dim=1)
+    outs = [torch.zeros(G, d, dtype=torch.float64) for _ in chosen]
     layer_np, head_np = plan.layer.numpy(), plan.head.numpy()
     for layer in sorted(set(layer_np.tolist())):
         at = torch.from_numpy(np.nonzero(layer_np == layer)[0])
@@ -382,16 +405,11 @@ def group_signals(acts: Activations, geometry: AttentionGeometry, plan: GroupPla
                     continue
                 Q = basis[head]  # [d+1, r]
                 hk = slices.index(torch.full((len(idx),), head, dtype=torch.long), OFF[idx])
-                coords = dc.through_cores(dc.row_matmul(homog[idx], Q), cores, *hk)  # [o; 1] . u_k (or v_k)
-                for out, chosen in ((h, plan.slices), (h_random, plan.random_slices)):
-                    lifted = dc.through_cores(coords * chosen[idx].double(), cores, *hk, transpose=True)
-                    out[idx] = dc.row_matmul(lifted, Q.T)[:, :d]  # P [o; 1], the homogeneous coordinate dropped
-    if centre:
-        h = h - h.mean(-1, keepdim=True)
-        h_random = h_random - h_random.mean(-1, keepdim=True)
-    scale = acts.scale[plan.layer, R, M] if G else torch.zeros(0)
-    return EdgeGroups(**{f.name: getattr(plan, f.name) for f in fields(plan)}, h=h.float(), h_random=h_random.float(),
-                      scale=scale.float())
+                coords = dc.through_cores(dc.row_matmul(homog[idx], Q), cores, *hk)  # [w; 1] . u_k (or v_k)
+                for out, mask in zip(outs, chosen):
+                    lifted = dc.through_cores(coords * mask[idx].double(), cores, *hk, transpose=True)
+                    out[idx] = dc.row_matmul(lifted, Q.T)[:, :d]  # P [w; 1], the homogeneous coordinate dropped
+    return [out - out.mean(-1, keepdim=True) for out in outs] if centre else outs
 
 
 def edge_groups(acts: Activations, geometry: AttentionGeometry, trace: Trace, rows: np.ndarray, seed: int, centre: bool,
@@ -402,12 +420,13 @@ def edge_groups(acts: Activations, geometry: AttentionGeometry, trace: Trace, ro
 
 
 def intervention_deltas(model: LoadedModel, geometry: AttentionGeometry, groups: EdgeGroups, kind: str, place: str,
-                        control: str, batch: Sequence[int], n: int, first: int = 0) -> dict[str, Tensor]:
+                        control: str, batch: Sequence[int], n: int, first: int = 0, qk_only: bool = False) -> dict[str, Tensor]:
     """{hook name: what to add there} applying `groups` to a batch of prompts (global prompt ids `batch`),
     over positions first..n-1 (a pass resumed after a clean prefix; no group of the batch writes before it).
 
     global: per upstream layer, the summed -/+h at `blocks.{l}.hook_attn_out`; local: per downstream
     layer and q/k/v, (-/+h / scale) W in each intervened head's slice (the key/value head of its group).
+    qk_only (local): each group reaches only the input its side reads, the query (d) or the key (s), not v.
     """
     import torch
 
@@ -443,12 +462,23 @@ def intervention_deltas(model: LoadedModel, geometry: AttentionGeometry, groups:
         dv = torch.zeros(len(batch), n, H_kv, r)
         for head in sorted(set(groups.head[idx][groups.layer[idx] == layer].tolist())):
             sel = ((groups.layer[idx] == layer) & (groups.head[idx] == head)).nonzero().flatten()
-            dx = torch.zeros(len(batch), n, d)
-            dx.index_put_((rows[sel], tok[sel]), h[sel], accumulate=True)
+
+            def summed(sel: Tensor) -> Tensor:
+                dx = torch.zeros(len(batch), n, d)
+                dx.index_put_((rows[sel], tok[sel]), h[sel], accumulate=True)
+                return dx
+
+            if qk_only:
+                side = torch.from_numpy(groups.side[idx.numpy()] == "d")
+                dq[:, :, head] += dc.row_matmul(summed(sel[side[sel]]), geometry.W_Q[layer, head])
+                dk[:, :, head // group] += dc.row_matmul(summed(sel[~side[sel]]), W_K[head // group])
+                continue
+            dx = summed(sel)
             dq[:, :, head] += dc.row_matmul(dx, geometry.W_Q[layer, head])
             dk[:, :, head // group] += dc.row_matmul(dx, W_K[head // group])
             dv[:, :, head // group] += dc.row_matmul(dx, W_V[head // group])
-        deltas.update({f"blocks.{layer}.attn.hook_{name}": delta for name, delta in (("q", dq), ("k", dk), ("v", dv))})
+        reads = (("q", dq), ("k", dk)) if qk_only else (("q", dq), ("k", dk), ("v", dv))
+        deltas.update({f"blocks.{layer}.attn.hook_{name}": delta for name, delta in reads})
     return deltas
 
 
@@ -602,7 +632,7 @@ def first_changes(plan: GroupPlan, prompts: np.ndarray) -> np.ndarray:
 
 def pass_batches(firsts: np.ndarray, step: int) -> list[np.ndarray]:
     """The prompts of a set (indices) in batches of at most `step` that share their first changed position, in
-    prompt order: a pass runs from that position (see _stacked_pass)."""
+    prompt order: a pass runs from that position (see stacked_pass)."""
     out = []
     for first in np.unique(firsts):
         same = np.nonzero(firsts == first)[0]
@@ -616,39 +646,18 @@ def _stacked_pass(model, geometry, acts, groups: EdgeGroups, events, variants, b
     F after, scores, magnitudes."""
     import torch
 
-    from circuitlang.engine.forward import keepers, logit_diff, pass_scores, prefix_cache, run_to_final_norm, score_hooks
+    from circuitlang.engine.forward import pass_scores, score_hooks
 
-    B, V = len(batch), len(variants)
+    B = len(batch)
     local = torch.tensor([local_of[int(p)] for p in batch.tolist()], dtype=torch.long)
-    # Causal attention: the padding after a prompt changes nothing before it, and nothing before the batch's
-    # first changed position changes at any layer, so the pass runs positions first..n-1 and attends to the
-    # clean keys and values of the positions before it. n: the capture's length, not the batch's longest
-    # prompt: a prompt's pass then has the same shape (and bits) whichever prompts share its batch.
-    n = acts.tokens.shape[1]
+    n = acts.tokens.shape[1]  # the pass's length (see stacked_pass)
     per_variant = [intervention_deltas(model, geometry, groups, kind, place, control, batch.tolist(), n, first)
                    for kind, place, control in variants]
-    names = sorted({name for deltas in per_variant for name in deltas})
-    stacked = {}
-    for name in names:
-        like = next(deltas[name] for deltas in per_variant if name in deltas)
-        stacked[name] = torch.cat([deltas.get(name, torch.zeros_like(like)) for deltas in per_variant])
     down_layers = sorted({ev[1] for ev in events})
-    captured: dict[str, list[Tensor]] = {}
     watch = [name for l in down_layers for name in score_hooks(model, l)]
     if any(place == "global" for _, place, _ in variants):
         watch += [f"blocks.{l}.hook_resid_pre" for l in down_layers]
-    hooks = [(name, _adder(delta)) for name, delta in stacked.items()] + keepers(watch, captured)
-    tokens = acts.tokens[local, first:n].repeat(V, 1)
-    resid = acts.resid[start][local, first:n].repeat(V, 1, 1) if start > 0 else None
-    cache = prefix_cache(model, acts.kv, local, first, V) if first > 0 else None
-    final = run_to_final_norm(model, tokens, hooks, start=start, resid=resid, cache=cache)
-    last = (acts.lengths[local] - 1 - first).repeat(V)
-    rows = torch.arange(B * V)
-    picked = answers[torch.from_numpy(batch)] if answers is not None else None
-    f_after = (logit_diff(model, final[rows.to(final.device), last.to(final.device)],
-                          picked.repeat(V, *[1] * (picked.dim() - 1)), metric).double().numpy()
-               if answers is not None else np.full(B * V, np.nan))
-    del final
+    f_after, captured = stacked_pass(model, acts, per_variant, batch, local, start, first, answers, metric, watch)
     scores_after = {l: pass_scores(model, captured, l) for l in down_layers}
     out = {}
     where = {int(p): k for k, p in enumerate(batch.tolist())}
@@ -689,6 +698,42 @@ def _stacked_pass(model, geometry, acts, groups: EdgeGroups, events, variants, b
         out[kind, place, control] = {"f_after": f_after[v * B : (v + 1) * B], "score_before": mean(score_before),
                                      "score_after": mean(score_after), "cosine": mean(cosine), "norm_ratio": mean(ratio)}
     return out
+
+
+def stacked_pass(model: LoadedModel, acts: Activations, per_variant: Sequence[dict[str, Tensor]], batch: np.ndarray, local: Tensor,
+                 start: int, first: int, answers: Tensor | None, metric: str = "logit",
+                 watch: Sequence[str] = ()) -> tuple[np.ndarray, dict[str, list[Tensor]]]:
+    """One pass of len(per_variant) x len(batch) rows (variant-major), each variant's deltas ({hook: [B, n - first, ...]},
+    `intervention_deltas`) added to its rows, from layer `start` and position `first` (acts rows `local` hold the
+    prompts `batch`): F at each row's last token (NaN without answers) and the `watch` hooks' activations."""
+    import torch
+
+    from circuitlang.engine.forward import keepers, logit_diff, prefix_cache, run_to_final_norm
+
+    B, V = len(batch), len(per_variant)
+    # Causal attention: the padding after a prompt changes nothing before it, and nothing before the batch's
+    # first changed position changes at any layer, so the pass runs positions first..n-1 and attends to the
+    # clean keys and values of the positions before it. n: the capture's length, not the batch's longest
+    # prompt: a prompt's pass then has the same shape (and bits) whichever prompts share its batch.
+    n = acts.tokens.shape[1]
+    names = sorted({name for deltas in per_variant for name in deltas})
+    stacked = {}
+    for name in names:
+        like = next(deltas[name] for deltas in per_variant if name in deltas)
+        stacked[name] = torch.cat([deltas.get(name, torch.zeros_like(like)) for deltas in per_variant])
+    captured: dict[str, list[Tensor]] = {}
+    hooks = [(name, _adder(delta)) for name, delta in stacked.items()] + keepers(watch, captured)
+    tokens = acts.tokens[local, first:n].repeat(V, 1)
+    resid = acts.resid[start][local, first:n].repeat(V, 1, 1) if start > 0 else None
+    cache = prefix_cache(model, acts.kv, local, first, V) if first > 0 else None
+    final = run_to_final_norm(model, tokens, hooks, start=start, resid=resid, cache=cache)
+    last = (acts.lengths[local] - 1 - first).repeat(V)
+    rows = torch.arange(B * V)
+    picked = answers[torch.from_numpy(batch)] if answers is not None else None
+    f_after = (logit_diff(model, final[rows.to(final.device), last.to(final.device)],
+                          picked.repeat(V, *[1] * (picked.dim() - 1)), metric).double().numpy()
+               if answers is not None else np.full(B * V, np.nan))
+    return f_after, captured
 
 
 def run_interventions(

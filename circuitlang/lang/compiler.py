@@ -372,7 +372,7 @@ class _Compiler:
     def _seed(self, seed):
         return {"seed": self.count(seed, "the seed", MAX_SEED, least=0)}
 
-    def _evaluate(self, against, mean, sizes, ranks, random, check):
+    def _evaluate(self, against, mean, sizes, ranks, random, check, edge_sizes):
         kind = str(against.children[0])
         if self.task is not None:
             if kind != "counterfactual":
@@ -421,7 +421,8 @@ class _Compiler:
         if check is not None and str(check.children[0]) not in CHECKS:
             raise self.error(check.children[0], f'unknown check "{check.children[0]}"; the check is "tl" (TransformerLens 4)'
                              + did_you_mean(str(check.children[0]), CHECKS))
-        return {"evaluate": Evaluation(kind, mean is not None, chosen, draws, rankings, check is not None)}
+        edges = None if edge_sizes is None else tuple(sorted({self.count(n, "an edge circuit size", MAX_INDEX) for n in edge_sizes.children}))
+        return {"evaluate": Evaluation(kind, mean is not None, chosen, draws, rankings, check is not None, edges)}
 
     def _sources(self, keyword, *words):
         chosen = []

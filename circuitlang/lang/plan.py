@@ -323,7 +323,8 @@ class Evaluation:
     instead of each prompt's own; sizes: the circuit sizes (heads) evaluated, None for the default grid,
     "all" for every size; rankings: the methods whose rankings are evaluated (RANKINGS), random: seeded
     random rankings averaged as the chance baseline; check_tl: check our attribution scores against
-    TransformerLens 4's `attribution_patch` and score the trace's edges with its `faithfulness` (`check tl`).
+    TransformerLens 4's `attribution_patch` and score the trace's edges with its `faithfulness` (`check tl`); edges:
+    the edge counts of the trace's edge circuits scored by its own interventions (`edges K, ...`), None for none.
     """
 
     against: Literal["abc", "flipped", "file"] = "abc"
@@ -332,11 +333,13 @@ class Evaluation:
     random: int = DEFAULT_RANDOM_DRAWS
     rankings: tuple[str, ...] = RANKINGS
     check_tl: bool = False
+    edges: tuple[int, ...] | None = None
 
     def __str__(self) -> str:
         sizes = "" if self.sizes is None else " sizes " + (self.sizes if self.sizes == "all" else ", ".join(map(str, self.sizes)))
         rank = "" if self.rankings == RANKINGS else " rank " + ", ".join(self.rankings)
-        return f"faithfulness against {self.against}{' mean' * self.mean}{sizes}{rank} random {self.random}{' check tl' * self.check_tl}"
+        edges = "" if self.edges is None else " edges " + ", ".join(map(str, self.edges))
+        return f"faithfulness against {self.against}{' mean' * self.mean}{sizes}{rank} random {self.random}{' check tl' * self.check_tl}{edges}"
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from circuitlang.atomic import atomic_path, atomic_write
 from circuitlang.report.export import plain
 
 if TYPE_CHECKING:
+    from circuitlang.engine.edge_circuits import EdgeCircuits
     from circuitlang.engine.evaluate import FaithfulnessResults
 
 FORMAT = "circuitlang.faithfulness/1"
@@ -115,6 +116,8 @@ def render_faithfulness(results: FaithfulnessResults, console: Console) -> None:
                       f"the query and key inputs it traced, and the traced heads' logit edges; every other edge, value "
                       f"inputs included, ablated): {edge['recovered']:.2f} ± {edge['recovered_std']:.2f} of the gap recovered "
                       f"over {edge['n_prompts']} prompts", highlight=False)
+    if results.edge_circuits is not None:
+        render_edge_circuits(results.edge_circuits, console, results.timings.get("forward"))
     # SVT's ranking is the trace's own evidence, so its top k against the traced heads is 1.00 by construction
     rows = [o for o in results.overlap if not (o.method in TRACE_METHODS and o.reference == "trace")]
     if rows:
@@ -131,6 +134,27 @@ def render_faithfulness(results: FaithfulnessResults, console: Console) -> None:
         console.print(f"evaluation: {t['evaluation']:.1f} s = {t['evaluation'] / t['forward']:.1f} times the counterfactual "
                       f"capture pass ({t['forward']:.2f} s, to the final norm); {int(t.get('passes', 0))} batched patched "
                       f"passes", highlight=False)
+
+
+def render_edge_circuits(edges: EdgeCircuits, console: Console, forward: float | None = None) -> None:
+    """f(k) of the trace's top-k edge circuits (k edges kept in every traced firing's query/key subspaces, the rest of
+    their signal ablated locally), per edge ranking, with the two ends and where the clean run falls."""
+    table = Table(title=f"Edge circuits: the top k of the trace's {edges.n_edges} edges kept, the rest of the signal of its "
+                  f"{edges.n_firings} firings ablated in their query/key subspaces", box=box.SIMPLE_HEAD,
+                  caption="f(k) = (m(k) - m(no edge)) / (m(every edge) - m(no edge)); SVT's local intervention, no counterfactual",
+                  collapse_padding=True, pad_edge=False)
+    table.add_column("k edges", justify="right")
+    for curve in edges.curves:
+        table.add_column(f"f ({curve.ranking})", justify="right")
+    for s, k in enumerate(edges.sizes):
+        table.add_row(str(k), *(_num(float(c.f[s])) for c in edges.curves))
+    console.print(table)
+    cost = edges.timings.get("edge_circuits")
+    console.print(f"m = mean F: every edge kept {edges.m_all:.3f}, no edge {edges.m_none:.3f}, clean run {edges.m_clean:.3f} "
+                  f"(f = {_num(edges.f_clean)}: the writers the trace left out, MLPs and embeddings included, are ablated at "
+                  f"every k); {edges.n_sites} subspaces, {edges.passes} stacked passes"
+                  + (f", {cost:.1f} s = {cost / forward:.1f} times the counterfactual pass" if cost and forward else ""),
+                  highlight=False)
 
 
 def write_faithfulness_plot(results: FaithfulnessResults, path: str | os.PathLike) -> Path:
