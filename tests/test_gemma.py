@@ -94,7 +94,9 @@ def test_f_is_the_models_logit_difference_and_partial_interventions_equal_whole_
     sets = [InterventionSet("into the strongest root", (EdgeSelector("into", root=1, role="end"),), random_control=True)]
     calls = positions_run(monkeypatch)
     partial = run_interventions(gemma, prompts, t, sets, roots, seed=0)
-    assert {(positions, resumed) for _, positions, resumed in calls[1:]} == {(1, True)}  # calls[0]: the capture
+    # calls[0]: the capture. Each pass resumes at its prompts' last token and runs to the capture's length.
+    ends = {acts.tokens.shape[1] - (length - 1) for length in acts.lengths.tolist()}
+    assert {resumed for *_, resumed in calls[1:]} == {True} and {positions for _, positions, _ in calls[1:]} <= ends
     whole = run_interventions(gemma, prompts, t, sets, roots, seed=0, partial=False)
     assert len(partial.rows) == 8 * partial.sets[0].n_prompts > 0
     for f in ("f_after", "score_before", "score_after", "cosine", "norm_ratio"):
