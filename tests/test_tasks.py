@@ -3,7 +3,6 @@ draw (the IOI task draws the IOI generator's), the words dropped for the tokeniz
 
 from __future__ import annotations
 
-import dataclasses
 import textwrap
 
 import numpy as np

@@ -111,7 +111,7 @@ def features(hf_config: Any) -> dict[str, str]:
     parallel = bool(getattr(c, "use_parallel_residual", False) or getattr(c, "parallel_attn", False) or model_type in ("gptj", "phi"))
     return {
         "rotary": rotary,
-        "heads": "MQA" if kv == 1 else f"GQA" if kv and heads and kv < heads else "MHA",
+        "heads": "MQA" if kv == 1 else "GQA" if kv and heads and kv < heads else "MHA",
         "parallel": "yes" if parallel else "no",
         "window": f"{window}" if window else "no",
         "soft cap": f"{c.attn_logit_softcapping:g}" if getattr(c, "attn_logit_softcapping", None) else "no",
