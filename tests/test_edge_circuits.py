@@ -157,3 +157,18 @@ def test_the_edges_option_round_trips_through_spec_results_and_report(reader, pr
     render_faithfulness(back, Console(file=out, width=100))
     text = out.getvalue()
     assert "Edge circuits" in text and f"{edges.n_edges} edges" in text and "f (influence)" in text
+
+
+def test_the_report_says_when_every_edge_moves_f_away_from_the_clean_run():
+    """As on Gemma IOI: m(every edge) below m(no edge), the clean run above both: f rising to 1 is not behaviour kept."""
+    from circuitlang.engine.edge_circuits import EdgeCurve
+    from circuitlang.report.faithfulness import render_edge_circuits
+
+    def said(m_all: float) -> str:
+        curve = EdgeCurve("influence", ("1.0 -> 2.0@end",), np.array([1.3, m_all]), np.array([0.0, 1.0]))
+        out = io.StringIO()
+        render_edge_circuits(EdgeCircuits((0, 1), 1, 1, 2, 4, 5.1, m_all, 1.3, (curve,)), Console(file=out, width=200))
+        return out.getvalue()
+
+    assert "every edge kept moves F away from the clean run (1.300 -> -0.800, clean 5.100)" in said(-0.8)
+    assert "moves F away" not in said(3.0)

@@ -155,6 +155,10 @@ def render_edge_circuits(edges: EdgeCircuits, console: Console, forward: float |
                   f"every k); {edges.n_sites} subspaces, {edges.passes} stacked passes"
                   + (f", {cost:.1f} s = {cost / forward:.1f} times the counterfactual pass" if cost and forward else ""),
                   highlight=False)
+    if edges.f_clean < 0:  # keeping every edge moves F away from the clean run: a rising f is not the behaviour kept
+        console.print(f"every edge kept moves F away from the clean run ({edges.m_none:.3f} -> {edges.m_all:.3f}, clean "
+                      f"{edges.m_clean:.3f}): f(k) here measures how close k edges come to that, not how much of the "
+                      "behaviour they keep", highlight=False)
 
 
 def write_faithfulness_plot(results: FaithfulnessResults, path: str | os.PathLike) -> Path:
