@@ -5,7 +5,8 @@ processed weights mapped from disk).
 Every step runs in a fresh process on one cache root that starts empty (a temporary directory unless
 `--cache` names one), in this order:
   convert   `resolve_embedded("gemma-3-270m")`: the GGUF file dequantized to float32, saved in the cache
-  first     `load_model` with no processed weights cached: processing, storing the entry, installing it
+  first     `load_model` with no processed weights cached: the weights processed into the entry a part at a
+            time, a fresh bridge booted and the entry installed
   later     `load_model` again: the entry installed, memory-mapped
   whole     (with --whole) TransformerLens's whole-model processing (`enable_compatibility_mode()`), what
             the first load did before, for comparison

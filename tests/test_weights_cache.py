@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import zipfile
 
 import pytest
 import torch
@@ -180,6 +181,53 @@ def test_processing_by_part_equals_whole_model_processing_bit_for_bit(family_mod
     assert any(k.startswith("unembed.") for k in changed) and any(k.startswith("blocks.") for k in changed)
 
 
+def records(path):
+    """Each record of a file torch.save wrote: its name (less the archive's folder, named after the file), its
+    CRC-32 and its bytes, read through zipfile, which checks every CRC; not torch's random serialization id."""
+    with zipfile.ZipFile(path) as archive:
+        return [(r.filename.split("/", 1)[1], r.CRC, archive.read(r)) for r in archive.infolist()
+                if not r.filename.endswith("/.data/serialization_id")]
+
+
+def assert_stored_by_part_as_saved(directory, processed, tmp_path):
+    """An entry stored by part, from a fresh bridge, is the file torch.save writes of `processed` (the bridge
+    processed by part), record for record, and the fresh bridge is left as booted. Where processing adds
+    weights (Qwen 2's folded value biases), which no load could install, nothing is stored and the bridge is
+    processed in place."""
+    bridge = boot(directory)
+    booted = {k: v.clone() for k, v in bridge.state_dict().items()}
+    with _quiet():
+        stored = weights_cache.process_weights(bridge, tmp_path / "by-part.pt")
+    if processed.state_dict().keys() != booted.keys():
+        assert not stored and not list(tmp_path.glob("*by-part.pt*")) and bridge.compatibility_mode
+        assert_same_bridge(bridge, processed)
+        return
+    assert stored and not bridge.compatibility_mode
+    assert all(torch.equal(booted[k], t) for k, t in bridge.state_dict().items())
+    torch.save(processed.state_dict(), tmp_path / "saved.pt")
+    assert records(tmp_path / "by-part.pt") == records(tmp_path / "saved.pt")
+
+
+@pytest.mark.parametrize("family", sorted(PER_PART))
+def test_an_entry_is_stored_by_part_as_torch_save_writes_the_processed_weights(family_models, family, tmp_path, monkeypatch):
+    monkeypatch.setattr(weights_cache, "COLUMNS", 24)
+    processed = boot(family_models[family])
+    with _quiet():
+        assert weights_cache.process_by_part(processed)
+    assert_stored_by_part_as_saved(family_models[family], processed, tmp_path)
+
+
+def test_an_entry_that_cannot_be_stored_by_part_leaves_the_weights_processed_in_place(family_models, tmp_path, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(weights_cache, "_set_crcs", full)  # the disk fills up once the weights are written
+    first = cached_load(family_models["gemma3"])
+    assert not list((tmp_path / "cache" / "models").glob("*processed-*"))  # no entry, no temporary file
+    assert first.bridge.compatibility_mode
+    assert_same_bridge(first.bridge, whole(family_models["gemma3"]))
+
+
 @pytest.mark.parametrize("family", ["gemma3", "gpt2"])
 def test_the_first_load_stores_and_runs_on_what_whole_model_processing_computes(family_models, family, tmp_path, processings):
     first = cached_load(family_models[family])
@@ -210,3 +258,5 @@ def test_every_family_is_processed_as_transformer_lens_processes_it_whole(tmp_pa
                     and type(bridge.adapter).preprocess_weights is ArchitectureAdapter.preprocess_weights)
     assert used or family not in {"llama", "llama2", "mistral", "qwen2", "gemma3"}  # RMSNorm: by part
     assert_same_bridge(bridge, whole(directory))
+    if used:
+        assert_stored_by_part_as_saved(directory, bridge, tmp_path)
