@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from circuitlang.environment import fix_mmap_threshold
 from circuitlang.lang import SpecError, format_plan, parse_spec
 from circuitlang.lang.plan import Plan, TaskPrompts
 
@@ -131,30 +132,9 @@ def _write_failed(err: OSError, directory: str, rerun: str, errors: Console) -> 
     return EXIT_RUN
 
 
-MMAP_THRESHOLD = 4 << 20
-"""Blocks of at least this many bytes are mapped (and unmapped when freed) by glibc's malloc, whatever was freed before."""
-
-
-def _fixed_mmap_threshold() -> None:
-    """glibc raises its mmap threshold to the size of every mapped block freed (up to 32 MiB): after a first
-    run's GGUF conversion and weight processing freed their 10-30 MB slices, blocks of that size came from
-    the heap and stayed resident when freed (the trace of a first run of specs/ioi.circ peaked 0.2 GB above
-    a later run's). A fixed threshold is what MALLOC_MMAP_THRESHOLD_ sets; no-op off glibc."""
-    import ctypes
-    import ctypes.util
-
-    import os
-
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:  # the user's own choice
-        return
-    M_MMAP_THRESHOLD = -3  # malloc.h
-    with contextlib.suppress(OSError, AttributeError, TypeError):
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _fixed_mmap_threshold()
+    fix_mmap_threshold()
     try:
         return _command(args)
     except KeyboardInterrupt:  # every command: one line, never a traceback (outputs are written atomically)

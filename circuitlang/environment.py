@@ -1,8 +1,10 @@
 """The environment variables circuitlang reads, each parsed here and checked by the CLI before any model
-loads: a wrong value is one line naming the variable and what was expected, never a traceback later."""
+loads: a wrong value is one line naming the variable and what was expected, never a traceback later; and
+the one setting of the process the CLI makes at start (glibc's mmap threshold)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -54,3 +56,22 @@ def check_environment() -> None:
     """Raise EnvironmentVariableError for the first variable set to a value that cannot be used."""
     chunk_budget_mb()
     cache_override()
+
+
+MMAP_THRESHOLD = 4 << 20
+"""Blocks of at least this many bytes are mapped (and unmapped when freed) by glibc's malloc, whatever was freed before."""
+
+
+def fix_mmap_threshold() -> None:
+    """glibc raises its mmap threshold to the size of every mapped block freed (up to 32 MiB): after a first
+    run's GGUF conversion and weight processing freed their 10-30 MB slices, blocks of that size came from
+    the heap and stayed resident when freed (the trace of a first run of specs/ioi.circ peaked 0.2 GB above
+    a later run's). A fixed threshold is what MALLOC_MMAP_THRESHOLD_ sets; no-op off glibc."""
+    import ctypes
+    import ctypes.util
+
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:  # the user's own choice
+        return
+    M_MMAP_THRESHOLD = -3  # malloc.h
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
