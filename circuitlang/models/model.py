@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from circuitlang.cachefiles import CacheWarning
 from circuitlang.models.families import GENERIC, Family, family_of, score_scale
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -210,8 +211,10 @@ def _quiet():
     try:
         for lg in hf_loggers:
             lg.setLevel(logging.ERROR)
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stderr(io.StringIO()), \
+                contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
+            warnings.simplefilter("always", CacheWarning)  # ours (a cache entry not stored): said after
             try:
                 from transformers.utils import logging as hf_logging
 
@@ -219,6 +222,8 @@ def _quiet():
             except ImportError:  # pragma: no cover - transformers is a dependency
                 pass
             yield
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     finally:
         for lg, level in zip(hf_loggers, levels):
             lg.setLevel(level)
