@@ -443,16 +443,21 @@ def intervention_deltas(model: LoadedModel, geometry: AttentionGeometry, groups:
     h = (groups.h if control == "signal" else groups.h_random)[idx] * sign
     d = h.shape[-1]
     n -= first
+
+    def summed(values: Tensor, sel: Tensor) -> Tensor:
+        """[B, n, d]: the rows `sel` of `values` [G', d] added at their prompt's row and token."""
+        dx = torch.zeros(len(batch), n, d)
+        dx.index_put_((rows[sel], tok[sel]), values[sel], accumulate=True)
+        return dx
+
     deltas: dict[str, Tensor] = {}
     if place == "global":
         for layer in sorted(set(groups.up_layer[idx].tolist())):
-            sel = (groups.up_layer[idx] == layer).nonzero().flatten()
-            delta = torch.zeros(len(batch), n, d)
-            delta.index_put_((rows[sel], tok[sel]), h[sel], accumulate=True)
-            deltas[f"blocks.{layer}.hook_attn_out"] = delta
+            deltas[f"blocks.{layer}.hook_attn_out"] = summed(h, (groups.up_layer[idx] == layer).nonzero().flatten())
         return deltas
     b = model.bridge
     h = h / groups.scale[idx][:, None]
+    query_side = torch.from_numpy(groups.side[idx.numpy()] == "d")
     for layer in sorted(set(groups.layer[idx].tolist())):
         W_K, W_V = b.W_K[layer].detach().float().cpu(), b.W_V[layer].detach().float().cpu()  # [H_kv, d, r]
         H, H_kv, r = geometry.W_Q.shape[1], W_K.shape[0], W_K.shape[-1]
@@ -462,18 +467,11 @@ def intervention_deltas(model: LoadedModel, geometry: AttentionGeometry, groups:
         dv = torch.zeros(len(batch), n, H_kv, r)
         for head in sorted(set(groups.head[idx][groups.layer[idx] == layer].tolist())):
             sel = ((groups.layer[idx] == layer) & (groups.head[idx] == head)).nonzero().flatten()
-
-            def summed(sel: Tensor) -> Tensor:
-                dx = torch.zeros(len(batch), n, d)
-                dx.index_put_((rows[sel], tok[sel]), h[sel], accumulate=True)
-                return dx
-
             if qk_only:
-                side = torch.from_numpy(groups.side[idx.numpy()] == "d")
-                dq[:, :, head] += dc.row_matmul(summed(sel[side[sel]]), geometry.W_Q[layer, head])
-                dk[:, :, head // group] += dc.row_matmul(summed(sel[~side[sel]]), W_K[head // group])
+                dq[:, :, head] += dc.row_matmul(summed(h, sel[query_side[sel]]), geometry.W_Q[layer, head])
+                dk[:, :, head // group] += dc.row_matmul(summed(h, sel[~query_side[sel]]), W_K[head // group])
                 continue
-            dx = summed(sel)
+            dx = summed(h, sel)
             dq[:, :, head] += dc.row_matmul(dx, geometry.W_Q[layer, head])
             dk[:, :, head // group] += dc.row_matmul(dx, W_K[head // group])
             dv[:, :, head // group] += dc.row_matmul(dx, W_V[head // group])

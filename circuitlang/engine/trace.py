@@ -27,7 +27,7 @@ from circuitlang.engine.graph import aggregate
 from circuitlang.models.model import LoadedModel
 from circuitlang.engine.omega import OmegaSlices
 from circuitlang.engine.results import BIAS, EMBED, MLP, WRITER_CLASSES, FiringStats, Trace, TraceConfig, TracedEdges, TracedEvents
-from circuitlang.lang.plan import Readings, Root, RootSet, SliceRule, parse_root
+from circuitlang.lang.plan import Readings, Root, RootSet, SliceRule, parse_root, root_heads
 
 Progress = Callable[[str, int, int], None]
 
@@ -214,9 +214,7 @@ def root_positions(prompts: PromptSet, roots: Sequence[Root | RootSet], n_layers
     """Each root with its roles' position in every prompt (None for a root set without that role)."""
     out = []
     for root in roots:
-        if isinstance(root, RootSet) and root.last >= n_layers:
-            raise TraceError(f"root {root} is outside the model ({n_layers} layers x {n_heads} heads)")
-        if isinstance(root, Root) and not (0 <= root.layer < n_layers and 0 <= root.head < n_heads):
+        if not all(0 <= l < n_layers and 0 <= h < n_heads for l, h in root_heads(root, n_heads)):
             raise TraceError(f"root {root} is outside the model ({n_layers} layers x {n_heads} heads)")
         for role in (root.dest, root.src):
             if role is not None and role not in prompts.role_names:
